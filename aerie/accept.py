@@ -1,0 +1,124 @@
+"""Acceptance of a verified draft tree: which path the target keeps, and its bonus token.
+
+Pure functions over tensors. Node 0 is the root; `target_probs[i]` is the target's (warped)
+distribution of the token that follows node i, so the children of node i are judged against
+row i, and the bonus token is drawn from the row of the last accepted node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from aerie.sampling import sample_from
+from aerie.tree import children_table, node_depths
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    path: list[int]  # accepted node indices, root first (len >= 1)
+    bonus_token: int  # drawn from the target at the last accepted node
+
+
+def accept_greedy(tokens: torch.Tensor, parents: torch.Tensor, target_argmax: torch.Tensor) -> Acceptance:
+    """Longest root path whose every token equals the target's argmax at its parent.
+
+    Among siblings that all match (only possible with duplicate tokens) the first wins.
+    """
+    tokens, parents, target_argmax = tokens.cpu(), parents.cpu(), target_argmax.cpu()
+    children = children_table(parents)
+    node, path = 0, [0]
+    while True:
+        want = int(target_argmax[node])
+        kids = children[node]
+        match = kids[(kids >= 0) & (tokens[kids.clamp_min(0)] == want)]
+        if match.numel() == 0:
+            return Acceptance(path=path, bonus_token=want)
+        node = int(match[0])
+        path.append(node)
+
+
+def accept_sampling(
+    tokens: torch.Tensor,
+    parents: torch.Tensor,
+    target_probs: torch.Tensor,
+    sibling_u: torch.Tensor,
+    bonus_u: torch.Tensor,
+    proposal_probs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Recursive rejection sampling down the tree, vectorised over a batch of draws.
+
+    At the current node the children are tried in tree order. Child c with token x and
+    proposal distribution q_c is accepted when u * q_c(x) <= p(x), i.e. with probability
+    min(1, p(x) / q_c(x)); on rejection the target distribution becomes the residual
+    norm(max(p - q_c, 0)) and the next sibling is tried. When no child is accepted, the bonus
+    token is drawn from the current (residual) distribution. This leaves the emitted tokens
+    distributed exactly as the target's (SpecInfer, EAGLE).
+
+    proposal_probs=None means each child is a deterministic proposal (q_c is the point mass on
+    its token), which is how top-k trees are drafted: a child is then accepted with
+    probability p(x) and rejection zeroes x out of p. Given [n, V], q_c = proposal_probs[c],
+    valid when each child was sampled from q_c.
+
+    tokens, parents: [n]; target_probs: [n, V]; sibling_u: [B, n], the uniform deciding each
+    node's test; bonus_u: [B, depth + 1], the uniform of the bonus token when the accepted
+    path holds 1, 2, ... nodes (each belongs to a different sequence position).
+    Returns (accepted [B, n] bool, path length [B], bonus [B]).
+    """
+    n, vocab = target_probs.shape
+    batch = bonus_u.shape[0]
+    device = target_probs.device
+    target_probs = target_probs.to(torch.float64)
+    children = children_table(parents.cpu()).to(device)
+    depth_max = int(node_depths(parents.cpu()).max())
+    tokens = tokens.to(device)
+    rows = torch.arange(batch, device=device)
+
+    current = torch.zeros(batch, dtype=torch.long, device=device)
+    residual = target_probs[0].expand(batch, vocab).clone()
+    open_ = torch.ones(batch, dtype=torch.bool, device=device)  # still walking down
+    accepted = torch.zeros(batch, n, dtype=torch.bool, device=device)
+    accepted[:, 0] = True
+    length = torch.ones(batch, dtype=torch.long, device=device)
+
+    for _ in range(depth_max):
+        moved = torch.zeros(batch, dtype=torch.bool, device=device)
+        for j in range(children.shape[1]):
+            child = children[current, j]  # [B]
+            trying = open_ & ~moved & (child >= 0)
+            if not bool(trying.any()):
+                continue
+            c = child.clamp_min(0)
+            x = tokens[c]
+            p_x = residual[rows, x]
+            if proposal_probs is None:
+                q = torch.nn.functional.one_hot(x, vocab).to(torch.float64)
+            else:
+                q = proposal_probs.to(device, torch.float64)[c]
+            q_x = q[rows, x]
+            ok = trying & (sibling_u[rows, c].to(torch.float64) * q_x <= p_x) & (p_x > 0)
+            rejected = trying & ~ok
+            # Accepted: move to the child, whose own target row becomes the distribution.
+            current = torch.where(ok, c, current)
+            residual = torch.where(ok[:, None], target_probs[c], residual)
+            accepted[rows[ok], c[ok]] = True
+            length = length + ok.long()
+            moved |= ok
+            # Rejected: residual <- norm(max(p - q, 0)).
+            if bool(rejected.any()):
+                res = (residual - q).clamp_min(0.0)
+                total = res.sum(-1, keepdim=True)
+                # A zero residual means p == q: nothing can follow, keep p (never sampled).
+                res = torch.where(total > 0, res / total.clamp_min(1e-300), residual)
+                residual = torch.where(rejected[:, None], res, residual)
+        open_ &= moved
+
+    bonus_u = bonus_u.to(device).gather(1, (length - 1)[:, None]).squeeze(1)
+    bonus = sample_from(residual, bonus_u)
+    return accepted, length, bonus
+
+
+def path_from_mask(accepted_row: torch.Tensor) -> list[int]:
+    """Accepted node indices of one draw, in root-to-leaf (= topological) order."""
+    return torch.nonzero(accepted_row, as_tuple=False).flatten().tolist()

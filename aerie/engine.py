@@ -1,0 +1,138 @@
+"""The in-process speculative loop (single-node mode) and plain decoding beside it.
+
+One round: the drafter commits the features the verifier returned and drafts a tree; the
+verifier runs the target once over the tree, accepts a path plus a bonus token, and returns
+the features of what it accepted. The services run exactly these two sessions, split over
+the network.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from aerie.drafter import DraftSession
+from aerie.heads import DraftHead
+from aerie.sampling import SamplingParams
+from aerie.target import Target
+from aerie.tree import DraftTree, TreeConfig
+from aerie.verifier import StopCriteria, VerifySession
+
+Mode = Literal["eagle", "vanilla"]
+
+
+class Drafter(Protocol):
+    """Anything that, given the pairs the verifier just committed, proposes the next tree."""
+
+    def draft(self, features: torch.Tensor, next_tokens: list[int]) -> DraftTree: ...
+
+
+@dataclass
+class RoundStats:
+    tree_size: int  # draft nodes, root excluded
+    accepted: int  # draft tokens accepted
+    committed: int  # tokens emitted this round (bonus included, after stop cuts)
+    draft_s: float
+    verify_s: float
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    seconds: float
+    rounds: list[RoundStats] = field(default_factory=list)
+    prefill_s: float = 0.0
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per target forward after prefill (bonus token included)."""
+        if not self.rounds:
+            return 1.0
+        return sum(r.accepted + 1 for r in self.rounds) / len(self.rounds)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def acceptance_histogram(self) -> dict[int, int]:
+        hist: dict[int, int] = {}
+        for r in self.rounds:
+            hist[r.accepted] = hist.get(r.accepted, 0) + 1
+        return dict(sorted(hist.items()))
+
+
+class Engine:
+    """A target and (optionally) a draft head in one process."""
+
+    def __init__(
+        self,
+        target: Target,
+        head: DraftHead | None,
+        tree: TreeConfig,
+        max_tree_nodes: int = 128,
+        make_drafter: Callable[[], Drafter] | None = None,
+    ):
+        if head is not None and head.feature_spec != target.features:
+            raise ValueError(f"target exposes {target.features} but the head reads {head.feature_spec}")
+        self.target = target
+        self.head = head
+        self.tree = tree
+        self.max_tree_nodes = max_tree_nodes
+        self.make_drafter = make_drafter or (lambda: DraftSession(self._require_head(), self.tree))
+
+    def _require_head(self) -> DraftHead:
+        if self.head is None:
+            raise ValueError("eagle mode needs a draft head")
+        return self.head
+
+    def session(self, prompt_ids: list[int], params: SamplingParams, stop: StopCriteria) -> VerifySession:
+        return VerifySession(self.target, params, stop, list(prompt_ids), max_tree_nodes=self.max_tree_nodes)
+
+    def stream(
+        self, prompt_ids: list[int], params: SamplingParams, stop: StopCriteria, mode: Mode = "eagle"
+    ) -> Iterator[tuple[list[int], RoundStats | None]]:
+        """Yield the tokens committed by each target forward, with the round's statistics."""
+        verifier = self.session(prompt_ids, params, stop)
+        features, first = verifier.prefill()
+        yield [first], None
+        if mode == "vanilla":
+            while not verifier.done:
+                before = len(verifier.generated)
+                t0 = time.perf_counter()
+                verifier.step_plain()
+                yield verifier.generated[before:], RoundStats(0, 0, len(verifier.generated) - before, 0.0, time.perf_counter() - t0)
+            return
+        drafter = self.make_drafter()
+        next_tokens = list(prompt_ids[1:]) + [first]
+        while not verifier.done:
+            t0 = time.perf_counter()
+            tree = drafter.draft(features, next_tokens)
+            t1 = time.perf_counter()
+            result = verifier.verify(tree)
+            t2 = time.perf_counter()
+            features = result.features
+            next_tokens = tree.tokens[1 : result.accepted_draft + 1].tolist() + result.new_tokens[-1:]
+            yield result.new_tokens, RoundStats(len(tree) - 1, result.accepted_draft, len(result.new_tokens), t1 - t0, t2 - t1)
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, stop: StopCriteria, mode: Mode = "eagle"
+    ) -> GenerationResult:
+        t0 = time.perf_counter()
+        tokens: list[int] = []
+        rounds: list[RoundStats] = []
+        prefill_s = 0.0
+        for new, stats in self.stream(prompt_ids, params, stop, mode):
+            tokens += new
+            if stats is None:
+                prefill_s = time.perf_counter() - t0
+            else:
+                rounds.append(stats)
+        return GenerationResult(token_ids=tokens, seconds=time.perf_counter() - t0, rounds=rounds, prefill_s=prefill_s)

@@ -1,0 +1,88 @@
+"""Sampling parameters, logit warping and per-position randomness.
+
+Plain and speculative decoding both go through `warp_probs` and `position_uniforms`, so a
+temperature, top-p or top-k setting means exactly the same distribution in both, and the
+random numbers that decide a token depend only on (seed, position): a run can be repeated,
+and resumed from any round boundary, identically.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from aerie.errors import InputError
+
+# Splits the seed space so that (seed, position) pairs never collide for realistic lengths.
+_POSITION_STRIDE = 1_000_003
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. temperature == 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filter
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.seed < 0:
+            raise InputError(f"seed must be >= 0, got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Target distribution over the vocabulary (last dim) after temperature, top-k and top-p.
+
+    Computed in float64 so that the rejection test and the residual are not biased by rounding.
+    For greedy params this is the one-hot of the argmax.
+    """
+    logits = logits.to(torch.float64)
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float64)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the token crossing it is kept).
+        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sample: the first token whose cumulative probability exceeds u * total."""
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (u.to(cdf.dtype) * cdf[..., -1]).unsqueeze(-1)
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    return idx.clamp_max(probs.shape[-1] - 1)
+
+
+def position_uniforms(seed: int, position: int, siblings: int) -> tuple[float, list[float]]:
+    """The random numbers owned by one sequence position.
+
+    Returns (token_u, sibling_us): token_u draws the token emitted at `position` (plain
+    decoding, or the bonus token), sibling_us[j] decides the rejection test of the j-th draft
+    candidate for that position. Drawing token_u first keeps it independent of `siblings`.
+    """
+    gen = torch.Generator().manual_seed(seed * _POSITION_STRIDE + position)
+    token_u = torch.rand((), generator=gen, dtype=torch.float64).item()
+    sibling_us = torch.rand(siblings, generator=gen, dtype=torch.float64).tolist() if siblings else []
+    return token_u, sibling_us

@@ -1,0 +1,148 @@
+"""The target model: prefill, one forward over a whole draft tree, features, KV compaction.
+
+Wraps any transformers causal LM (Llama, Qwen2, Mistral families) without copying its code:
+tree attention is a 4-D boolean mask handed to the model, node positions are explicit
+position ids, and the KV cache is transformers' own DynamicCache, compacted in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from aerie.tree import ancestor_mask, node_depths
+
+FeatureKind = Literal["eagle1", "eagle3"]
+
+
+def eagle3_default_layers(num_layers: int) -> tuple[int, int, int]:
+    """Low, mid, high layers as the official EAGLE-3 checkpoints use them: the residual stream
+    entering decoder layers 2, L//2 and L-3 (`hidden_states[i]` in transformers' output)."""
+    return (2, num_layers // 2, num_layers - 3)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which hidden states the draft head reads.
+
+    eagle1: the last hidden state after the final norm (dim h).
+    eagle3: the concatenation, low to high, of `hidden_states[i]` for i in `layers` (dim 3h).
+    """
+
+    kind: FeatureKind
+    layers: tuple[int, ...] = ()
+
+    def dim(self, hidden_size: int) -> int:
+        return hidden_size * (len(self.layers) if self.kind == "eagle3" else 1)
+
+
+@dataclass
+class TargetOutput:
+    logits: torch.Tensor  # [n, V] float32
+    features: torch.Tensor  # [n, F]
+
+
+class Target:
+    """A causal LM with the operations speculative decoding needs. Stateless: the caller
+    owns each sequence's cache, so one Target serves many sessions."""
+
+    def __init__(self, model: PreTrainedModel, features: FeatureSpec):
+        self.model = model
+        self.config = model.config
+        self.features = features
+        n_layers = self.config.num_hidden_layers
+        if features.kind == "eagle3" and not all(0 <= i <= n_layers for i in features.layers):
+            raise ValueError(f"EAGLE-3 feature layers {features.layers} out of range for {n_layers} layers")
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 1 << 30))
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        cache: DynamicCache,
+        input_ids: torch.Tensor,
+        tree_parents: torch.Tensor | None = None,
+    ) -> TargetOutput:
+        """Run `input_ids` ([n]) on top of `cache`, appending their keys and values.
+
+        Without `tree_parents` the tokens form a causal chain (prefill, plain decoding). With
+        it they form a tree: each node sees the cache and its own ancestors, at position
+        cache length + its depth.
+        """
+        past = cache.get_seq_length()
+        n = input_ids.shape[0]
+        device = self.device
+        if tree_parents is None:
+            positions = torch.arange(past, past + n, device=device)
+            mask = None if past == 0 else _chain_mask(past, n, device)
+        else:
+            positions = past + node_depths(tree_parents.cpu()).to(device)
+            mask = torch.ones(1, 1, n, past + n, dtype=torch.bool, device=device)
+            mask[0, 0, :, past:] = ancestor_mask(tree_parents.cpu()).to(device)
+        out = self.model(
+            input_ids=input_ids.to(device)[None],
+            position_ids=positions[None],
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        hidden = out.hidden_states
+        if self.features.kind == "eagle3":
+            feats = torch.cat([hidden[i] for i in self.features.layers], dim=-1)
+        else:
+            feats = hidden[-1]
+        return TargetOutput(logits=out.logits[0].float(), features=feats[0])
+
+    @staticmethod
+    def compact(cache: DynamicCache, committed: int, keep: list[int]) -> None:
+        """Drop the cache entries of rejected tree nodes: keep positions [0, committed) and
+        the tree nodes `keep` (indices relative to `committed`, in order)."""
+        index = torch.arange(committed + len(keep))
+        index[committed:] = torch.tensor(keep, dtype=torch.long) + committed
+        reindex_cache(cache, index)
+
+
+def reindex_cache(cache: DynamicCache, index: torch.Tensor) -> None:
+    """Keep only the cache entries at `index` (along the sequence), in that order."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        idx = index.to(layer.keys.device)
+        layer.keys = layer.keys.index_select(-2, idx)
+        layer.values = layer.values.index_select(-2, idx)
+
+
+def truncate_cache(cache: DynamicCache, length: int) -> None:
+    """Drop every entry from `length` on (the same on every transformers release)."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue
+        layer.keys = layer.keys[..., :length, :]
+        layer.values = layer.values[..., :length, :]
+
+
+def _chain_mask(past: int, n: int, device: torch.device) -> torch.Tensor:
+    mask = torch.ones(1, 1, n, past + n, dtype=torch.bool, device=device)
+    mask[0, 0, :, past:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return mask

@@ -1,0 +1,131 @@
+"""The verifier side of one sequence: the target's KV cache, acceptance and stopping.
+
+A `VerifySession` owns everything the target needs for one sequence. It is driven either by
+the in-process engine or by the verify service, one `verify` call per speculative round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from aerie.accept import accept_greedy, accept_sampling, path_from_mask
+from aerie.errors import InputError
+from aerie.sampling import SamplingParams, position_uniforms, sample_from, warp_probs
+from aerie.target import Target
+from aerie.tree import DraftTree, children_table, node_depths, validate_tree
+
+
+@dataclass(frozen=True)
+class StopCriteria:
+    max_new_tokens: int
+    stop_token_ids: frozenset[int] = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise InputError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+
+    def cut(self, generated_before: int, tokens: list[int]) -> tuple[list[int], bool]:
+        """Tokens that may still be emitted, and whether generation ends with them."""
+        room = self.max_new_tokens - generated_before
+        for i, tok in enumerate(tokens[:room]):
+            if tok in self.stop_token_ids:
+                return tokens[: i + 1], True
+        kept = tokens[:room]
+        return kept, generated_before + len(kept) >= self.max_new_tokens
+
+
+@dataclass
+class RoundResult:
+    new_tokens: list[int]  # accepted draft tokens, then the bonus token (after stop cuts)
+    features: torch.Tensor  # [len(path), F]: target features of the root and accepted nodes
+    accepted_draft: int  # draft tokens accepted (before stop cuts)
+    done: bool
+
+
+@dataclass
+class VerifySession:
+    target: Target
+    params: SamplingParams
+    stop: StopCriteria
+    prompt_ids: list[int]
+    max_tree_nodes: int = 128
+    cache: object = None
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise InputError("prompt is empty")
+        context = self.target.max_positions
+        if len(self.prompt_ids) + self.stop.max_new_tokens > context:
+            raise InputError(
+                f"prompt of {len(self.prompt_ids)} tokens plus max_new_tokens {self.stop.max_new_tokens} "
+                f"exceeds the model's context of {context} tokens"
+            )
+        self.cache = self.target.new_cache()
+
+    @property
+    def committed(self) -> int:
+        """Tokens whose keys and values are in the cache (the pending last token is not)."""
+        return self.cache.get_seq_length()
+
+    def prefill(self) -> tuple[torch.Tensor, int]:
+        """Run the prompt; return its features [n, F] and the first generated token."""
+        out = self.target.forward(self.cache, torch.tensor(self.prompt_ids))
+        token = self._sample(out.logits[-1], position=len(self.prompt_ids))
+        self.generated, self.done = self.stop.cut(0, [token])
+        return out.features, token
+
+    def step_plain(self) -> int:
+        """Plain decoding: feed the pending token, sample the next one."""
+        out = self.target.forward(self.cache, torch.tensor(self.generated[-1:]))
+        token = self._sample(out.logits[-1], position=self.committed)
+        kept, self.done = self.stop.cut(len(self.generated), [token])
+        self.generated += kept
+        return token
+
+    def verify(self, tree: DraftTree) -> RoundResult:
+        validate_tree(tree.tokens, tree.parents, self.target.vocab_size, self.max_tree_nodes)
+        if self.done:
+            raise InputError("generation is already finished")
+        if int(tree.tokens[0]) != self.generated[-1]:
+            raise InputError(f"tree root {int(tree.tokens[0])} is not the last generated token {self.generated[-1]}")
+        committed = self.committed
+        out = self.target.forward(self.cache, tree.tokens, tree_parents=tree.parents)
+        if self.params.greedy:
+            acc = accept_greedy(tree.tokens, tree.parents, out.logits.argmax(-1))
+            path, bonus = acc.path, acc.bonus_token
+        else:
+            path, bonus = self._accept_sampled(tree, out.logits, committed)
+        self.target.compact(self.cache, committed, path)
+        proposed = tree.tokens[path[1:]].tolist() + [bonus]
+        kept, self.done = self.stop.cut(len(self.generated), proposed)
+        self.generated += kept
+        return RoundResult(new_tokens=kept, features=out.features[path], accepted_draft=len(path) - 1, done=self.done)
+
+    def _accept_sampled(self, tree: DraftTree, logits: torch.Tensor, committed: int) -> tuple[list[int], int]:
+        depths = node_depths(tree.parents)
+        children = children_table(tree.parents)
+        n, depth_max = len(tree), int(depths.max())
+        # Node c at depth d is the rank-th candidate for position committed + d; that
+        # position's random numbers decide its test (see sampling.position_uniforms).
+        sibling_u = torch.zeros(1, n, dtype=torch.float64)
+        bonus_u = torch.zeros(1, depth_max + 1, dtype=torch.float64)
+        for d in range(depth_max + 1):
+            token_u, sib = position_uniforms(self.params.seed, committed + d + 1, children.shape[1])
+            bonus_u[0, d] = token_u
+            for parent in (depths == d).nonzero().flatten().tolist():
+                for rank, child in enumerate(children[parent].tolist()):
+                    if child >= 0:
+                        sibling_u[0, child] = sib[rank]
+        probs = warp_probs(logits, self.params)
+        accepted, _, bonus = accept_sampling(tree.tokens, tree.parents, probs, sibling_u, bonus_u)
+        return path_from_mask(accepted[0]), int(bonus[0])
+
+    def _sample(self, logits: torch.Tensor, position: int) -> int:
+        if self.params.greedy:
+            return int(logits.argmax())
+        token_u, _ = position_uniforms(self.params.seed, position, 0)
+        return int(sample_from(warp_probs(logits, self.params), torch.tensor(token_u)))
