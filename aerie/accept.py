@@ -22,21 +22,28 @@ class Acceptance:
 
 
 def accept_greedy(tokens: torch.Tensor, parents: torch.Tensor, target_argmax: torch.Tensor) -> Acceptance:
-    """Longest root path whose every token equals the target's argmax at its parent.
+    """Longest root path on which every token equals the target's argmax at its parent.
 
-    Among siblings that all match (only possible with duplicate tokens) the first wins.
+    Ties (only possible when siblings repeat a token) go to the earliest node.
     """
     tokens, parents, target_argmax = tokens.cpu(), parents.cpu(), target_argmax.cpu()
-    children = children_table(parents)
-    node, path = 0, [0]
-    while True:
-        want = int(target_argmax[node])
-        kids = children[node]
-        match = kids[(kids >= 0) & (tokens[kids.clamp_min(0)] == want)]
-        if match.numel() == 0:
-            return Acceptance(path=path, bonus_token=want)
-        node = int(match[0])
+    n = tokens.shape[0]
+    matches = torch.zeros(n, dtype=torch.bool)
+    matches[0] = True
+    if n > 1:
+        matches[1:] = tokens[1:] == target_argmax[parents[1:]]
+    on_path = matches.clone()
+    for i in range(1, n):  # parents precede children, so one pass suffices
+        on_path[i] &= on_path[parents[i]]
+    depths = node_depths(parents)
+    deepest = int(torch.where(on_path, depths, -1).argmax())
+    path = []
+    node = deepest
+    while node >= 0:
         path.append(node)
+        node = int(parents[node])
+    path.reverse()
+    return Acceptance(path=path, bonus_token=int(target_argmax[deepest]))
 
 
 def accept_sampling(

@@ -1,0 +1,200 @@
+"""`aerie bench`: our speculative decoding, our plain decoding and transformers `generate`,
+side by side on the same prompts, the same target and the same machine."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from aerie.errors import InputError
+from aerie.engine import Engine
+from aerie.sampling import SamplingParams
+from aerie.stack import Stack
+from aerie.verifier import StopCriteria
+
+MODES = ("eagle", "vanilla", "hf")
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    id: str
+    text: str
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[BenchPrompt]:
+    """Lines of {"prompt": str} or {"turns": [str, ...]} (first turn used), optional "id"."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"prompts file '{path}' does not exist")
+    prompts: list[BenchPrompt] = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{lineno}: each line must be a JSON object")
+        text = row.get("prompt")
+        if text is None and isinstance(row.get("turns"), list) and row["turns"]:
+            text = row["turns"][0]
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{path}:{lineno}: needs a non-empty string 'prompt' or a non-empty list 'turns'")
+        prompts.append(BenchPrompt(id=str(row.get("id", row.get("question_id", lineno))), text=text))
+        if limit is not None and len(prompts) >= limit:
+            break
+    if not prompts:
+        raise InputError(f"{path}: holds no prompts")
+    return prompts
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _hf_generate(stack: Stack, prompt_ids: list[int], params: SamplingParams, stop: StopCriteria) -> list[int]:
+    model = stack.target.model
+    ids = torch.tensor([prompt_ids], device=model.device)
+    kwargs = dict(max_new_tokens=stop.max_new_tokens, eos_token_id=sorted(stop.stop_token_ids) or None)
+    if params.greedy:
+        kwargs.update(do_sample=False)
+    else:
+        torch.manual_seed(params.seed)
+        kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=sorted(stop.stop_token_ids)[0]
+                             if stop.stop_token_ids else None, **kwargs)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_bench(
+    stack: Stack,
+    prompts: list[BenchPrompt],
+    modes: list[str],
+    max_new_tokens: int,
+    params: SamplingParams,
+    device: str,
+) -> dict:
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise InputError(f"unknown bench modes {unknown}: choose from {', '.join(MODES)}")
+    if "eagle" in modes and stack.head is None:
+        raise InputError("mode eagle needs a draft head")
+    engine = Engine(stack.target, stack.head, stack.tree)
+    stop = StopCriteria(max_new_tokens, stack.stop_token_ids())
+    # Vanilla runs first whenever asked for, so every other mode can be compared with it.
+    order = sorted(modes, key=lambda m: m != "vanilla")
+    encoded = [stack.encode_prompt(p.text) for p in prompts]
+    _warm_up(engine, stack, encoded[0], params, order, device)
+    rows = []
+    for prompt, ids in tqdm(list(zip(prompts, encoded)), desc="bench", unit="prompt"):
+        vanilla_tokens = None
+        for mode in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            if mode == "hf":
+                tokens, tau, rounds = _hf_generate(stack, ids, params, stop), 1.0, None
+            else:
+                res = engine.generate(ids, params, stop, mode)
+                tokens, tau, rounds = res.token_ids, res.tau, [r.accepted for r in res.rounds]
+            _sync(device)
+            seconds = time.perf_counter() - t0
+            if mode == "vanilla":
+                vanilla_tokens = tokens
+            rows.append({
+                "id": prompt.id,
+                "mode": mode,
+                "new_tokens": len(tokens),
+                "seconds": seconds,
+                "tokens_per_s": len(tokens) / seconds,
+                "tau": tau,
+                "accepted_per_round": rounds,
+                "identical_to_vanilla": None if vanilla_tokens is None else tokens == vanilla_tokens,
+            })
+    return {
+        "machine": machine_info(device),
+        "config": {
+            "max_new_tokens": max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": params.seed,
+            "dtype": str(stack.target.model.dtype).removeprefix("torch."),
+            "model": str(stack.model_dir),
+            "tree": vars(stack.tree),
+            "prompts": len(prompts),
+        },
+        "rows": rows,
+        "summary": summarize(rows, modes, params.greedy),
+    }
+
+
+def _warm_up(engine: Engine, stack: Stack, ids: list[int], params: SamplingParams, modes: list[str], device: str) -> None:
+    """One short untimed run per mode, so that first-call allocation is not measured."""
+    stop = StopCriteria(4, stack.stop_token_ids())
+    for mode in modes:
+        if mode == "hf":
+            _hf_generate(stack, ids, params, stop)
+        else:
+            engine.generate(ids, params, stop, mode)
+    _sync(device)
+
+
+def summarize(rows: list[dict], modes: list[str], greedy: bool) -> dict:
+    per_mode = {}
+    for mode in modes:
+        mine = [r for r in rows if r["mode"] == mode]
+        tokens = sum(r["new_tokens"] for r in mine)
+        seconds = sum(r["seconds"] for r in mine)
+        per_mode[mode] = tokens / seconds if seconds else 0.0
+    eagle_rows = [r for r in rows if r["mode"] == "eagle"]
+    compared = [r["identical_to_vanilla"] for r in eagle_rows if r["identical_to_vanilla"] is not None]
+    summary = {
+        # Token identity is the losslessness check at T=0; under sampling the distributions,
+        # not the draws, are what must match, so it is reported but not required.
+        "all_identical": bool(compared) and all(compared) if greedy else None,
+        "tau_mean": statistics.fmean(r["tau"] for r in eagle_rows) if eagle_rows else None,
+        "tokens_per_s": per_mode,
+    }
+    if "eagle" in per_mode and "vanilla" in per_mode and per_mode["vanilla"]:
+        summary["speedup_vs_vanilla"] = per_mode["eagle"] / per_mode["vanilla"]
+    if "eagle" in per_mode and "hf" in per_mode and per_mode["hf"]:
+        summary["speedup_vs_hf"] = per_mode["eagle"] / per_mode["hf"]
+    return summary
+
+
+def format_table(result: dict) -> str:
+    s = result["summary"]
+    lines = [f"machine: {result['machine'].get('gpu', result['machine']['cpu'])}, torch {result['machine']['torch']}",
+             "| mode | tokens/s | tau |", "|---|---|---|"]
+    for mode, tps in s["tokens_per_s"].items():
+        tau = f"{s['tau_mean']:.2f}" if mode == "eagle" and s["tau_mean"] is not None else "1.00"
+        lines.append(f"| {mode} | {tps:.1f} | {tau} |")
+    for key in ("speedup_vs_vanilla", "speedup_vs_hf", "all_identical"):
+        if key in s and s[key] is not None:
+            value = f"{s[key]:.2f}x" if key.startswith("speedup") else str(s[key]).lower()
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""The `aerie` command line. User errors end as one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from aerie.errors import AerieError
+
+DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+def _add_model_args(p: argparse.ArgumentParser, head: bool = True) -> None:
+    p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the SmolLM2 demo)")
+    if head:
+        p.add_argument("--head", default=None, help="EAGLE-1/EAGLE-3 head directory (default: the shipped one)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aerie", description="Lossless EAGLE speculative decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate one answer")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--mode", choices=("eagle", "vanilla"), default="eagle")
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--gateway", default=None, help="stream through a running gateway at ADDR")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    gen.set_defaults(handler=cmd_generate)
+
+    bench = sub.add_parser("bench", help="compare eagle, vanilla and transformers generate")
+    bench.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'turns' per line")
+    bench.add_argument("--limit", type=int, default=None)
+    bench.add_argument("--modes", default="eagle,vanilla,hf")
+    bench.add_argument("--out", required=True)
+    _add_model_args(bench)
+    _add_sampling_args(bench)
+    bench.set_defaults(handler=cmd_bench)
+
+    demo = sub.add_parser("demo", help="one answer on the demo model, with tokens/s and tau")
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--max-new-tokens", type=int, default=96)
+    demo.add_argument("--in-process", action="store_true", help="skip the services, run in one process")
+    _add_model_args(demo)
+    demo.set_defaults(handler=cmd_demo)
+
+    _add_optional_commands(sub)
+    return parser
+
+
+def _add_optional_commands(sub) -> None:
+    # Training and the services live outside the core; import them only when present.
+    try:
+        from aerie.train.cli import add_train_parser
+    except ImportError:
+        pass
+    else:
+        add_train_parser(sub)
+    try:
+        from gateway.cli import add_serve_parser
+    except ImportError:
+        pass
+    else:
+        add_serve_parser(sub)
+
+
+def _sampling(args):
+    from aerie.sampling import SamplingParams
+    from aerie.verifier import StopCriteria
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    return params, StopCriteria(args.max_new_tokens)
+
+
+def cmd_generate(args) -> int:
+    params, stop = _sampling(args)
+    if args.gateway:
+        from gateway.cli import generate_via_gateway
+
+        result = generate_via_gateway(
+            args.gateway, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            top_p=args.top_p, seed=args.seed, chat=not args.no_chat,
+        )
+    else:
+        from aerie.engine import Engine
+        from aerie.stack import load_stack
+        from aerie.verifier import StopCriteria
+
+        stack = load_stack(args.model, args.head, args.device, args.dtype, need_head=args.mode == "eagle")
+        ids = stack.encode_prompt(args.prompt, chat=not args.no_chat)
+        engine = Engine(stack.target, stack.head, stack.tree)
+        res = engine.generate(ids, params, StopCriteria(stop.max_new_tokens, stack.stop_token_ids()), args.mode)
+        result = {
+            "text": stack.decode(res.token_ids),
+            "token_ids": res.token_ids,
+            "new_tokens": res.new_tokens,
+            "tau": res.tau,
+            "tokens_per_s": res.tokens_per_s,
+            "rounds": len(res.rounds),
+        }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(result["text"])
+        print(f"\n[{result['new_tokens']} tokens, {result['tokens_per_s']:.1f} tok/s, tau {result['tau']:.2f}]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from aerie.bench.harness import format_table, read_prompts, run_bench
+    from aerie.stack import load_stack
+
+    params, stop = _sampling(args)
+    prompts = read_prompts(args.prompts, args.limit)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    stack = load_stack(args.model, args.head, args.device, args.dtype, need_head="eagle" in modes)
+    result = run_bench(stack, prompts, modes, stop.max_new_tokens, params, args.device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_table(result))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    if not args.in_process:
+        try:
+            from gateway.demo import run_networked_demo
+        except ImportError:
+            pass
+        else:
+            run_networked_demo(args.model, args.head, args.prompt, args.max_new_tokens, args.device, args.dtype)
+            return 0
+    from aerie.engine import Engine
+    from aerie.sampling import SamplingParams
+    from aerie.stack import load_stack
+    from aerie.verifier import StopCriteria
+
+    stack = load_stack(args.model, args.head, args.device, args.dtype)
+    engine = Engine(stack.target, stack.head, stack.tree)
+    ids = stack.encode_prompt(args.prompt)
+    stop = StopCriteria(args.max_new_tokens, stack.stop_token_ids())
+    res = engine.generate(ids, SamplingParams(), stop, "eagle")
+    print(f"> {args.prompt}\n")
+    print(stack.decode(res.token_ids))
+    print(f"\n{res.new_tokens} tokens in {res.seconds:.2f} s: {res.tokens_per_s:.1f} tokens/s, "
+          f"tau {res.tau:.2f} over {len(res.rounds)} rounds")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except AerieError as e:
+        print(f"aerie: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,90 @@
+"""Putting a target, its tokenizer and a draft head together, as the CLI and services need."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aerie.errors import InputError
+from aerie.heads import DraftHead, load_head, new_head
+from aerie.models import DEMO_MODEL, load_causal_lm, parse_dtype, resolve_model
+from aerie.target import FeatureSpec, Target, eagle3_default_layers
+from aerie.tree import TreeConfig
+
+SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads"
+DEMO_HEAD = SHIPPED_HEADS / "smollm2-135m-eagle3"
+
+# CPU: one target forward grows slowly up to ~16 tree nodes (DESIGN measurements), so a
+# small tree; GPU: a 60-node tree costs about as much as one token (official EAGLE-2 defaults).
+CPU_TREE = TreeConfig(kind="dynamic", depth=6, top_k=8, total_tokens=16)
+GPU_TREE = TreeConfig(kind="dynamic", depth=8, top_k=10, total_tokens=60)
+
+
+@dataclass
+class Stack:
+    target: Target
+    tokenizer: object
+    head: DraftHead | None
+    tree: TreeConfig
+    model_dir: Path
+
+    def encode_prompt(self, text: str, chat: bool = True) -> list[int]:
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self.tokenizer(text).input_ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def stop_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (self.tokenizer.eos_token_id, getattr(self.target.model.generation_config, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(int(i) for i in source)
+        return frozenset(ids)
+
+
+def load_stack(
+    model: str | None,
+    head: str | None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    need_head: bool = True,
+    tree: TreeConfig | None = None,
+) -> Stack:
+    """Load the target (the demo model when `model` is None) and its draft head.
+
+    Without `head`, the demo model gets its shipped EAGLE-3 head; any other model needs one
+    (unless only plain decoding is wanted).
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but torch sees no CUDA device")
+    model_dir = resolve_model(model)
+    lm, tokenizer = load_causal_lm(model_dir, device, parse_dtype(dtype))
+    target = Target(lm, FeatureSpec(kind="eagle3", layers=eagle3_default_layers(lm.config.num_hidden_layers)))
+    draft: DraftHead | None = None
+    if head is not None:
+        draft = load_head(head, target)
+    elif need_head:
+        if model not in (None, DEMO_MODEL):
+            raise InputError("eagle mode needs a draft head for this model: pass --head DIR (or use --mode vanilla)")
+        if DEMO_HEAD.is_dir():
+            draft = load_head(DEMO_HEAD, target)
+        else:
+            print("aerie: no trained head is shipped yet; drafting with a random EAGLE-3 head", file=sys.stderr)
+            torch.manual_seed(0)
+            draft = new_head(target, "eagle3")
+    if draft is not None:
+        # The head decides which hidden states the target must expose.
+        target.features = draft.feature_spec
+    tree = tree or (GPU_TREE if device == "cuda" else CPU_TREE)
+    return Stack(target=target, tokenizer=tokenizer, head=draft, tree=tree, model_dir=model_dir)
+

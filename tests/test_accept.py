@@ -1,0 +1,223 @@
+"""Acceptance against references: greedy against brute-force path search; sampling by exact
+enumeration (fractions) and by chi-squared tests over 10^5 vectorised draws, on synthetic
+distributions and on a real (tiny) target with a real drafted tree."""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from aerie.accept import accept_greedy, accept_sampling
+from aerie.drafter import DraftSession
+from aerie.sampling import SamplingParams, warp_probs
+from aerie.tree import TreeConfig, children_table, node_depths
+from tests.tiny import tiny_head, tiny_target
+
+# A small tree: root -> (a=0, b=2, c=1); a -> (1, 3); b -> (0,); a.1 -> (2,)
+TOKENS = [3, 0, 2, 1, 1, 3, 0, 2]
+PARENTS = [-1, 0, 0, 0, 1, 1, 2, 4]
+V = 4
+
+
+def markov_rows(seed: int) -> list[list[Fraction]]:
+    """Next-token distribution given the last token, as exact fractions."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(V):
+        w = (torch.randint(1, 9, (V,), generator=gen)).tolist()
+        w[int(torch.randint(0, V, (1,), generator=gen))] = 0  # some zeros: residual edge cases
+        rows.append([Fraction(x, sum(w)) for x in w])
+    return rows
+
+
+def exact_emitted(node: int, p: list[Fraction], rows, depth_left: int) -> dict[tuple[int, ...], Fraction]:
+    """Reference: the distribution of the tokens emitted from `node` on, by enumeration."""
+    out: dict[tuple[int, ...], Fraction] = {}
+    remaining = Fraction(1)
+    p = list(p)
+    for child in [c for c in range(len(TOKENS)) if PARENTS[c] == node]:
+        x = TOKENS[child]
+        accept = min(Fraction(1), p[x])  # point-mass proposal: q(x) = 1
+        for seq, pr in exact_emitted(child, rows[x], rows, depth_left - 1).items():
+            out[(x,) + seq] = out.get((x,) + seq, 0) + remaining * accept * pr
+        remaining *= 1 - accept
+        if remaining == 0:
+            break
+        p[x] = Fraction(0)
+        total = sum(p)
+        p = [v / total for v in p]
+    for v in range(V):
+        if p[v]:
+            out[(v,)] = out.get((v,), 0) + remaining * p[v]
+    return out
+
+
+def first_two(dist: dict[tuple[int, ...], Fraction], rows) -> dict[tuple[int, int], Fraction]:
+    """Joint of the first two emitted tokens; a round that emits one token is followed by the
+    target's own next token (the next round's root row)."""
+    joint: dict[tuple[int, int], Fraction] = {}
+    for seq, pr in dist.items():
+        if len(seq) >= 2:
+            joint[seq[:2]] = joint.get(seq[:2], 0) + pr
+        else:
+            for b in range(V):
+                joint[(seq[0], b)] = joint.get((seq[0], b), 0) + pr * rows[seq[0]][b]
+    return joint
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_recursive_rejection_is_exact_by_enumeration(seed):
+    rows = markov_rows(seed)
+    dist = exact_emitted(0, rows[TOKENS[0]], rows, 4)
+    assert sum(dist.values()) == 1
+    joint = first_two(dist, rows)
+    r = TOKENS[0]
+    for a, b in itertools.product(range(V), range(V)):
+        assert joint.get((a, b), 0) == rows[r][a] * rows[a][b]
+
+
+def chi2_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
+    """Pearson's test; expected is rescaled to the observed total (float rounding)."""
+    expected = expected.double() * observed.sum() / expected.double().sum()
+    return float(chisquare(observed.numpy(), expected.numpy()).pvalue)
+
+
+def run_vectorised(rows_f: torch.Tensor, draws: int, seed: int, proposals=None) -> torch.Tensor:
+    tokens, parents = torch.tensor(TOKENS), torch.tensor(PARENTS)
+    target = rows_f[tokens]  # each node's next-token distribution
+    gen = torch.Generator().manual_seed(seed)
+    depth = int(node_depths(parents).max())
+    sibling_u = torch.rand(draws, len(TOKENS), generator=gen, dtype=torch.float64)
+    bonus_u = torch.rand(draws, depth + 1, generator=gen, dtype=torch.float64)
+    accepted, length, bonus = accept_sampling(tokens, parents, target, sibling_u, bonus_u, proposals)
+    # First two emitted tokens per draw.
+    first = torch.where(length >= 2, _nth_accepted(accepted, tokens, 1), bonus)
+    second_in_round = torch.where(length >= 3, _nth_accepted(accepted, tokens, 2), bonus)
+    next_round = torch.multinomial(rows_f[first].float(), 1, generator=gen).squeeze(1)
+    second = torch.where(length >= 2, second_in_round, next_round)
+    return first * V + second
+
+
+def _nth_accepted(accepted: torch.Tensor, tokens: torch.Tensor, depth: int) -> torch.Tensor:
+    depths = node_depths(torch.tensor(PARENTS))
+    at_depth = accepted & (depths == depth)[None]
+    idx = at_depth.float().argmax(dim=1)
+    return tokens[idx]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sampling_acceptance_chi_squared(seed):
+    rows = markov_rows(seed)
+    rows_f = torch.tensor([[float(v) for v in row] for row in rows], dtype=torch.float64)
+    cells = run_vectorised(rows_f, 200_000, seed=100 + seed)
+    observed = torch.bincount(cells, minlength=V * V).double()
+    r = TOKENS[0]
+    expected = torch.tensor([float(rows[r][a] * rows[a][b]) for a in range(V) for b in range(V)]) * cells.numel()
+    keep = expected > 0
+    assert observed[~keep].sum() == 0  # impossible outcomes never happen
+    assert chi2_pvalue(observed[keep], expected[keep]) > 0.01
+
+
+def test_sampled_proposals_recover_target():
+    """With children drawn i.i.d. from a draft q, the residual rule max(p - q, 0) applies."""
+    gen = torch.Generator().manual_seed(7)
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0], dtype=torch.float64)
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    draws, k = 200_000, 2
+    children_tokens = torch.multinomial(q.float(), draws * k, replacement=True, generator=gen).view(draws, k)
+    out = torch.empty(draws, dtype=torch.long)
+    parents = torch.tensor([-1, 0, 0])
+    target = torch.stack([p, p, p])  # rows of the children are irrelevant here
+    su = torch.rand(draws, 3, generator=gen, dtype=torch.float64)
+    bu = torch.rand(draws, 2, generator=gen, dtype=torch.float64)
+    # Group draws by their sampled children so that each call sees one concrete tree.
+    for pair in itertools.product(range(4), repeat=2):
+        sel = (children_tokens == torch.tensor(pair)).all(1)
+        if not sel.any():
+            continue
+        tokens = torch.tensor([0, *pair])
+        accepted, length, bonus = accept_sampling(tokens, parents, target, su[sel], bu[sel], torch.stack([q, q, q]))
+        first = torch.where(accepted[:, 1], tokens[1], torch.where(accepted[:, 2], tokens[2], bonus))
+        out[sel] = first
+    observed = torch.bincount(out, minlength=4).double()
+    assert observed[3] == 0
+    assert chi2_pvalue(observed[:3], p[:3]) > 0.01
+
+
+def test_greedy_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        n = int(torch.randint(2, 12, (1,), generator=gen))
+        parents = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)])
+        tokens = torch.randint(0, 3, (n,), generator=gen)
+        argmax = torch.randint(0, 3, (n,), generator=gen)
+        got = accept_greedy(tokens, parents, argmax)
+        # Brute force: every root path whose tokens each equal the argmax at their parent.
+        best = [0]
+        for node in range(n):
+            path, cur = [], node
+            while cur >= 0:
+                path.append(cur)
+                cur = int(parents[cur])
+            path.reverse()
+            if all(int(tokens[c]) == int(argmax[p]) for p, c in zip(path, path[1:])) and len(path) > len(best):
+                best = path
+        assert len(got.path) == len(best)
+        assert all(int(tokens[c]) == int(argmax[p]) for p, c in zip(got.path, got.path[1:]))
+        assert got.bonus_token == int(argmax[got.path[-1]])
+
+
+def test_chi_squared_on_tiny_target_with_drafted_tree():
+    """A real target and a real EAGLE-3 draft tree: the first two emitted tokens follow the
+    target's own distribution (T=1, top-p 0.9), 10^5 vectorised draws."""
+    vocab = 16
+    target = tiny_target("eagle3", vocab=vocab)
+    with torch.no_grad():
+        target.model.lm_head.weight.mul_(0.15)  # flatter: more outcomes to test
+    head = tiny_head(target, "eagle3")
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    prompt = [1, 5, 9, 2, 7]
+    cache = target.new_cache()
+    out = target.forward(cache, torch.tensor(prompt))
+    root = 3
+    tree = DraftSession(head, TreeConfig(kind="dynamic", depth=3, top_k=3, total_tokens=8)).draft(
+        out.features, prompt[1:] + [root]
+    )
+    committed = cache.get_seq_length()
+    probs = warp_probs(target.forward(cache, tree.tokens, tree_parents=tree.parents).logits, params)
+    # The target's distribution after each possible first token (for one-token rounds).
+    after_first = []
+    for a in range(vocab):
+        c = target.new_cache()
+        after_first.append(warp_probs(target.forward(c, torch.tensor(prompt + [root, a])).logits[-1], params))
+    after_first = torch.stack(after_first)
+    del committed
+
+    draws = 100_000
+    gen = torch.Generator().manual_seed(11)
+    depth = int(node_depths(tree.parents).max())
+    accepted, length, bonus = accept_sampling(
+        tree.tokens, tree.parents, probs,
+        torch.rand(draws, len(tree), generator=gen, dtype=torch.float64),
+        torch.rand(draws, depth + 1, generator=gen, dtype=torch.float64),
+    )
+    depths = node_depths(tree.parents)
+
+    def nth(d):
+        return tree.tokens[(accepted & (depths == d)[None]).float().argmax(1)]
+
+    first = torch.where(length >= 2, nth(1), bonus)
+    second = torch.where(length >= 3, nth(2), bonus)
+    follow = torch.multinomial(after_first[first].float(), 1, generator=gen).squeeze(1)
+    second = torch.where(length >= 2, second, follow)
+    observed = torch.bincount(first * vocab + second, minlength=vocab * vocab).double()
+    expected = (probs[0][:, None] * after_first).flatten() * draws
+    keep = expected > 5
+    assert observed[expected == 0].sum() == 0
+    assert chi2_pvalue(observed[keep], expected[keep]) > 0.01
+    assert bool((length > 1).any())  # the tree was actually used
+    assert children_table(tree.parents).shape[1] > 1  # with siblings
