@@ -93,16 +93,30 @@ class Engine:
             raise ValueError("eagle mode needs a draft head")
         return self.head
 
-    def session(self, prompt_ids: list[int], params: SamplingParams, stop: StopCriteria) -> VerifySession:
-        return VerifySession(self.target, params, stop, list(prompt_ids), max_tree_nodes=self.max_tree_nodes)
+    def session(
+        self, prompt_ids: list[int], params: SamplingParams, stop: StopCriteria, resume_tokens: list[int] = ()
+    ) -> VerifySession:
+        return VerifySession(
+            self.target, params, stop, list(prompt_ids), max_tree_nodes=self.max_tree_nodes,
+            resume_tokens=list(resume_tokens),
+        )
 
     def stream(
-        self, prompt_ids: list[int], params: SamplingParams, stop: StopCriteria, mode: Mode = "eagle"
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stop: StopCriteria,
+        mode: Mode = "eagle",
+        resume_tokens: list[int] = (),
     ) -> Iterator[tuple[list[int], RoundStats | None]]:
-        """Yield the tokens committed by each target forward, with the round's statistics."""
-        verifier = self.session(prompt_ids, params, stop)
+        """Yield the tokens committed by each target forward, with the round's statistics.
+
+        `resume_tokens` continues an earlier run from the round boundary after them: only
+        the tokens that follow are yielded, and they are the ones the earlier run produced.
+        """
+        verifier = self.session(prompt_ids, params, stop, resume_tokens)
         features, first = verifier.prefill()
-        yield [first], None
+        yield ([] if resume_tokens else [first]), None
         if mode == "vanilla":
             while not verifier.done:
                 before = len(verifier.generated)
@@ -111,7 +125,7 @@ class Engine:
                 yield verifier.generated[before:], RoundStats(0, 0, len(verifier.generated) - before, 0.0, time.perf_counter() - t0)
             return
         drafter = self.make_drafter()
-        next_tokens = list(prompt_ids[1:]) + [first]
+        next_tokens = (list(prompt_ids) + verifier.generated)[1:]
         while not verifier.done:
             t0 = time.perf_counter()
             tree = drafter.draft(features, next_tokens)
@@ -123,13 +137,18 @@ class Engine:
             yield result.new_tokens, RoundStats(len(tree) - 1, result.accepted_draft, len(result.new_tokens), t1 - t0, t2 - t1)
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, stop: StopCriteria, mode: Mode = "eagle"
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        stop: StopCriteria,
+        mode: Mode = "eagle",
+        resume_tokens: list[int] = (),
     ) -> GenerationResult:
         t0 = time.perf_counter()
         tokens: list[int] = []
         rounds: list[RoundStats] = []
         prefill_s = 0.0
-        for new, stats in self.stream(prompt_ids, params, stop, mode):
+        for new, stats in self.stream(prompt_ids, params, stop, mode, resume_tokens):
             tokens += new
             if stats is None:
                 prefill_s = time.perf_counter() - t0

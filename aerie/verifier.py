@@ -51,6 +51,8 @@ class VerifySession:
     stop: StopCriteria
     prompt_ids: list[int]
     max_tree_nodes: int = 128
+    # Tokens already generated before a resume; the last one is still pending (see prefill).
+    resume_tokens: list[int] = field(default_factory=list)
     cache: object = None
     generated: list[int] = field(default_factory=list)
     done: bool = False
@@ -59,6 +61,10 @@ class VerifySession:
         if not self.prompt_ids:
             raise InputError("prompt is empty")
         context = self.target.max_positions
+        if len(self.resume_tokens) >= self.stop.max_new_tokens:
+            raise InputError(
+                f"cannot resume after {len(self.resume_tokens)} tokens: max_new_tokens is {self.stop.max_new_tokens}"
+            )
         if len(self.prompt_ids) + self.stop.max_new_tokens > context:
             raise InputError(
                 f"prompt of {len(self.prompt_ids)} tokens plus max_new_tokens {self.stop.max_new_tokens} "
@@ -72,7 +78,18 @@ class VerifySession:
         return self.cache.get_seq_length()
 
     def prefill(self) -> tuple[torch.Tensor, int]:
-        """Run the prompt; return its features [n, F] and the first generated token."""
+        """Run the prompt; return its features [n, F] and the pending token.
+
+        Fresh, the pending token is the first generated one, sampled here. Resumed, the
+        prompt and every resumed token but the last are run, and the last is pending again,
+        exactly as it was at the round boundary where the earlier run stopped: the rounds
+        then continue with the same random numbers, hence the same tokens.
+        """
+        if self.resume_tokens:
+            out = self.target.forward(self.cache, torch.tensor(self.prompt_ids + self.resume_tokens[:-1]))
+            self.generated = list(self.resume_tokens)
+            self.done = bool(set(self.resume_tokens) & self.stop.stop_token_ids)
+            return out.features, self.generated[-1]
         out = self.target.forward(self.cache, torch.tensor(self.prompt_ids))
         token = self._sample(out.logits[-1], position=len(self.prompt_ids))
         self.generated, self.done = self.stop.cut(0, [token])
