@@ -1,0 +1,1 @@
+"""The draft service: the EAGLE head, the draft trees, and the rounds against a verifier."""

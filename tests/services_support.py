@@ -1,0 +1,130 @@
+"""Shared by the service tests: a tiny random-weight Llama saved as a Hugging Face directory
+(with a tiny word-level tokenizer), a random EAGLE-3 head saved in the official layout, and
+servers started in this process on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from aerie.heads import save_head
+from aerie_rpc.server import ServiceHost, channel, wait_for_serving
+from aerie_rpc.v1 import gateway_pb2, gateway_pb2_grpc
+from tests.tiny import tiny_head, tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB = 64
+
+
+def build_tiny_model(where: Path) -> tuple[Path, Path]:
+    """Write <where>/model (HF directory with tokenizer) and <where>/head; return both."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from aerie.target import FeatureSpec, Target, eagle3_default_layers
+
+    model_dir, head_dir = where / "model", where / "head"
+    model = tiny_llama(vocab=VOCAB, layers=6, hidden=64, seed=0)
+    model.save_pretrained(model_dir)
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(model_dir)
+    target = Target(model, FeatureSpec("eagle3", eagle3_default_layers(6)))
+    save_head(tiny_head(target, "eagle3", draft_vocab=48, seed=1), head_dir)
+    return model_dir, head_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Cluster:
+    """In-process verify, draft and gateway servers."""
+
+    hosts: list[ServiceHost] = field(default_factory=list)
+    verifiers: list[object] = field(default_factory=list)
+    drafters: list[object] = field(default_factory=list)
+    gateway: object = None
+    gateway_address: str = ""
+
+    def stop(self) -> None:
+        for host in reversed(self.hosts):
+            host.stop(0.5)
+
+
+def start_verifier(model_dir: Path, **overrides):
+    from verify_service.config import VerifyConfig
+    from verify_service.service import start
+
+    return start(VerifyConfig(listen="127.0.0.1:0", model=str(model_dir), **overrides))
+
+
+def start_drafter(model_dir: Path, head_dir: Path, verifiers: list[str], **overrides):
+    from draft_service.config import DraftConfig
+    from draft_service.service import start
+
+    return start(DraftConfig(listen="127.0.0.1:0", model=str(model_dir), head=str(head_dir),
+                             verifier=tuple(verifiers), **overrides))
+
+
+def start_gateway(drafters: list[str], model_dir: Path | None = None, store=None, **overrides):
+    from gateway.config import GatewayConfig
+    from gateway.service import build_servicer, start
+
+    config = GatewayConfig(listen="127.0.0.1:0", draft=tuple(drafters),
+                           model=str(model_dir) if model_dir else None, **overrides)
+    return start(config, build_servicer(config, store))
+
+
+def gateway_stub(address: str) -> tuple[grpc.Channel, gateway_pb2_grpc.GatewayStub]:
+    ch = channel(address)
+    return ch, gateway_pb2_grpc.GatewayStub(ch)
+
+
+def generate(stub, prompt_ids, max_new_tokens=40, temperature=0.0, seed=0, timeout=60.0, on_event=None, **kw):
+    """Stream one generation; return (token ids, events)."""
+    from aerie_rpc.v1 import common_pb2
+
+    req = gateway_pb2.GenerateRequest(
+        prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
+        params=common_pb2.SamplingParams(temperature=temperature, seed=seed), **kw)
+    ids: list[int] = []
+    events = []
+    for ev in stub.Generate(req, timeout=timeout):
+        events.append(ev)
+        if ev.WhichOneof("event") == "tokens":
+            ids += list(ev.tokens.ids)
+        if on_event is not None:
+            on_event(ev, ids)
+    return ids, events
+
+
+def spawn(module: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
+    """A service in its own process (for kill tests)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_all(addresses: list[str], procs: list[subprocess.Popen], timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for address, proc in zip(addresses, procs):
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{address} exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                wait_for_serving(address, timeout_s=1.0)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise

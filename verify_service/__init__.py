@@ -1,0 +1,1 @@
+"""The verify service: the target model, one KV cache per session, one forward per round."""

@@ -1,0 +1,32 @@
+"""Configuration of the verify service (flags mirrored by AERIE_* environment variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aerie.errors import InputError
+from aerie_rpc.config import option
+
+
+@dataclass
+class VerifyConfig:
+    listen: str = option("127.0.0.1:50061", "address to serve on, HOST:PORT (port 0 picks a free one)")
+    model: str | None = option(None, "Hugging Face model directory or .gguf file (default: the demo model)")
+    device: str = option("cpu", "where the target runs", choices=("cpu", "cuda"))
+    dtype: str = option("float32", "weights and activations", choices=("float32", "bfloat16", "float16"))
+    max_sessions: int = option(64, "sessions (KV caches) held at once; beyond: RESOURCE_EXHAUSTED")
+    max_tokens: int = option(262144, "KV tokens reserved across sessions (prompt + max_new_tokens + tree each)")
+    max_prompt_tokens: int = option(16384, "longest prompt (plus resumed tokens) one session may bring")
+    max_tree_nodes: int = option(128, "largest draft tree accepted, root included")
+    session_ttl_s: float = option(300.0, "drop a session idle for this long (its drafter is gone)")
+    workers: int = option(64, "server threads (each open stream holds one)")
+    grace_s: float = option(20.0, "on SIGTERM, how long in-flight rounds may take to finish")
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "max_tokens", "max_prompt_tokens", "workers"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_tree_nodes < 2:
+            raise InputError("--max-tree-nodes must be >= 2 (the root and one draft node)")
+        if self.session_ttl_s <= 0 or self.grace_s < 0:
+            raise InputError("--session-ttl-s must be > 0 and --grace-s >= 0")
