@@ -1,0 +1,99 @@
+"""The `aerie` command: bad input gives one clear line on stderr and exit status 2; the real
+demo target generates and benchmarks end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from aerie.cli import main
+from aerie.heads import new_head, save_head
+from tests.tiny import tiny_target
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aerie.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("aerie: error:")]
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--max-new-tokens", "0"], "max_new_tokens must be > 0"),
+        (["--max-new-tokens", "-3"], "max_new_tokens must be > 0"),
+        (["--temperature", "-0.5"], "temperature must be >= 0"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--model", "/no/such/model"], "/no/such/model"),
+    ],
+)
+def test_generate_rejects_bad_arguments(args, needle):
+    assert_one_line_error(run_cli("generate", "--prompt", "hi", *args), needle)
+
+
+def test_gguf_without_the_gguf_package(tmp_path, monkeypatch, capsys):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail
+    assert main(["generate", "--prompt", "hi", "--model", str(fake)]) == 2
+    assert "pip install gguf" in capsys.readouterr().err
+
+
+def test_malformed_prompts_file_names_the_line(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n\n{"turns": ["also fine"]}\n{"prompt": 3}\n')
+    assert_one_line_error(run_cli("bench", "--prompts", str(prompts), "--out", str(tmp_path / "r.json")), "p.jsonl:4")
+    prompts.write_text('{"prompt": "fine"}\nnot json\n')
+    assert_one_line_error(run_cli("bench", "--prompts", str(prompts), "--out", str(tmp_path / "r.json")), "p.jsonl:2")
+    assert_one_line_error(
+        run_cli("bench", "--prompts", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "r.json")), "does not exist"
+    )
+
+
+def test_head_that_does_not_fit_the_target(demo_model_dir, tmp_path, capsys):
+    torch.manual_seed(0)
+    tiny = tiny_target("eagle3")
+    save_head(new_head(tiny, "eagle3"), tmp_path / "head")
+    code = main(["generate", "--prompt", "hi", "--model", str(demo_model_dir), "--head", str(tmp_path / "head")])
+    err = capsys.readouterr().err
+    assert code == 2 and "hidden size is 576" in err and "Traceback" not in err
+
+
+def test_prompt_longer_than_the_context(demo_model_dir, capsys):
+    long_prompt = "word " * 9000
+    code = main(["generate", "--prompt", long_prompt, "--model", str(demo_model_dir), "--mode", "vanilla"])
+    err = capsys.readouterr().err
+    assert code == 2 and "exceeds the model's context" in err
+
+
+def test_generate_json_on_the_demo_target(demo_model_dir, capsys):
+    assert main(["generate", "--prompt", "Name three colors.", "--model", str(demo_model_dir),
+                 "--mode", "vanilla", "--max-new-tokens", "12", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"text", "token_ids", "new_tokens", "tau", "tokens_per_s", "rounds"}
+    assert out["new_tokens"] == len(out["token_ids"]) <= 12 and out["text"].strip()
+
+
+def test_bench_reports_identical_output(demo_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p, "id": i}) for i, p in enumerate(
+        ["Write a haiku about rain.", "What is 17 times 3?"])) + "\n")
+    out = tmp_path / "r.json"
+    assert main(["bench", "--prompts", str(prompts), "--model", str(demo_model_dir), "--max-new-tokens", "16",
+                 "--modes", "eagle,vanilla,hf", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["summary"]["all_identical"] is True
+    assert {r["mode"] for r in result["rows"]} == {"eagle", "vanilla", "hf"}
+    assert all(r["identical_to_vanilla"] for r in result["rows"] if r["mode"] == "hf")
+    assert {"speedup_vs_vanilla", "speedup_vs_hf", "tau_mean", "tokens_per_s"} <= set(result["summary"])
+    assert "torch" in result["machine"]
+    assert "| eagle |" in capsys.readouterr().out
