@@ -93,7 +93,7 @@ def cmd_generate(args) -> int:
 
         result = generate_via_gateway(
             args.gateway, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, seed=args.seed, chat=not args.no_chat,
+            top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat,
         )
     else:
         from aerie.engine import Engine

@@ -133,7 +133,10 @@ class Engine:
             result = verifier.verify(tree)
             t2 = time.perf_counter()
             features = result.features
-            next_tokens = tree.tokens[1 : result.accepted_draft + 1].tolist() + result.new_tokens[-1:]
+            # The tokens paired with the returned features: the accepted path (any branch of
+            # the tree, not its first nodes) and the bonus token. Only a round that ends
+            # generation is cut short, and nothing is drafted after it.
+            next_tokens = list(result.new_tokens)
             yield result.new_tokens, RoundStats(len(tree) - 1, result.accepted_draft, len(result.new_tokens), t1 - t0, t2 - t1)
 
     def generate(

@@ -49,6 +49,10 @@ def parse_dtype(name: str) -> torch.dtype:
         raise InputError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}") from None
 
 
+def is_demo_model(model_dir: Path) -> bool:
+    return model_dir.resolve() == (cache_dir() / "models" / DEMO_MODEL).resolve()
+
+
 def resolve_model(spec: str | None) -> Path:
     """Return a local Hugging Face model directory for `spec`, preparing it on first use."""
     if spec is None or spec == DEMO_MODEL:

@@ -10,7 +10,7 @@ import torch
 
 from aerie.errors import InputError
 from aerie.heads import DraftHead, load_head, new_head
-from aerie.models import DEMO_MODEL, load_causal_lm, parse_dtype, resolve_model
+from aerie.models import is_demo_model, load_causal_lm, parse_dtype, resolve_model
 from aerie.target import FeatureSpec, Target, eagle3_default_layers
 from aerie.tree import TreeConfig
 
@@ -74,7 +74,7 @@ def load_stack(
     if head is not None:
         draft = load_head(head, target)
     elif need_head:
-        if model not in (None, DEMO_MODEL):
+        if not is_demo_model(model_dir):
             raise InputError("eagle mode needs a draft head for this model: pass --head DIR (or use --mode vanilla)")
         if DEMO_HEAD.is_dir():
             draft = load_head(DEMO_HEAD, target)

@@ -181,7 +181,7 @@ def expand_level(
     k = config.top_k
     top_lp, top_tok = torch.topk(child_logprobs, k, dim=-1)  # [f, k]
     cumulative = (frontier_logprobs[:, None] + top_lp).reshape(-1)
-    parent_slot = torch.arange(f).repeat_interleave(k)
+    parent_slot = torch.arange(f, device=child_logprobs.device).repeat_interleave(k)
     tokens = top_tok.reshape(-1)
     # EAGLE-2: the next frontier is the best top_k candidates of this level by path score.
     next_frontier = _stable_top(cumulative, min(k, cumulative.shape[0]))

@@ -27,7 +27,7 @@ from aerie.drafter import DraftSession
 from aerie.errors import AerieError, InputError
 from aerie.heads import DraftHead
 from aerie.sampling import SamplingParams
-from aerie.tree import DraftTree, TreeConfig
+from aerie.tree import TreeConfig
 from aerie_rpc import wire
 from aerie_rpc.config import from_args, parser_for
 from aerie_rpc.server import ServiceHost, channel
@@ -256,6 +256,7 @@ class _Run:
     def _prefill(self) -> tuple[verifier_pb2.PrefillResult, torch.Tensor, float, int, int]:
         avoid = set(self.request.avoid_verifiers)
         tried: list[str] = []
+        exhausted = ""  # a verifier refused for a limit: the caller gets that, not UNAVAILABLE
         for address in self.owner.pool.candidates(avoid):
             tried.append(address)
             try:
@@ -274,10 +275,14 @@ class _Run:
                 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                             grpc.StatusCode.RESOURCE_EXHAUSTED):
                     log.warning("verifier %s: %s: %s", address, code.name, rpc_details(e))
-                    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        exhausted = f"verifier {address}: {rpc_details(e)}"
+                    else:
                         self.owner.pool.mark_down(address)
                     continue  # nothing was emitted yet: the next verifier is tried at once
                 raise ServiceError(f"verifier {address}: {rpc_details(e)}", code) from None
+        if exhausted:
+            raise Exhausted(exhausted)
         raise Unavailable(f"no verifier could take the session (tried {', '.join(tried) or 'none'}; "
                           f"avoided {', '.join(sorted(avoid)) or 'none'})")
 
@@ -356,7 +361,7 @@ class _Run:
                     resp = self._round_trip(req)
                     t2 = time.perf_counter()
                     features = wire.decode(resp.features, "features", shape=(resp.accepted_draft + 1, feature_dim))
-                    next_tokens = _next_tokens(tree, resp)
+                    next_tokens = _next_tokens(resp)
                     done = resp.done
                     rtt_ms = (t2 - t1) * 1e3
                     stats = common_pb2.RoundStats(
@@ -396,9 +401,10 @@ class _Run:
                 pass  # a lost verifier drops its sessions anyway
 
 
-def _next_tokens(tree: DraftTree, resp: verifier_pb2.VerifyResponse) -> list[int]:
-    """The tokens paired with the returned features, exactly as `Engine.stream` computes them."""
-    return tree.tokens[1 : resp.accepted_draft + 1].tolist() + list(resp.new_tokens[-1:])
+def _next_tokens(resp: verifier_pb2.VerifyResponse) -> list[int]:
+    """The tokens paired with the returned features, exactly as `Engine.stream` computes them:
+    the accepted path (any branch of the tree) and the bonus token."""
+    return list(resp.new_tokens)
 
 
 def _read_prefill(responses) -> tuple[verifier_pb2.PrefillResult, torch.Tensor, int]:

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,13 +92,15 @@ def gateway_stub(address: str) -> tuple[grpc.Channel, gateway_pb2_grpc.GatewaySt
     return ch, gateway_pb2_grpc.GatewayStub(ch)
 
 
-def generate(stub, prompt_ids, max_new_tokens=40, temperature=0.0, seed=0, timeout=60.0, on_event=None, **kw):
-    """Stream one generation; return (token ids, events)."""
+def generate(stub, prompt_ids, max_new_tokens=40, temperature=0.0, seed=0, timeout=60.0, on_event=None,
+             params=None, **kw):
+    """Stream one generation; return (token ids, events). `params` (a SamplingParams message)
+    replaces temperature and seed."""
     from aerie_rpc.v1 import common_pb2
 
     req = gateway_pb2.GenerateRequest(
         prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
-        params=common_pb2.SamplingParams(temperature=temperature, seed=seed), **kw)
+        params=params or common_pb2.SamplingParams(temperature=temperature, seed=seed), **kw)
     ids: list[int] = []
     events = []
     for ev in stub.Generate(req, timeout=timeout):
@@ -109,22 +112,36 @@ def generate(stub, prompt_ids, max_new_tokens=40, temperature=0.0, seed=0, timeo
     return ids, events
 
 
-def spawn(module: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
-    """A service in its own process (for kill tests)."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def spawn(module: str, args: list[str], env: dict | None = None, log: Path | None = None,
+          command: list[str] | None = None) -> subprocess.Popen:
+    """A service in its own process (for kill tests): `python -m module args`, or `command +
+    args`. Its output goes to the file `log` (a pipe nobody reads could fill and block it)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OTEL_TRACES_EXPORTER": "none", **(env or {})}
+    if log is None:
+        fd, name = tempfile.mkstemp(prefix=f"aerie-{module}-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*(command or [sys.executable, "-m", module]), *args], cwd=ROOT, env=full_env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc.log_path = log  # type: ignore[attr-defined]
+    return proc
 
 
-def wait_all(addresses: list[str], procs: list[subprocess.Popen], timeout_s: float = 90.0) -> None:
+def process_log(proc: subprocess.Popen) -> str:
+    path = getattr(proc, "log_path", None)
+    return Path(path).read_text(errors="replace")[-3000:] if path and Path(path).is_file() else ""
+
+
+def wait_all(addresses: list[str], procs: list[subprocess.Popen], timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     for address, proc in zip(addresses, procs):
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{address} exited: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"{address} exited with status {proc.returncode}:\n{process_log(proc)}")
             try:
                 wait_for_serving(address, timeout_s=1.0)
                 break
             except TimeoutError:
                 if time.monotonic() > deadline:
-                    raise
+                    raise RuntimeError(f"{address} did not start within {timeout_s:.0f} s:\n{process_log(proc)}") from None

@@ -116,3 +116,27 @@ def test_vanilla_sampling_uses_per_position_randomness():
     assert tail == full[8:]
     other = engine.generate(PROMPTS[1], SamplingParams(temperature=1.0, seed=4), StopCriteria(20), "vanilla").token_ids
     assert other != full
+
+
+def test_drafter_is_fed_the_accepted_path(engine_pair):
+    """After each round the head gets the tokens that were really committed (the accepted
+    branch of the tree and the bonus token), not the tree's first nodes: otherwise its context
+    is wrong, acceptance drops, and at T > 0 a resumed run drafts other trees and samples
+    other tokens."""
+    from aerie.drafter import DraftSession
+
+    target, head = engine_pair
+    fed: list[int] = []
+
+    class Recording(DraftSession):
+        def draft(self, features, next_tokens):
+            assert features.shape[0] == len(next_tokens)
+            fed.extend(next_tokens)
+            return super().draft(features, next_tokens)
+
+    tree = TreeConfig()
+    engine = Engine(target, head, tree, make_drafter=lambda: Recording(head, tree))
+    prompt = PROMPTS[2]
+    res = engine.generate(prompt, SamplingParams(temperature=1.0, seed=5), StopCriteria(60), "eagle")
+    assert fed == (prompt + res.token_ids)[1 : len(fed) + 1]
+    assert any(r.accepted for r in res.rounds)  # some rounds accepted draft tokens

@@ -78,6 +78,22 @@ def add_train_parser(subparsers) -> None:
     ev.add_argument("--out", required=True, help="JSON file for the results")
     ev.set_defaults(handler=cmd_eval)
 
+    rep = sub.add_parser("report", help="EAGLE-1 vs EAGLE-3 heads, T=0 and T=1, chain vs dynamic tree: tau tables")
+    _model_args(rep)
+    rep.add_argument("--head", action="append", required=True, metavar="NAME=DIR",
+                     help="a head to compare (repeat); the first one is the headline")
+    rep.add_argument("--prompts", action="append", required=True, metavar="NAME=FILE",
+                     help="a prompt set (repeat), JSONL(.gz) with 'prompt' or 'turns' per line")
+    rep.add_argument("--limit", type=int, default=None, help="prompts per set")
+    rep.add_argument("--max-new-tokens", type=int, default=256)
+    rep.add_argument("--depth", type=int, default=None, help="draft depth (default 8 on cuda, 6 on cpu)")
+    rep.add_argument("--top-k", type=int, default=None)
+    rep.add_argument("--total-tokens", type=int, default=None)
+    rep.add_argument("--workers", type=int, default=1, help="processes sharing the prompts")
+    rep.add_argument("--minutes", type=float, default=None, help="start no prompt after this long")
+    rep.add_argument("--out", required=True, help="directory for report.json and report.md")
+    rep.set_defaults(handler=cmd_report)
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the SmolLM2 demo)")
@@ -121,8 +137,10 @@ def cmd_datagen(args) -> int:
 def cmd_train(args) -> int:
     from aerie.train.data import load_samples, split_holdout
     from aerie.train.loading import load_target, pick_device, pick_dtype
-    from aerie.train.trainer import TrainConfig, train
+    from aerie.train.trainer import CHECKPOINT, TrainConfig, train
 
+    if args.resume and not (Path(args.out) / CHECKPOINT).is_file():
+        raise InputError(f"--resume: '{Path(args.out) / CHECKPOINT}' does not exist")
     if not 0 <= args.holdout < 1:
         raise InputError(f"--holdout must be in [0, 1), got {args.holdout}")
     _positive(args.max_len, "--max-len")
@@ -137,10 +155,13 @@ def cmd_train(args) -> int:
         epochs=args.epochs, steps=args.steps, seed=args.seed, log_every=args.log_every,
         eval_every=args.eval_every, save_every=args.save_every, max_minutes=args.max_minutes, **extra,
     )
-    samples, _ = load_samples(args.data, max_len=args.max_len)
+    samples, manifest = load_samples(args.data, max_len=args.max_len)
     train_samples, heldout = split_holdout(samples, args.holdout, seed=args.seed)
     device = pick_device(args.device)
     target, _, _ = load_target(args.model, args.kind, device, pick_dtype(args.dtype, device))
+    if manifest.get("vocab_size") != target.vocab_size:
+        raise InputError(f"'{args.data}' was made for a vocabulary of {manifest.get('vocab_size')} tokens, "
+                         f"but the target's has {target.vocab_size}: make the data with this model")
     summary = train(target, train_samples, heldout, config, args.out, resume=args.resume)
     acc = summary["heldout"].get("acc", [])
     print(f"{summary['steps']} steps; held-out top-1 agreement per step: " + " ".join(f"{a:.3f}" for a in acc))
@@ -148,26 +169,60 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _named_paths(values: list[str], flag: str) -> dict[str, str]:
+    named: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path or "/" in name:
+            raise InputError(f"{flag} takes NAME=PATH (a name without '/'), got {value!r}")
+        if name in named:
+            raise InputError(f"{flag} {name} is given twice")
+        named[name] = path
+    return named
+
+
+def _tree_for(args, device: str):
+    from aerie.tree import TreeConfig
+
+    gpu = device == "cuda"
+    try:
+        if getattr(args, "tree", "dynamic") == "chain":
+            return TreeConfig.chain(args.depth or (8 if gpu else 6))
+        return TreeConfig("dynamic", args.depth or (8 if gpu else 6), args.top_k or (10 if gpu else 8),
+                          args.total_tokens or (60 if gpu else 16))
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def cmd_report(args) -> int:
+    from aerie.train.loading import pick_device
+    from aerie.train.report import run_report
+
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    _positive(args.workers, "--workers")
+    heads = _named_paths(args.head, "--head")
+    prompts = _named_paths(args.prompts, "--prompts")
+    device = pick_device(args.device)
+    summaries = run_report(
+        args.model, heads, prompts, args.out, device, args.dtype, _tree_for(args, device),
+        max_new_tokens=args.max_new_tokens, workers=args.workers, minutes=args.minutes, limit=args.limit,
+    )
+    print((Path(args.out) / "report.md").read_text(), end="")
+    ran = sum(s["n_prompts"] for s in summaries.values())
+    print(f"{ran} prompt runs over {len(summaries)} cells; results in {args.out}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from aerie.train.evaluate import EvalCell, format_table, read_eval_prompts, run_cells
     from aerie.train.loading import pick_device
-    from aerie.tree import TreeConfig
 
     _positive(args.max_new_tokens, "--max-new-tokens")
     _positive(args.workers, "--workers")
     if args.temperature < 0:
         raise InputError(f"--temperature must be >= 0, got {args.temperature}")
     device = pick_device(args.device)
-    gpu = device == "cuda"
-    depth = args.depth or (8 if gpu else 6)
-    try:
-        tree = (
-            TreeConfig.chain(depth)
-            if args.tree == "chain"
-            else TreeConfig("dynamic", depth, args.top_k or (10 if gpu else 8), args.total_tokens or (60 if gpu else 16))
-        )
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    tree = _tree_for(args, device)
     prompts = read_eval_prompts(args.prompts, args.limit)
     cell = EvalCell(name="eval", head=args.head, prompts=args.prompts, temperature=args.temperature, tree=tree,
                     max_new_tokens=args.max_new_tokens, seed=args.seed)

@@ -148,7 +148,6 @@ def run_datagen(
     done_shards = {s["file"]: s for s in (json.loads(manifest_path.read_text()).get("shards", []) if manifest_path.is_file() else [])}
     start = time.perf_counter()
     dtype = token_dtype(vocab)
-    torch.manual_seed(config.seed)
     bar = tqdm(total=len(prompts), desc="datagen", unit="prompt", disable=not progress, dynamic_ncols=True)
     generated_tokens = 0
     stopped_early = False
@@ -163,6 +162,7 @@ def run_datagen(
             stopped_early = True
             break
         t0 = time.perf_counter()
+        torch.manual_seed(config.seed * 1_000_003 + index)  # per shard: a resumed run samples the same
         encoded = [encode(p.text)[-config.max_prompt_tokens :] for p in batch]
         # Similar lengths together: less padding inside the one generate call.
         order = sorted(range(len(batch)), key=lambda i: len(encoded[i]))

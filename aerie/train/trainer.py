@@ -31,6 +31,9 @@ from aerie.train.ttt import (
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
 PLOT = "training.png"
+# --max-minutes: steps skipped, then steps timed, before the schedule is fitted to the budget.
+WARM_STEPS = 10
+TIMED_STEPS = 20
 
 
 @dataclass
@@ -68,6 +71,11 @@ class TrainConfig:
             (self.draft_vocab >= 2, "--draft-vocab must be >= 2"),
             (self.grad_clip > 0, "--grad-clip must be > 0"),
             (0 <= self.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
+            (self.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+            (self.log_every >= 1, "--log-every must be >= 1"),
+            (self.save_every >= 1, "--save-every must be >= 1"),
+            (self.eval_every >= 0, "--eval-every must be >= 0 (0: only at the end)"),
+            (self.max_minutes is None or self.max_minutes > 0, "--max-minutes must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -151,7 +159,9 @@ def train(
     progress: bool = True,
 ) -> dict:
     """Train a head of `config.kind` for `target`; writes the head (config.json +
-    model.safetensors), checkpoint.pt, train_log.jsonl and training.png into `out_dir`."""
+    model.safetensors), checkpoint.pt, train_log.jsonl and training.png into `out_dir`.
+    With `resume`, continue from out_dir/checkpoint.pt (the saved schedule, unless
+    `config.steps` differs from the saved run's: then it is the new total)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = target.device
@@ -189,6 +199,8 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         step, epoch, index = state["step"], state["epoch"], state["index"]
         total, history, elapsed_before = state["total"], state["history"], state.get("elapsed", 0.0)
+        if config.steps is not None and config.steps != saved.get("steps"):
+            total = config.steps  # a new --steps extends (or shortens) the run
         torch.set_rng_state(state["rng"])
         # Drop log lines written after the checkpoint.
         if (out / LOG).is_file():
@@ -203,7 +215,9 @@ def train(
     loss_sum, loss_n, tokens_seen = 0.0, 0, 0
     t_start = time.perf_counter()
     t_window = t_start
+    first_step = step  # steps before it ran in an earlier process (--resume)
     capped = config.max_minutes is None
+    t_warm = t_start
     bar = tqdm(total=total, initial=step, desc=f"train {config.kind}", unit="step", disable=not progress, dynamic_ncols=True)
     batches = make_batches(train_samples, config.batch_tokens, config.seed, epoch) if step else epoch_batches
 
@@ -240,9 +254,12 @@ def train(
             acc_cnt[k] += stats.step_count[k]
         bar.update(1)
 
-        if not capped and step >= 20:
-            # Fit the schedule to the time budget from the measured step time.
-            per_step = (time.perf_counter() - t_start) / 20
+        if step - first_step == WARM_STEPS:
+            t_warm = time.perf_counter()
+        if not capped and step - first_step == WARM_STEPS + TIMED_STEPS:
+            # Fit the schedule to the time budget from the step time measured in this process,
+            # after the first steps (allocator and kernel warm-up run several times slower).
+            per_step = (time.perf_counter() - t_warm) / TIMED_STEPS
             budget = config.max_minutes * 60 - elapsed_before - (time.perf_counter() - t_start)
             total = min(total, step + max(1, int(budget / per_step)))
             bar.total = total

@@ -9,6 +9,11 @@ attends to the committed pairs 0..i (step-0 keys at positions <= i) and to its o
 earlier drafted entries (the step-1..k keys at the same i), which `ttt_attention_mask`
 encodes. So step k's output at position i is the draft's (k+1)-th token after committing
 token_{i+1}, and it is trained against the target's distribution for token_{i+k+2}.
+
+This is also SafeAILab/EAGLE `traineagle3/cnets.py` as it stands: step-0 keys causal, the
+later steps' keys on the diagonal, position ids + k. Its first release also hid one more
+step-0 diagonal per step (step k saw step-0 keys <= i - k only); upstream removed that as
+wrong (commit 09b1628, "remove wrong attn mask update"): drafting never hides them.
 """
 
 from __future__ import annotations

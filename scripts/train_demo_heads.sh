@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Trains and measures the demo target's draft heads in one go, on one GPU:
+#   self-distilled data -> EAGLE-3 and EAGLE-1 heads (trained side by side) -> the tau report
+#   (MT-bench and HumanEval, T=0 and T=1, chain vs dynamic tree) -> a short `aerie bench`.
+#
+#   scripts/train_demo_heads.sh RUN_DIR DATA_DIR
+#
+# DATA_DIR holds gsm8k_train.jsonl, mt_bench_questions.jsonl and HumanEval.jsonl.gz. Every
+# step resumes or skips when its output exists, so a rerun after an interruption continues.
+# The sizes come from the environment, so that the same script runs a tiny smoke test on a CPU:
+#   DEVICE (cuda)  DATAGEN_SECONDS (240)  DATAGEN_BATCH (512)  ANSWER_TOKENS (512)
+#   TRAIN_MINUTES (5)  REPORT_MINUTES (7)  REPORT_WORKERS (12)  LIMIT (all)  EVAL_TOKENS (256)
+set -euo pipefail
+
+run=${1:?usage: train_demo_heads.sh RUN_DIR DATA_DIR}
+data=${2:?usage: train_demo_heads.sh RUN_DIR DATA_DIR}
+device=${DEVICE:-cuda}
+limit=()
+[ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
+aerie() { python3 -m aerie.cli "$@"; }
+stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
+mkdir -p "$run"
+
+stamp datagen
+aerie train datagen --device "$device" --out "$run/data" --gsm8k "$data/gsm8k_train.jsonl" "${limit[@]}" \
+    --batch-size "${DATAGEN_BATCH:-512}" --max-new-tokens "${ANSWER_TOKENS:-512}" \
+    --max-seconds "${DATAGEN_SECONDS:-240}"
+
+stamp train
+train_args=(--device "$device" --data "$run/data" --max-minutes "${TRAIN_MINUTES:-5}" --epochs 20 --lr "${TRAIN_LR:-6e-4}"
+            --eval-every 250 --save-every 250 ${TRAIN_STEPS:+--steps "$TRAIN_STEPS"})
+# The two heads train side by side: one small head leaves most of the GPU idle.
+for kind in eagle3 eagle1; do
+    [ -f "$run/$kind/train_summary.json" ] && continue
+    aerie train "$kind" "${train_args[@]}" --out "$run/$kind" > "$run/train_$kind.log" 2>&1 &
+done
+for job in $(jobs -p); do
+    wait "$job" || { tail -n 20 "$run"/train_*.log; exit 1; }
+done
+tail -n 2 "$run"/train_*.log
+
+stamp report
+aerie train report --device "$device" --head "eagle3=$run/eagle3" --head "eagle1=$run/eagle1" \
+    --prompts "mt_bench=$data/mt_bench_questions.jsonl" --prompts "humaneval=$data/HumanEval.jsonl.gz" \
+    "${limit[@]}" --max-new-tokens "${EVAL_TOKENS:-256}" --workers "${REPORT_WORKERS:-12}" \
+    --minutes "${REPORT_MINUTES:-7}" --out "$run/report"
+
+[ "${BENCH_LIMIT:-10}" = 0 ] && { stamp done; exit 0; }
+stamp bench
+dtype=bfloat16
+[ "$device" = cpu ] && dtype=float32
+aerie bench --prompts "$data/mt_bench_questions.jsonl" --limit "${BENCH_LIMIT:-10}" --device "$device" \
+    --dtype "$dtype" --head "$run/eagle3" --max-new-tokens "${EVAL_TOKENS:-256}" --out "$run/bench.json"
+stamp done
