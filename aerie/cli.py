@@ -122,7 +122,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from aerie.bench.harness import format_table, read_prompts, run_bench
+    from aerie.bench.harness import format_table, run_bench
+    from aerie.bench.prompts import read_prompts
     from aerie.stack import load_stack
 
     params, stop = _sampling(args)

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from aerie.errors import HeadError, InputError, ModelError
-from aerie.heads import DraftHead, load_head, new_head
-from aerie.models import DEMO_MODEL, load_causal_lm, parse_dtype, resolve_model
+from aerie.heads import DraftHead, load_head
+from aerie.models import load_causal_lm, parse_dtype, resolve_model
 from aerie.target import FeatureSpec, Target, eagle3_default_layers
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -151,20 +151,10 @@ def head_kind(head_dir: str) -> str:
 
 def load_draft_head(model: str | None, head: str | None, device: str, dtype: str) -> tuple[DraftHead, Target, Path]:
     """The draft head for `model`, chosen exactly as in-process generation chooses it."""
-    kind = head_kind(head) if head is not None else "eagle3"
-    target, path = draft_target(model, device, dtype, need_lm_head=kind == "eagle1")
-    if head is not None:
-        draft = load_head(head, target)
-    elif model not in (None, DEMO_MODEL):
-        raise InputError("the draft service needs a head for this model: pass --head DIR")
-    else:
-        from aerie.stack import DEMO_HEAD
+    from aerie.stack import default_head
 
-        if DEMO_HEAD.is_dir():
-            draft = load_head(DEMO_HEAD, target)
-        else:
-            print("aerie: no trained head is shipped yet; drafting with a random EAGLE-3 head", file=sys.stderr)
-            torch.manual_seed(0)
-            draft = new_head(target, "eagle3")
+    head = head if head is not None else default_head(resolve_model(model))
+    target, path = draft_target(model, device, dtype, need_lm_head=head_kind(head) == "eagle1")
+    draft = load_head(head, target)
     target.features = draft.feature_spec
     return draft.eval(), target, path

@@ -74,3 +74,23 @@ def test_oracle_drafter_is_lossless(stack, references):
         assert result.token_ids == reference
         total_accepted += sum(r.accepted for r in result.rounds)
     assert total_accepted > N_PROMPTS * NEW_TOKENS // 2  # long acceptances were exercised
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-eagle1", "smollm2-135m-eagle3"])
+def test_shipped_head_is_lossless_and_accepts(stack, references, name):
+    """The trained heads in heads/ load into the engine, keep greedy output identical and
+    accept clearly more than a random head does (tau about 1.0)."""
+    from aerie.heads import load_head
+    from aerie.stack import SHIPPED_HEADS
+
+    head = load_head(SHIPPED_HEADS / name, stack.target)
+    stack.target.features = head.feature_spec
+    engine = Engine(stack.target, head, TreeConfig(depth=5, top_k=6, total_tokens=16))
+    stop = StopCriteria(NEW_TOKENS, stack.stop_token_ids())
+    accepted = rounds = 0
+    for ids, reference in references[:3]:
+        result = engine.generate(ids, SamplingParams(), stop, "eagle")
+        assert result.token_ids == reference
+        accepted += sum(r.accepted for r in result.rounds)
+        rounds += len(result.rounds)
+    assert 1 + accepted / rounds > 1.5

@@ -185,13 +185,9 @@ def test_greedy_equals_in_process_vanilla(cluster, engine, prompt):
     # The speculative path really ran: trees were drafted, some draft tokens accepted.
     rounds = [ev.stats for ev in events_of(events, "tokens") if ev.stats.round > 0]
     assert rounds and fin.rounds == len(rounds) < max_new
-    assert all(r.tree_size == stack_tree_size(cluster) for r in rounds)
+    assert all(r.tree_size == cluster.drafter.tree.total_tokens for r in rounds)
     assert sum(r.accepted_draft for r in rounds) > 0
     assert fin.tau == pytest.approx((sum(r.accepted_draft for r in rounds) + len(rounds)) / len(rounds))
-
-
-def stack_tree_size(cluster) -> int:
-    return cluster.drafter.tree.total_tokens
 
 
 @pytest.mark.parametrize("params", [

@@ -3,17 +3,15 @@ side by side on the same prompts, the same target and the same machine."""
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import transformers
 from tqdm import tqdm
 
+from aerie.bench.prompts import Prompt
 from aerie.errors import InputError
 from aerie.engine import Engine
 from aerie.sampling import SamplingParams
@@ -21,40 +19,6 @@ from aerie.stack import Stack
 from aerie.verifier import StopCriteria
 
 MODES = ("eagle", "vanilla", "hf")
-
-
-@dataclass(frozen=True)
-class BenchPrompt:
-    id: str
-    text: str
-
-
-def read_prompts(path: str | Path, limit: int | None = None) -> list[BenchPrompt]:
-    """Lines of {"prompt": str} or {"turns": [str, ...]} (first turn used), optional "id"."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"prompts file '{path}' does not exist")
-    prompts: list[BenchPrompt] = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{lineno}: each line must be a JSON object")
-        text = row.get("prompt")
-        if text is None and isinstance(row.get("turns"), list) and row["turns"]:
-            text = row["turns"][0]
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"{path}:{lineno}: needs a non-empty string 'prompt' or a non-empty list 'turns'")
-        prompts.append(BenchPrompt(id=str(row.get("id", row.get("question_id", lineno))), text=text))
-        if limit is not None and len(prompts) >= limit:
-            break
-    if not prompts:
-        raise InputError(f"{path}: holds no prompts")
-    return prompts
 
 
 def machine_info(device: str) -> dict:
@@ -93,7 +57,7 @@ def _sync(device: str) -> None:
 
 def run_bench(
     stack: Stack,
-    prompts: list[BenchPrompt],
+    prompts: list[Prompt],
     modes: list[str],
     max_new_tokens: int,
     params: SamplingParams,

@@ -214,7 +214,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from aerie.train.evaluate import EvalCell, format_table, read_eval_prompts, run_cells
+    from aerie.bench.prompts import read_prompts
+    from aerie.train.evaluate import EvalCell, format_table, run_cells
     from aerie.train.loading import pick_device
 
     _positive(args.max_new_tokens, "--max-new-tokens")
@@ -223,7 +224,7 @@ def cmd_eval(args) -> int:
         raise InputError(f"--temperature must be >= 0, got {args.temperature}")
     device = pick_device(args.device)
     tree = _tree_for(args, device)
-    prompts = read_eval_prompts(args.prompts, args.limit)
+    prompts = read_prompts(args.prompts, args.limit)
     cell = EvalCell(name="eval", head=args.head, prompts=args.prompts, temperature=args.temperature, tree=tree,
                     max_new_tokens=args.max_new_tokens, seed=args.seed)
     summaries = run_cells(args.model, [cell], {args.prompts: prompts}, device, args.dtype, args.workers, args.check_vanilla)

@@ -9,8 +9,6 @@ each process's Python drives its own sequence.
 
 from __future__ import annotations
 
-import gzip
-import json
 import multiprocessing as mp
 import os
 import time
@@ -20,14 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from aerie.bench.prompts import Prompt
 from aerie.errors import InputError
 from aerie.tree import TreeConfig
-
-
-@dataclass(frozen=True)
-class EvalPrompt:
-    id: str
-    text: str
 
 
 @dataclass(frozen=True)
@@ -41,40 +34,6 @@ class EvalCell:
     tree: TreeConfig = TreeConfig(kind="dynamic", depth=8, top_k=10, total_tokens=60)
     max_new_tokens: int = 256
     seed: int = 0
-
-
-def read_eval_prompts(path: str | Path, limit: int | None = None) -> list[EvalPrompt]:
-    """JSONL (optionally .gz) lines of {"prompt": str} or {"turns": [str, ...]} (the first
-    turn is used), with an optional "id" ("question_id" and "task_id" also name one)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"prompts file '{path}' does not exist")
-    if limit is not None and limit <= 0:
-        raise InputError(f"--limit must be > 0, got {limit}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    prompts: list[EvalPrompt] = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{lineno}: each line must be a JSON object")
-            text = row.get("prompt")
-            if text is None and isinstance(row.get("turns"), list) and row["turns"]:
-                text = row["turns"][0]
-            if not isinstance(text, str) or not text.strip():
-                raise InputError(f"{path}:{lineno}: needs a non-empty string 'prompt' or a non-empty list 'turns'")
-            pid = row.get("id", row.get("question_id", row.get("task_id", lineno)))
-            prompts.append(EvalPrompt(id=str(pid), text=text))
-            if limit is not None and len(prompts) >= limit:
-                break
-    if not prompts:
-        raise InputError(f"{path}: holds no prompts")
-    return prompts
 
 
 # --- one sequence ---------------------------------------------------------------------------
@@ -136,7 +95,7 @@ class _Runner:
         target, head = self.heads[head_path]
         return Engine(target, head, tree, max_tree_nodes=max(128, tree.total_tokens + 1))
 
-    def run(self, cell: EvalCell, prompt: EvalPrompt, check_vanilla: bool) -> dict:
+    def run(self, cell: EvalCell, prompt: Prompt, check_vanilla: bool) -> dict:
         from aerie.sampling import SamplingParams
         from aerie.train.loading import encode_chat
         from aerie.verifier import StopCriteria
@@ -176,7 +135,7 @@ def _work(task):
 def run_cells(
     model: str | None,
     cells: list[EvalCell],
-    prompt_sets: dict[str, list[EvalPrompt]],
+    prompt_sets: dict[str, list[Prompt]],
     device: str = "cpu",
     dtype: str = "auto",
     workers: int = 1,

@@ -11,7 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from aerie.train.evaluate import EvalCell, read_eval_prompts, run_cells
+from aerie.bench.prompts import read_prompts
+from aerie.train.evaluate import EvalCell, run_cells
 from aerie.tree import TreeConfig
 
 
@@ -68,7 +69,7 @@ def run_report(
     limit: int | None = None,
 ) -> dict[str, dict]:
     """Run the grid and write report.json and report.md into `out_dir`."""
-    prompt_sets = {name: read_eval_prompts(path, limit) for name, path in prompt_files.items()}
+    prompt_sets = {name: read_prompts(path, limit) for name, path in prompt_files.items()}
     cells = report_cells(heads, list(prompt_sets), tree, max_new_tokens)
     deadline = time.time() + minutes * 60 if minutes else None
     summaries = run_cells(model, cells, prompt_sets, device, dtype, workers, deadline=deadline)
