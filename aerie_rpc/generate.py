@@ -4,7 +4,7 @@
     python -m aerie_rpc.generate          # rewrite aerie_rpc/v1 from the protos
     python -m aerie_rpc.generate --check  # exit 1 when the committed code is stale
 
-The generated code is committed; `tests/test_services_protos.py` regenerates it and fails on
+The generated code is committed; `tests/test_services.py` regenerates it and fails on
 any difference, so it is never edited by hand and never drifts from the protos.
 
 protoc names Python modules after the proto path (`aerie/v1/x.proto` -> `aerie.v1.x_pb2`),

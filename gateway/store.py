@@ -4,7 +4,7 @@ A record holds the prompt ids, the generated ids, the sampling parameters and se
 serving it, its status and a TTL refreshed on every write. Every change is one atomic step:
 Lua scripts on Redis, one lock in process. Appends carry the length the writer expects, so a
 stale writer can never interleave tokens, and only the gateway owning a session (holding its
-lease) may append. Both stores pass the same tests (tests/test_session_store.py).
+lease) may append. Both stores pass the same tests (tests/test_store.py).
 
 Statuses: running -> done | cancelled | failed | interrupted; interrupted, failed (and
 running with an expired lease) -> running again through `claim` (Resume).

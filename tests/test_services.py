@@ -935,3 +935,19 @@ def test_cli_generate_via_gateway_matches_in_process(cluster, tiny, capsys):
     assert remote["new_tokens"] == 24 and remote["tokens_per_s"] > 0
     for key in keys:
         assert type(remote[key]) is type(local[key]), key
+
+
+def test_generated_code_matches_the_protos():
+    """aerie_rpc/v1 is protoc's output for protos/aerie/v1, never edited by hand."""
+    from aerie_rpc import generate as gen
+
+    assert gen.diff(gen.generate(), gen.current()) == "", "run `python -m aerie_rpc.generate`"
+
+
+@pytest.mark.parametrize("module", ["common_pb2", "drafter_pb2", "gateway_pb2", "verifier_pb2"])
+def test_each_generated_module_imports_alone(module):
+    """A module's import of its dependencies registers them in the descriptor pool: in a fresh
+    process it must load without anything imported before it."""
+    proc = subprocess.run([sys.executable, "-c", f"from aerie_rpc.v1 import {module}, {module}_grpc"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]

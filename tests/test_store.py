@@ -275,10 +275,16 @@ def test_two_writers_one_claim_wins(stores):
         assert writers[1].get(rec.session_id).owner == won[0]
 
 
-def test_redis_record_layout(stores):
+def test_redis_record_layout():
     """The Redis record is one hash under the prefix, with a TTL on the key."""
-    if stores.kind != "redis":
-        pytest.skip("Redis only")
+    stores = Stores("redis")
+    try:
+        _check_redis_layout(stores)
+    finally:
+        stores.cleanup()
+
+
+def _check_redis_layout(stores: Stores) -> None:
     store = stores.make(ttl_s=120)
     rec = record()
     store.create(rec)
