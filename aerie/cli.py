@@ -42,10 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.set_defaults(handler=cmd_generate)
 
-    bench = sub.add_parser("bench", help="compare eagle, vanilla and transformers generate")
+    bench = sub.add_parser("bench", help="compare eagle, vanilla, transformers generate and the networked split")
     bench.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'turns' per line")
     bench.add_argument("--limit", type=int, default=None)
-    bench.add_argument("--modes", default="eagle,vanilla,hf")
+    bench.add_argument("--modes", default="eagle,vanilla,hf",
+                       help="any of eagle, vanilla, hf and networked (eagle through verify, draft and gateway processes)")
     bench.add_argument("--out", required=True)
     _add_model_args(bench)
     _add_sampling_args(bench)
@@ -122,6 +123,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from contextlib import ExitStack
+
     from aerie.bench.harness import format_table, run_bench
     from aerie.bench.prompts import read_prompts
     from aerie.stack import load_stack
@@ -130,7 +133,15 @@ def cmd_bench(args) -> int:
     prompts = read_prompts(args.prompts, args.limit)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     stack = load_stack(args.model, args.head, args.device, args.dtype, need_head="eagle" in modes)
-    result = run_bench(stack, prompts, modes, stop.max_new_tokens, params, args.device)
+    with ExitStack() as services:
+        extra = {}
+        if "networked" in modes:
+            from gateway.bench import NetworkedMode
+
+            extra["networked"] = services.enter_context(
+                NetworkedMode(args.model, args.head, args.device, args.dtype, str(stack.model_dir))
+            )
+        result = run_bench(stack, prompts, modes, stop.max_new_tokens, params, args.device, extra)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

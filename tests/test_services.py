@@ -257,11 +257,18 @@ class ProcessPool:
         wait_all(addresses, started)
         return addresses
 
-    def spans(self, address: str, trace_id: str) -> list[dict]:
-        """Spans of one trace written by the process at `address` (JSON lines, one per span)."""
+    def spans(self, address: str, trace_id: str, name: str | None = None, wait_s: float = 0.0) -> list[dict]:
+        """Spans of one trace written by the process at `address` (JSON lines, one per span),
+        of one `name` if given. `wait_s`: a span that ends after the client has its answer
+        (the drafter's generate span) may take a moment to reach the file."""
         path = self.span_files[address]
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-        return [r for r in rows if r["trace_id"] == trace_id]
+        deadline = time.monotonic() + wait_s
+        while True:
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+            rows = [r for r in rows if r["trace_id"] == trace_id and name in (None, r["name"])]
+            if rows or time.monotonic() >= deadline:
+                return rows
+            time.sleep(0.05)
 
     def kill(self, address: str) -> None:
         self.procs[address].send_signal(signal.SIGKILL)
@@ -396,7 +403,7 @@ def test_resume_after_sigkill(request, engine, rprefix, spans, node, temperature
         # their parent, and so does the prefill it asked of the in-process verifier.
         victim_rounds = [row for row in pool.spans(victim, trace_hex) if row["name"] == "drafter.round"]
         assert victim_rounds and len({row["parent_id"] for row in victim_rounds}) == 1
-        survivor_gen = [row for row in pool.spans(survivor, trace_hex) if row["name"] == "drafter.generate"]
+        survivor_gen = pool.spans(survivor, trace_hex, "drafter.generate", wait_s=10.0)
         assert len(survivor_gen) == 1 and survivor_gen[0]["parent_id"] == span_hex(attempts[1])
         prefills = sorted((s for s in ours if s.name == "verifier.prefill"), key=lambda s: s.start_time)
         assert [f"{s.parent.span_id:016x}" for s in prefills] == [victim_rounds[0]["parent_id"],

@@ -1,11 +1,17 @@
 """`aerie bench`: our speculative decoding, our plain decoding and transformers `generate`,
-side by side on the same prompts, the same target and the same machine."""
+side by side on the same prompts, the same target and the same machine.
+
+Other modes plug in as `ModeRunner`s (the services add `networked`: the same speculative
+loop split over verify, draft and gateway processes), so the core stays free of them.
+"""
 
 from __future__ import annotations
 
 import platform
 import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -19,6 +25,20 @@ from aerie.stack import Stack
 from aerie.verifier import StopCriteria
 
 MODES = ("eagle", "vanilla", "hf")
+
+
+@dataclass
+class ModeRun:
+    """One generation in one mode, with the per-round costs where the mode has rounds."""
+
+    token_ids: list[int]
+    tau: float = 1.0
+    accepted_per_round: list[int] | None = None
+    # Mean per round: draft_ms, verify_ms, wire_ms, request_bytes, response_bytes.
+    per_round: dict[str, float] | None = None
+
+
+ModeRunner = Callable[[list[int], SamplingParams, StopCriteria], ModeRun]
 
 
 def machine_info(device: str) -> dict:
@@ -62,10 +82,12 @@ def run_bench(
     max_new_tokens: int,
     params: SamplingParams,
     device: str,
+    extra_modes: dict[str, ModeRunner] | None = None,
 ) -> dict:
-    unknown = [m for m in modes if m not in MODES]
+    extra_modes = extra_modes or {}
+    unknown = [m for m in modes if m not in MODES and m not in extra_modes]
     if unknown:
-        raise InputError(f"unknown bench modes {unknown}: choose from {', '.join(MODES)}")
+        raise InputError(f"unknown bench modes {unknown}: choose from {', '.join([*MODES, *extra_modes])}")
     if "eagle" in modes and stack.head is None:
         raise InputError("mode eagle needs a draft head")
     engine = Engine(stack.target, stack.head, stack.tree)
@@ -73,31 +95,34 @@ def run_bench(
     # Vanilla runs first whenever asked for, so every other mode can be compared with it.
     order = sorted(modes, key=lambda m: m != "vanilla")
     encoded = [stack.encode_prompt(p.text) for p in prompts]
-    _warm_up(engine, stack, encoded[0], params, order, device)
+    runners: dict[str, ModeRunner] = {
+        "hf": lambda ids, p, s: ModeRun(_hf_generate(stack, ids, p, s)),
+        "vanilla": lambda ids, p, s: ModeRun(engine.generate(ids, p, s, "vanilla").token_ids),
+        "eagle": lambda ids, p, s: _engine_run(engine.generate(ids, p, s, "eagle")),
+        **extra_modes,
+    }
+    _warm_up([runners[m] for m in order], encoded[0], params, StopCriteria(4, stop.stop_token_ids), device)
     rows = []
     for prompt, ids in tqdm(list(zip(prompts, encoded)), desc="bench", unit="prompt"):
         vanilla_tokens = None
         for mode in order:
             _sync(device)
             t0 = time.perf_counter()
-            if mode == "hf":
-                tokens, tau, rounds = _hf_generate(stack, ids, params, stop), 1.0, None
-            else:
-                res = engine.generate(ids, params, stop, mode)
-                tokens, tau, rounds = res.token_ids, res.tau, [r.accepted for r in res.rounds]
+            run = runners[mode](ids, params, stop)
             _sync(device)
             seconds = time.perf_counter() - t0
             if mode == "vanilla":
-                vanilla_tokens = tokens
+                vanilla_tokens = run.token_ids
             rows.append({
                 "id": prompt.id,
                 "mode": mode,
-                "new_tokens": len(tokens),
+                "new_tokens": len(run.token_ids),
                 "seconds": seconds,
-                "tokens_per_s": len(tokens) / seconds,
-                "tau": tau,
-                "accepted_per_round": rounds,
-                "identical_to_vanilla": None if vanilla_tokens is None else tokens == vanilla_tokens,
+                "tokens_per_s": len(run.token_ids) / seconds,
+                "tau": run.tau,
+                "accepted_per_round": run.accepted_per_round,
+                "per_round": run.per_round,
+                "identical_to_vanilla": None if vanilla_tokens is None else run.token_ids == vanilla_tokens,
             })
     return {
         "machine": machine_info(device),
@@ -116,14 +141,19 @@ def run_bench(
     }
 
 
-def _warm_up(engine: Engine, stack: Stack, ids: list[int], params: SamplingParams, modes: list[str], device: str) -> None:
+def _engine_run(res) -> ModeRun:
+    rounds = res.rounds
+    per_round = None
+    if rounds:
+        per_round = {"draft_ms": 1e3 * statistics.fmean(r.draft_s for r in rounds),
+                     "verify_ms": 1e3 * statistics.fmean(r.verify_s for r in rounds)}
+    return ModeRun(res.token_ids, res.tau, [r.accepted for r in rounds], per_round)
+
+
+def _warm_up(runners: list[ModeRunner], ids: list[int], params: SamplingParams, stop: StopCriteria, device: str) -> None:
     """One short untimed run per mode, so that first-call allocation is not measured."""
-    stop = StopCriteria(4, stack.stop_token_ids())
-    for mode in modes:
-        if mode == "hf":
-            _hf_generate(stack, ids, params, stop)
-        else:
-            engine.generate(ids, params, stop, mode)
+    for run in runners:
+        run(ids, params, stop)
     _sync(device)
 
 
@@ -134,6 +164,11 @@ def summarize(rows: list[dict], modes: list[str], greedy: bool) -> dict:
         tokens = sum(r["new_tokens"] for r in mine)
         seconds = sum(r["seconds"] for r in mine)
         per_mode[mode] = tokens / seconds if seconds else 0.0
+    per_round = {}
+    for mode in modes:
+        costs = [r["per_round"] for r in rows if r["mode"] == mode and r["per_round"]]
+        if costs:
+            per_round[mode] = {key: statistics.fmean(c[key] for c in costs) for key in costs[0]}
     eagle_rows = [r for r in rows if r["mode"] == "eagle"]
     compared = [r["identical_to_vanilla"] for r in eagle_rows if r["identical_to_vanilla"] is not None]
     summary = {
@@ -142,23 +177,30 @@ def summarize(rows: list[dict], modes: list[str], greedy: bool) -> dict:
         "all_identical": bool(compared) and all(compared) if greedy else None,
         "tau_mean": statistics.fmean(r["tau"] for r in eagle_rows) if eagle_rows else None,
         "tokens_per_s": per_mode,
+        "per_round": per_round,
     }
     if "eagle" in per_mode and "vanilla" in per_mode and per_mode["vanilla"]:
         summary["speedup_vs_vanilla"] = per_mode["eagle"] / per_mode["vanilla"]
     if "eagle" in per_mode and "hf" in per_mode and per_mode["hf"]:
         summary["speedup_vs_hf"] = per_mode["eagle"] / per_mode["hf"]
+    if "eagle" in per_mode and "networked" in per_mode and per_mode["eagle"]:
+        summary["networked_vs_in_process"] = per_mode["networked"] / per_mode["eagle"]
     return summary
 
 
 def format_table(result: dict) -> str:
     s = result["summary"]
     lines = [f"machine: {result['machine'].get('gpu', result['machine']['cpu'])}, torch {result['machine']['torch']}",
-             "| mode | tokens/s | tau |", "|---|---|---|"]
+             "| mode | tokens/s | tau | ms per round: draft | verify | wire | bytes per round |",
+             "|---|---|---|---|---|---|---|"]
     for mode, tps in s["tokens_per_s"].items():
-        tau = f"{s['tau_mean']:.2f}" if mode == "eagle" and s["tau_mean"] is not None else "1.00"
-        lines.append(f"| {mode} | {tps:.1f} | {tau} |")
-    for key in ("speedup_vs_vanilla", "speedup_vs_hf", "all_identical"):
+        taus = [r["tau"] for r in result["rows"] if r["mode"] == mode]
+        cost = s.get("per_round", {}).get(mode)
+        split = " | ".join(f"{cost[k]:.1f}" if cost and k in cost else "-" for k in ("draft_ms", "verify_ms", "wire_ms"))
+        size = f"{cost['request_bytes'] + cost['response_bytes']:.0f}" if cost and "request_bytes" in cost else "-"
+        lines.append(f"| {mode} | {tps:.1f} | {statistics.fmean(taus):.2f} | {split} | {size} |")
+    for key in ("speedup_vs_vanilla", "speedup_vs_hf", "networked_vs_in_process", "all_identical"):
         if key in s and s[key] is not None:
-            value = f"{s[key]:.2f}x" if key.startswith("speedup") else str(s[key]).lower()
+            value = f"{s[key]:.2f}x" if isinstance(s[key], float) else str(s[key]).lower()
             lines.append(f"{key}: {value}")
     return "\n".join(lines)
