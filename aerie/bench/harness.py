@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers
@@ -41,13 +42,24 @@ class ModeRun:
 ModeRunner = Callable[[list[int], SamplingParams, StopCriteria], ModeRun]
 
 
+def cpu_name() -> str:
+    """The processor's marketing name where Linux tells it (platform.processor() often is empty)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info(device: str) -> dict:
     info = {
         "device": device,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
     }
     if device == "cuda":

@@ -214,6 +214,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from aerie.bench.harness import machine_info
     from aerie.bench.prompts import read_prompts
     from aerie.train.evaluate import EvalCell, format_table, run_cells
     from aerie.train.loading import pick_device
@@ -229,7 +230,7 @@ def cmd_eval(args) -> int:
                     max_new_tokens=args.max_new_tokens, seed=args.seed)
     summaries = run_cells(args.model, [cell], {args.prompts: prompts}, device, args.dtype, args.workers, args.check_vanilla)
     result = summaries["eval"]
-    result["device"] = _device_name(device)
+    result["machine"] = machine_info(device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -237,13 +238,3 @@ def cmd_eval(args) -> int:
     if result["vanilla_mismatches"]:
         print(f"warning: {result['vanilla_mismatches']} prompts differ from plain decoding", file=sys.stderr)
     return 0
-
-
-def _device_name(device: str) -> str:
-    import platform
-
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    return platform.processor() or platform.machine()

@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from aerie.bench.harness import machine_info
 from aerie.bench.prompts import read_prompts
 from aerie.train.evaluate import EvalCell, run_cells
 from aerie.tree import TreeConfig
@@ -77,6 +78,7 @@ def run_report(
     table = markdown_table(summaries, expected)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps({"cells": summaries, "expected_prompts": expected}, indent=2) + "\n")
+    record = {"machine": machine_info(device), "cells": summaries, "expected_prompts": expected}
+    (out / "report.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "report.md").write_text(table + "\n")
     return summaries
