@@ -95,3 +95,21 @@ def parser_for(cls: type, prog: str, description: str) -> argparse.ArgumentParse
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_arguments(parser, cls)
     return parser
+
+
+def service_main(cls: type[C], prog: str, description: str, run: typing.Callable[[C], int],
+                 argv: list[str] | None = None) -> int:
+    """`python -m <service>`: parse flags and AERIE_* variables into `cls`, then `run` it;
+    a bad setting ends as one line on stderr and exit status 2."""
+    import logging
+    import sys
+
+    from aerie.errors import AerieError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = parser_for(cls, prog, description)
+    try:
+        return run(from_args(cls, parser.parse_args(argv)))
+    except (AerieError, OSError) as e:
+        print(f"aerie: error: {e}", file=sys.stderr)
+        return 2

@@ -9,10 +9,8 @@ then resumes the session from its last round boundary, here or on another drafte
 
 from __future__ import annotations
 
-import argparse
 import logging
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -24,12 +22,12 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from aerie.drafter import DraftSession
-from aerie.errors import AerieError, InputError
+from aerie.errors import InputError
 from aerie.heads import DraftHead
 from aerie.sampling import SamplingParams
 from aerie.tree import TreeConfig
 from aerie_rpc import wire
-from aerie_rpc.config import from_args, parser_for
+from aerie_rpc.config import service_main
 from aerie_rpc.server import ServiceHost, channel
 from aerie_rpc.status import Exhausted, ServiceError, Unavailable, rpc_code, rpc_details, status_of
 from aerie_rpc.telemetry import extract_grpc, inject, metadata, setup_tracing, tracer
@@ -453,11 +451,6 @@ def start(config: DraftConfig, servicer: DrafterServicer | None = None) -> tuple
     return host, servicer
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from aerie_rpc.config import add_arguments as add
-
-    add(parser, DraftConfig)
-
 
 def run(config: DraftConfig) -> int:
     provider = setup_tracing("aerie-draft")
@@ -470,10 +463,4 @@ def run(config: DraftConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = parser_for(DraftConfig, "aerie serve draft", "The aerie draft service (EAGLE head).")
-    try:
-        return run(from_args(DraftConfig, parser.parse_args(argv)))
-    except (AerieError, OSError) as e:
-        print(f"aerie: error: {e}", file=sys.stderr)
-        return 2
+    return service_main(DraftConfig, "aerie serve draft", "The aerie draft service (EAGLE head).", run, argv)

@@ -9,10 +9,8 @@ the same per-position randomness, so the client's stream goes on as if nothing h
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
-import sys
 import threading
 import time
 import uuid
@@ -23,9 +21,9 @@ import grpc
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from aerie.errors import AerieError, InputError
+from aerie.errors import InputError
 from aerie.sampling import SamplingParams
-from aerie_rpc.config import from_args, parser_for
+from aerie_rpc.config import service_main
 from aerie_rpc.server import ServiceHost, channel
 from aerie_rpc.status import (
     Conflict,
@@ -563,11 +561,6 @@ def start(config: GatewayConfig, servicer: GatewayServicer | None = None) -> tup
     return host, servicer
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from aerie_rpc.config import add_arguments as add
-
-    add(parser, GatewayConfig)
-
 
 def run(config: GatewayConfig) -> int:
     provider = setup_tracing("aerie-gateway")
@@ -580,10 +573,4 @@ def run(config: GatewayConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = parser_for(GatewayConfig, "aerie serve gateway", "The aerie gateway (client API, sessions).")
-    try:
-        return run(from_args(GatewayConfig, parser.parse_args(argv)))
-    except (AerieError, OSError) as e:
-        print(f"aerie: error: {e}", file=sys.stderr)
-        return 2
+    return service_main(GatewayConfig, "aerie serve gateway", "The aerie gateway (client API, sessions).", run, argv)

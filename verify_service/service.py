@@ -8,9 +8,7 @@ one model (a GPU runs them one after another anyway).
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ from aerie.target import FeatureSpec, Target
 from aerie.tree import DraftTree
 from aerie.verifier import StopCriteria, VerifySession
 from aerie_rpc import wire
-from aerie_rpc.config import from_args, parser_for
+from aerie_rpc.config import service_main
 from aerie_rpc.server import ServiceHost
 from aerie_rpc.status import Exhausted, NotFound, ServiceError, abort
 from aerie_rpc.telemetry import extract, extract_grpc, setup_tracing, tracer
@@ -382,11 +380,6 @@ def start(config: VerifyConfig, servicer: VerifierServicer | None = None) -> tup
     return host, servicer
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from aerie_rpc.config import add_arguments as add
-
-    add(parser, VerifyConfig)
-
 
 def run(config: VerifyConfig) -> int:
     provider = setup_tracing("aerie-verify")
@@ -398,12 +391,6 @@ def run(config: VerifyConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    parser = parser_for(VerifyConfig, "aerie serve verify", "The aerie verify service (target model).")
-    try:
-        return run(from_args(VerifyConfig, parser.parse_args(argv)))
-    except (AerieError, OSError) as e:
-        print(f"aerie: error: {e}", file=sys.stderr)
-        return 2
+    return service_main(VerifyConfig, "aerie serve verify", "The aerie verify service (target model).", run, argv)
 
 
