@@ -1,0 +1,148 @@
+"""k8s/: every overlay renders, validates against the Kubernetes schemas offline, and says
+what the services understand (their real flags and AERIE_* settings, pod names the pools
+can reach, GPUs only where they belong)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.kustomize import render
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+K8S = Path(__file__).resolve().parent.parent / "k8s"
+KUBERNETES_VERSION = "1.30"
+OVERLAYS = ["dev", "prod"]
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> tuple[str, dict[tuple[str, str], dict]]:
+    docs = render(K8S / "overlays" / request.param)
+    by_key = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    assert len(by_key) == len(docs), "two objects of one kind share a name"
+    return request.param, by_key
+
+
+def pod_spec(doc: dict) -> dict:
+    return doc["spec"]["template"]["spec"]
+
+
+def aerie_workloads(objs: dict) -> dict[str, dict]:
+    return {name: doc for (kind, name), doc in objs.items()
+            if kind in ("Deployment", "StatefulSet") and name in ("aerie-verify", "aerie-draft", "aerie-gateway")}
+
+
+def test_every_object_is_valid_against_the_schemas(rendered):
+    _, objs = rendered
+    for doc in objs.values():
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_renderer_rejects_a_patch_that_misses(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [cm.yaml]\npatches:\n  - target: {kind: ConfigMap, name: other}\n    patch: '[]'\n")
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    with pytest.raises(ValueError, match="matches nothing"):
+        render(tmp_path)
+
+
+def test_the_whole_system_is_there(rendered):
+    _, objs = rendered
+    for name in ("aerie-verify", "aerie-draft", "aerie-gateway"):
+        assert ("PodDisruptionBudget", name) in objs
+    assert objs["Service", "aerie-verify"]["spec"]["clusterIP"] == "None"
+    assert objs["Service", "aerie-draft"]["spec"]["clusterIP"] == "None"
+    assert objs["HorizontalPodAutoscaler", "aerie-gateway"]["spec"]["scaleTargetRef"]["name"] == "aerie-gateway"
+    assert ("Deployment", "aerie-redis") in objs and ("Deployment", "aerie-otel-collector") in objs
+    assert all(doc["metadata"]["namespace"].startswith("aerie") for doc in objs.values())
+
+
+def test_gpus_only_in_prod_and_only_on_their_pools(rendered):
+    overlay, objs = rendered
+    work = aerie_workloads(objs)
+    for name, doc in work.items():
+        spec = pod_spec(doc)
+        resources = spec["containers"][0]["resources"]
+        gpus = {k: v for part in resources.values() for k, v in part.items() if k == "nvidia.com/gpu"}
+        if overlay == "dev" or name == "aerie-gateway":
+            assert not gpus and "nodeSelector" not in spec, name
+        else:
+            assert gpus == {"nvidia.com/gpu": "1"}, name
+            pool = {"aerie-verify": "large", "aerie-draft": "small"}[name]
+            assert spec["nodeSelector"] == {"aerie.dev/gpu-pool": pool}
+            assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+
+
+def test_probes_are_native_grpc_on_the_serving_port(rendered):
+    _, objs = rendered
+    for name, doc in aerie_workloads(objs).items():
+        container = pod_spec(doc)["containers"][0]
+        port = container["ports"][0]["containerPort"]
+        assert container["args"][-1] == f"0.0.0.0:{port}", name
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port}, (name, probe)
+
+
+def _settings(container: dict, objs: dict) -> dict[str, str]:
+    """The AERIE_* values a container sees: its ConfigMap, then its own env (which wins)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(objs["ConfigMap", source["configMapRef"]["name"]]["data"])
+    env.update({e["name"]: e["value"] for e in container.get("env", [])})
+    return env
+
+
+def test_services_accept_their_arguments_and_settings(rendered, monkeypatch):
+    """Each container's args and AERIE_* settings parse into the service's own config, so a
+    typo in a manifest fails here rather than in a crash-looping pod."""
+    from aerie.cli import build_parser
+    from aerie_rpc.config import from_args
+    from draft_service.config import DraftConfig
+    from gateway.config import GatewayConfig
+    from verify_service.config import VerifyConfig
+
+    _, objs = rendered
+    configs = {"verify": VerifyConfig, "draft": DraftConfig, "gateway": GatewayConfig}
+    every_setting = {f"AERIE_{f.name.upper()}" for cls in configs.values() for f in dataclasses.fields(cls)}
+    every_setting.add("AERIE_CACHE")  # read by the model loader, not a service flag
+    for name, doc in aerie_workloads(objs).items():
+        container = pod_spec(doc)["containers"][0]
+        settings = _settings(container, objs)
+        unknown = {k for k in settings if k.startswith("AERIE_")} - every_setting
+        assert not unknown, f"{name}: settings no service reads: {unknown}"
+        for key in [k for k in os.environ if k.startswith("AERIE_")]:
+            monkeypatch.delenv(key)
+        for key, value in settings.items():
+            monkeypatch.setenv(key, value)
+        args = build_parser().parse_args(container["args"])
+        assert args.command == "serve"
+        service = container["args"][1]
+        config = from_args(configs[service], args)
+        assert config.listen == container["args"][-1]
+
+
+def test_pools_list_exactly_the_pods_that_exist(rendered):
+    """Drafters and gateways address pods by their StatefulSet names: every pod listed must
+    exist, and every pod must be listed (or it would take no work)."""
+    _, objs = rendered
+    for client, server, key in (("aerie-draft", "aerie-verify", "AERIE_VERIFIER"),
+                                ("aerie-gateway", "aerie-draft", "AERIE_DRAFT")):
+        container = pod_spec(aerie_workloads(objs)[client])["containers"][0]
+        listed = _settings(container, objs)[key].split(",")
+        server_doc = objs["StatefulSet", server]
+        port = pod_spec(server_doc)["containers"][0]["ports"][0]["containerPort"]
+        service = server_doc["spec"]["serviceName"]
+        expected = [f"{server}-{i}.{service}:{port}" for i in range(server_doc["spec"]["replicas"])]
+        assert listed == expected, client
+
+
+def test_images_are_the_projects_and_pinned(rendered):
+    _, objs = rendered
+    for doc in aerie_workloads(objs).values():
+        image = pod_spec(doc)["containers"][0]["image"]
+        assert image.startswith("ghcr.io/aerie-project/aerie:") and not image.endswith(":latest")
+    assert (K8S / "Dockerfile").is_file()
