@@ -49,6 +49,18 @@ def parse_dtype(name: str) -> torch.dtype:
         raise InputError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}") from None
 
 
+def eos_token_ids(tokenizer: object | None, generation_config: object | None) -> frozenset[int]:
+    """The model's end-of-sequence ids, as in-process generation computes them."""
+    ids: set[int] = set()
+    sources = (getattr(tokenizer, "eos_token_id", None), getattr(generation_config, "eos_token_id", None))
+    for source in sources:
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(int(i) for i in source)
+    return frozenset(ids)
+
+
 def is_demo_model(model_dir: Path) -> bool:
     return model_dir.resolve() == (cache_dir() / "models" / DEMO_MODEL).resolve()
 

@@ -9,7 +9,7 @@ import torch
 
 from aerie.errors import InputError
 from aerie.heads import DraftHead, load_head
-from aerie.models import is_demo_model, load_causal_lm, parse_dtype, resolve_model
+from aerie.models import eos_token_ids, is_demo_model, load_causal_lm, parse_dtype, resolve_model
 from aerie.target import FeatureSpec, Target, eagle3_default_layers
 from aerie.tree import TreeConfig
 
@@ -43,13 +43,7 @@ class Stack:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def stop_token_ids(self) -> frozenset[int]:
-        ids: set[int] = set()
-        for source in (self.tokenizer.eos_token_id, getattr(self.target.model.generation_config, "eos_token_id", None)):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source:
-                ids.update(int(i) for i in source)
-        return frozenset(ids)
+        return eos_token_ids(self.tokenizer, getattr(self.target.model, "generation_config", None))
 
 
 def default_head(model_dir: Path) -> Path:

@@ -54,18 +54,6 @@ def load_tokenizer(spec: str | None) -> tuple[object, Path]:
     return AutoTokenizer.from_pretrained(path), path
 
 
-def eos_token_ids(tokenizer: object | None, generation_config: object | None) -> frozenset[int]:
-    """The model's end-of-sequence ids, as in-process generation computes them."""
-    ids: set[int] = set()
-    sources = (getattr(tokenizer, "eos_token_id", None), getattr(generation_config, "eos_token_id", None))
-    for source in sources:
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(int(i) for i in source)
-    return frozenset(ids)
-
-
 class _Shape(nn.Module):
     """Stands in for an LM head the drafter never calls: it only reports the vocabulary."""
 

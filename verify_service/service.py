@@ -364,7 +364,8 @@ def _decode_tree(req: verifier_pb2.VerifyRequest) -> DraftTree:
 
 
 def build_servicer(config: VerifyConfig) -> VerifierServicer:
-    from aerie_rpc.models import eos_token_ids, load_target_model
+    from aerie.models import eos_token_ids
+    from aerie_rpc.models import load_target_model
 
     model, tokenizer, path = load_target_model(config.model, config.device, config.dtype)
     eos = eos_token_ids(tokenizer, getattr(model, "generation_config", None))

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from aerie.errors import InputError
+from aerie.models import eos_token_ids
 from aerie.target import FeatureSpec, Target, eagle3_default_layers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,16 +79,5 @@ def encode_chat(tokenizer, text: str) -> list[int]:
 
 
 def stop_token_ids(tokenizer, model) -> frozenset[int]:
-    """Every id that ends an answer: the tokenizer's eos and the generation config's."""
-    ids: set[int] = set()
-    sources = (
-        tokenizer.eos_token_id,
-        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-        getattr(model.config, "eos_token_id", None),
-    )
-    for source in sources:
-        if isinstance(source, int):
-            ids.add(source)
-        elif source:
-            ids.update(int(i) for i in source)
-    return frozenset(ids)
+    """Every id that ends an answer, as generation decides it (`aerie.models.eos_token_ids`)."""
+    return eos_token_ids(tokenizer, getattr(model, "generation_config", None))
