@@ -10,12 +10,12 @@ Benchmark prompts (MT-bench, HumanEval) are never read here: they only measure.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
+from aerie.bench.prompts import jsonl_objects
 from aerie.errors import InputError
 
 
@@ -341,14 +341,8 @@ def read_gsm8k(path: str | Path) -> list[str]:
     if not path.is_file():
         raise InputError(f"GSM8K file '{path}' does not exist")
     questions = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        q = row.get("question") if isinstance(row, dict) else None
+    for lineno, row in jsonl_objects(path):
+        q = row.get("question")
         if not isinstance(q, str) or not q.strip():
             raise InputError(f"{path}:{lineno}: needs a non-empty string 'question'")
         questions.append(q.strip())
