@@ -9,7 +9,8 @@
 # step resumes or skips when its output exists, so a rerun after an interruption continues.
 # The sizes come from the environment, so that the same script runs a tiny smoke test on a CPU:
 #   DEVICE (cuda)  DATAGEN_SECONDS (240)  DATAGEN_BATCH (512)  ANSWER_TOKENS (512)
-#   TRAIN_MINUTES (5)  REPORT_MINUTES (7)  REPORT_WORKERS (12)  LIMIT (all)  EVAL_TOKENS (256)
+#   TRAIN_MINUTES (5)  TRAIN_STEPS, or per head EAGLE3_STEPS and EAGLE1_STEPS (fit to the minutes)
+#   REPORT_MINUTES (7)  REPORT_WORKERS (12)  LIMIT (all prompts)  REPORT_LIMIT (LIMIT)  EVAL_TOKENS (256)
 set -euo pipefail
 
 run=${1:?usage: train_demo_heads.sh RUN_DIR DATA_DIR}
@@ -17,6 +18,8 @@ data=${2:?usage: train_demo_heads.sh RUN_DIR DATA_DIR}
 device=${DEVICE:-cuda}
 limit=()
 [ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
+report_limit=()
+[ -n "${REPORT_LIMIT:-${LIMIT:-}}" ] && report_limit=(--limit "${REPORT_LIMIT:-$LIMIT}")
 aerie() { python3 -m aerie.cli "$@"; }
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
 mkdir -p "$run"
@@ -28,11 +31,13 @@ aerie train datagen --device "$device" --out "$run/data" --gsm8k "$data/gsm8k_tr
 
 stamp train
 train_args=(--device "$device" --data "$run/data" --max-minutes "${TRAIN_MINUTES:-5}" --epochs 20 --lr "${TRAIN_LR:-6e-4}"
-            --eval-every 250 --save-every 250 ${TRAIN_STEPS:+--steps "$TRAIN_STEPS"})
+            --eval-every 250 --save-every 250)
 # The two heads train side by side: one small head leaves most of the GPU idle.
 for kind in eagle3 eagle1; do
     [ -f "$run/$kind/train_summary.json" ] && continue
-    aerie train "$kind" "${train_args[@]}" --out "$run/$kind" > "$run/train_$kind.log" 2>&1 &
+    steps_var=${kind^^}_STEPS
+    steps=${!steps_var:-${TRAIN_STEPS:-}}
+    aerie train "$kind" "${train_args[@]}" ${steps:+--steps "$steps"} --out "$run/$kind" > "$run/train_$kind.log" 2>&1 &
 done
 for job in $(jobs -p); do
     wait "$job" || { tail -n 20 "$run"/train_*.log; exit 1; }
@@ -42,7 +47,7 @@ tail -n 2 "$run"/train_*.log
 stamp report
 aerie train report --device "$device" --head "eagle3=$run/eagle3" --head "eagle1=$run/eagle1" \
     --prompts "mt_bench=$data/mt_bench_questions.jsonl" --prompts "humaneval=$data/HumanEval.jsonl.gz" \
-    "${limit[@]}" --max-new-tokens "${EVAL_TOKENS:-256}" --workers "${REPORT_WORKERS:-12}" \
+    "${report_limit[@]}" --max-new-tokens "${EVAL_TOKENS:-256}" --workers "${REPORT_WORKERS:-12}" \
     --minutes "${REPORT_MINUTES:-7}" --out "$run/report"
 
 [ "${BENCH_LIMIT:-10}" = 0 ] && { stamp done; exit 0; }
