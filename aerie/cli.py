@@ -18,6 +18,8 @@ def _add_model_args(p: argparse.ArgumentParser, head: bool = True) -> None:
         p.add_argument("--head", default=None, help="EAGLE-1/EAGLE-3 head directory (default: the shipped one)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--kv-cache", choices=("auto", "static", "dynamic"), default="auto",
+                   help="static: preallocated KV caches and CUDA graphs; auto: static on cuda, dynamic on cpu")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -101,7 +103,8 @@ def cmd_generate(args) -> int:
         from aerie.stack import load_stack
         from aerie.verifier import StopCriteria
 
-        stack = load_stack(args.model, args.head, args.device, args.dtype, need_head=args.mode == "eagle")
+        stack = load_stack(args.model, args.head, args.device, args.dtype, need_head=args.mode == "eagle",
+                           kv_cache=args.kv_cache)
         ids = stack.encode_prompt(args.prompt, chat=not args.no_chat)
         engine = Engine(stack.target, stack.head, stack.tree)
         res = engine.generate(ids, params, StopCriteria(stop.max_new_tokens, stack.stop_token_ids()), args.mode)
@@ -132,7 +135,8 @@ def cmd_bench(args) -> int:
     params, stop = _sampling(args)
     prompts = read_prompts(args.prompts, args.limit)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    stack = load_stack(args.model, args.head, args.device, args.dtype, need_head="eagle" in modes)
+    stack = load_stack(args.model, args.head, args.device, args.dtype, need_head="eagle" in modes,
+                       kv_cache=args.kv_cache)
     with ExitStack() as services:
         extra = {}
         if "networked" in modes:
@@ -163,7 +167,7 @@ def cmd_demo(args) -> int:
     from aerie.stack import load_stack
     from aerie.verifier import StopCriteria
 
-    stack = load_stack(args.model, args.head, args.device, args.dtype)
+    stack = load_stack(args.model, args.head, args.device, args.dtype, kv_cache=args.kv_cache)
     engine = Engine(stack.target, stack.head, stack.tree)
     ids = stack.encode_prompt(args.prompt)
     stop = StopCriteria(args.max_new_tokens, stack.stop_token_ids())

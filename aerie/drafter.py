@@ -26,6 +26,12 @@ class DraftSession:
     def __post_init__(self) -> None:
         self.cache = self.head.new_cache()
 
+    def close(self) -> None:
+        """Give the head's KV cache back for the next sequence."""
+        if self.cache is not None:
+            self.head.release_cache(self.cache)
+            self.cache = None
+
     @property
     def length(self) -> int:
         return self.cache.get_seq_length()
@@ -38,7 +44,7 @@ class DraftSession:
         start = self.length
         ids = torch.tensor(next_tokens, device=device)[None]
         positions = torch.arange(start, start + len(next_tokens), device=device)[None]
-        mask = _mask(start, torch.ones(len(next_tokens), len(next_tokens), dtype=torch.bool).tril(), device)
+        mask = _mask(start, torch.ones(len(next_tokens), len(next_tokens), dtype=torch.bool).tril())
         hidden = head(features.to(device, head.fc.weight.dtype)[None], ids, positions, mask, self.cache)[0]
         committed = self.length
 
@@ -63,7 +69,7 @@ class DraftSession:
             fed += frontier_nodes
             positions = torch.full((1, len(frontier_nodes)), committed + level - 1, device=device)
             frontier_hidden = head(
-                parent_hidden[None], tokens[next_frontier][None], positions, _mask(committed, sub, device), self.cache
+                parent_hidden[None], tokens[next_frontier][None], positions, _mask(committed, sub), self.cache
             )[0]
             frontier_logprobs = cumulative[next_frontier]
         truncate_cache(self.cache, committed)
@@ -82,9 +88,10 @@ def _ancestry(pool: CandidatePool, fed: list[int], new_nodes: list[int]) -> torc
     return sub
 
 
-def _mask(committed: int, sub: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """4-D attention mask: everything committed, then the given pattern over new entries."""
+def _mask(committed: int, sub: torch.Tensor) -> torch.Tensor:
+    """4-D attention mask (on the CPU, where it is built): everything committed, then the
+    given pattern over new entries."""
     rows, cols = sub.shape
-    mask = torch.ones(1, 1, rows, committed + cols, dtype=torch.bool, device=device)
-    mask[0, 0, :, committed:] = sub.to(device)
+    mask = torch.ones(1, 1, rows, committed + cols, dtype=torch.bool)
+    mask[0, 0, :, committed:] = sub
     return mask

@@ -115,6 +115,14 @@ class Engine:
         the tokens that follow are yielded, and they are the ones the earlier run produced.
         """
         verifier = self.session(prompt_ids, params, stop, resume_tokens)
+        try:
+            yield from self._rounds(verifier, prompt_ids, mode, resume_tokens)
+        finally:
+            verifier.close()
+
+    def _rounds(
+        self, verifier: VerifySession, prompt_ids: list[int], mode: Mode, resume_tokens: list[int]
+    ) -> Iterator[tuple[list[int], RoundStats | None]]:
         features, first = verifier.prefill()
         yield ([] if resume_tokens else [first]), None
         if mode == "vanilla":
@@ -125,7 +133,16 @@ class Engine:
                 yield verifier.generated[before:], RoundStats(0, 0, len(verifier.generated) - before, 0.0, time.perf_counter() - t0)
             return
         drafter = self.make_drafter()
-        next_tokens = (list(prompt_ids) + verifier.generated)[1:]
+        try:
+            yield from self._speculate(verifier, drafter, features, (list(prompt_ids) + verifier.generated)[1:])
+        finally:
+            if hasattr(drafter, "close"):
+                drafter.close()
+
+    @staticmethod
+    def _speculate(
+        verifier: VerifySession, drafter: Drafter, features: torch.Tensor, next_tokens: list[int]
+    ) -> Iterator[tuple[list[int], RoundStats]]:
         while not verifier.done:
             t0 = time.perf_counter()
             tree = drafter.draft(features, next_tokens)

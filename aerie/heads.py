@@ -32,7 +32,8 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from aerie.errors import HeadError
-from aerie.target import FeatureSpec, Target, eagle3_default_layers
+from aerie.kvcache import SlotCache, static_forward
+from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers
 
 HeadKind = Literal["eagle1", "eagle3"]
 
@@ -58,10 +59,16 @@ class DraftHead(nn.Module):
         # The target's embedding (and, for EAGLE-1, LM head) are borrowed, not owned: kept
         # outside the module tree so they are neither trained nor saved.
         self._borrowed: dict[str, nn.Module] = {}
+        self.static: StaticKV | None = None
+        self._caches = None
 
     def attach(self, target: Target) -> DraftHead:
+        """Borrow the target's embedding and LM head, and run the way it runs (static
+        caches and CUDA graphs, or not)."""
         self._borrowed["embed"] = target.model.get_input_embeddings()
         self._borrowed["lm_head"] = target.model.get_output_embeddings()
+        self.static = target.static
+        self._caches = None
         return self
 
     @property
@@ -72,8 +79,16 @@ class DraftHead(nn.Module):
     def feature_spec(self) -> FeatureSpec:
         raise NotImplementedError
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+    def new_cache(self) -> DynamicCache | SlotCache:
+        if self.static is None:
+            return DynamicCache(config=self.config)
+        if self._caches is None:  # made on first use: the head may move device after attach
+            self._caches = self.static.pool(1, self.fc.weight.device)
+        return self._caches.take()
+
+    def release_cache(self, cache: DynamicCache | SlotCache) -> None:
+        if self._caches is not None and isinstance(cache, SlotCache):
+            self._caches.give(cache)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._borrowed["embed"](input_ids)
@@ -93,11 +108,24 @@ class DraftHead(nn.Module):
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        cache: DynamicCache | None = None,
+        cache: DynamicCache | SlotCache | None = None,
     ) -> torch.Tensor:
         """features [b, n, F] (target features, or the head's own h-wide output),
         input_ids [b, n] (the token that follows each feature), position_ids [b, n],
-        attention_mask a 4-D boolean mask or None for causal. Returns hidden [b, n, h]."""
+        attention_mask a 4-D boolean mask over the cache's entries and the new ones, or
+        None for causal. Returns hidden [b, n, h]."""
+        if isinstance(cache, SlotCache):
+            rows = {"x": features, "ids": input_ids, "pos": position_ids}
+            (hidden,) = static_forward(
+                cache, ("head", features.shape[-1]), rows, attention_mask,
+                lambda b: (self._dense(b["x"], b["ids"], b["pos"], b["mask"], cache)[0],), self.static.largest_graph,
+            )
+            return hidden[None]
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(features.device)
+        return self._dense(features, input_ids, position_ids, attention_mask, cache)
+
+    def _dense(self, features, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
         emb = self.embed(input_ids).to(features.dtype)
         return self.layer(features, emb, position_ids, attention_mask, cache)
 

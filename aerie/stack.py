@@ -10,7 +10,7 @@ import torch
 from aerie.errors import InputError
 from aerie.heads import DraftHead, load_head
 from aerie.models import eos_token_ids, is_demo_model, load_causal_lm, parse_dtype, resolve_model
-from aerie.target import FeatureSpec, Target, eagle3_default_layers
+from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers
 from aerie.tree import TreeConfig
 
 SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads"
@@ -21,6 +21,7 @@ DEMO_HEAD = SHIPPED_HEADS / "smollm2-135m-eagle1"
 # small tree; GPU: a 60-node tree costs about as much as one token (official EAGLE-2 defaults).
 CPU_TREE = TreeConfig(kind="dynamic", depth=6, top_k=8, total_tokens=16)
 GPU_TREE = TreeConfig(kind="dynamic", depth=8, top_k=10, total_tokens=60)
+KV_CACHES = ("auto", "static", "dynamic")
 
 
 @dataclass
@@ -62,17 +63,26 @@ def load_stack(
     dtype: str = "float32",
     need_head: bool = True,
     tree: TreeConfig | None = None,
+    kv_cache: str = "auto",
 ) -> Stack:
     """Load the target (the demo model when `model` is None) and its draft head.
 
     Without `head`, the demo model gets its shipped head; any other model needs one
-    (unless only plain decoding is wanted).
+    (unless only plain decoding is wanted). `kv_cache` is static (preallocated caches, CUDA
+    graphs on a GPU), dynamic, or auto: static on CUDA, dynamic on the CPU, where there is
+    no launch overhead to save and attending over a padded cache only costs.
     """
+    if kv_cache not in KV_CACHES:
+        raise InputError(f"unknown KV cache {kv_cache!r}: use one of {', '.join(KV_CACHES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for, but torch sees no CUDA device")
     model_dir = resolve_model(model)
     lm, tokenizer = load_causal_lm(model_dir, device, parse_dtype(dtype))
-    target = Target(lm, FeatureSpec(kind="eagle3", layers=eagle3_default_layers(lm.config.num_hidden_layers)))
+    static = kv_cache == "static" or (kv_cache == "auto" and device == "cuda")
+    target = Target(
+        lm, FeatureSpec(kind="eagle3", layers=eagle3_default_layers(lm.config.num_hidden_layers)),
+        static=StaticKV() if static else None,
+    )
     draft: DraftHead | None = None
     if head is not None:
         draft = load_head(head, target)

@@ -1,8 +1,9 @@
 """The target model: prefill, one forward over a whole draft tree, features, KV compaction.
 
 Wraps any transformers causal LM (Llama, Qwen2, Mistral families) without copying its code:
-tree attention is a 4-D boolean mask handed to the model, node positions are explicit
-position ids, and the KV cache is transformers' own DynamicCache, compacted in place.
+tree attention is a 4-D boolean mask handed to the model and node positions are explicit
+position ids. The KV cache is either transformers' own DynamicCache, or (with `StaticKV`) a
+preallocated `SlotCache` whose forwards run as CUDA graphs; both are compacted in place.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from aerie.kvcache import CachePool, SlotCache, static_forward
 from aerie.tree import ancestor_mask, node_depths
 
 FeatureKind = Literal["eagle1", "eagle3"]
@@ -39,6 +41,20 @@ class FeatureSpec:
         return hidden_size * (len(self.layers) if self.kind == "eagle3" else 1)
 
 
+@dataclass(frozen=True)
+class StaticKV:
+    """Run on preallocated KV caches, with every forward of up to `largest_graph` tokens
+    captured as a CUDA graph (on CUDA, when `cuda_graphs`); longer ones (prefill) run eagerly."""
+
+    cuda_graphs: bool = True
+    largest_graph: int = 128
+    initial_capacity: int = 1024
+    pooled: int = 4  # released caches kept, with their graphs, for the next sessions
+
+    def pool(self, num_layers: int, device: torch.device) -> CachePool:
+        return CachePool(lambda: SlotCache(num_layers, self.initial_capacity, device, self.cuda_graphs), self.pooled)
+
+
 @dataclass
 class TargetOutput:
     logits: torch.Tensor  # [n, V] float32
@@ -49,10 +65,12 @@ class Target:
     """A causal LM with the operations speculative decoding needs. Stateless: the caller
     owns each sequence's cache, so one Target serves many sessions."""
 
-    def __init__(self, model: PreTrainedModel, features: FeatureSpec):
+    def __init__(self, model: PreTrainedModel, features: FeatureSpec, static: StaticKV | None = None):
         self.model = model
         self.config = model.config
         self.features = features
+        self.static = static
+        self._caches = None if static is None else static.pool(self.config.num_hidden_layers, self.device)
         n_layers = self.config.num_hidden_layers
         if features.kind == "eagle3" and not all(0 <= i <= n_layers for i in features.layers):
             raise ValueError(f"EAGLE-3 feature layers {features.layers} out of range for {n_layers} layers")
@@ -73,8 +91,14 @@ class Target:
     def max_positions(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", 1 << 30))
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+    def new_cache(self) -> DynamicCache | SlotCache:
+        return DynamicCache(config=self.config) if self._caches is None else self._caches.take()
+
+    def release_cache(self, cache: DynamicCache | SlotCache) -> None:
+        """Hand a finished sequence's cache back, so that the next one reuses its storage
+        and its captured graphs."""
+        if self._caches is not None and isinstance(cache, SlotCache):
+            self._caches.give(cache)
 
     @torch.inference_mode()
     def forward(
@@ -91,33 +115,44 @@ class Target:
         """
         past = cache.get_seq_length()
         n = input_ids.shape[0]
-        device = self.device
         if tree_parents is None:
-            positions = torch.arange(past, past + n, device=device)
-            mask = None if past == 0 else _chain_mask(past, n, device)
+            positions = torch.arange(past, past + n)
+            mask = None if past == 0 else _chain_mask(past, n)
         else:
-            positions = past + node_depths(tree_parents.cpu()).to(device)
-            mask = torch.ones(1, 1, n, past + n, dtype=torch.bool, device=device)
-            mask[0, 0, :, past:] = ancestor_mask(tree_parents.cpu()).to(device)
+            positions = past + node_depths(tree_parents.cpu())
+            mask = torch.ones(1, 1, n, past + n, dtype=torch.bool)
+            mask[0, 0, :, past:] = ancestor_mask(tree_parents.cpu())
+        if isinstance(cache, SlotCache):
+            rows = {"ids": input_ids.cpu()[None], "pos": positions[None]}
+            logits, feats = static_forward(
+                cache, "target", rows, mask, lambda b: self._run(cache, b["ids"], b["pos"], b["mask"]),
+                self.static.largest_graph,
+            )
+            return TargetOutput(logits=logits, features=feats)
+        device = self.device
+        mask = None if mask is None else mask.to(device)
+        logits, feats = self._run(cache, input_ids.to(device)[None], positions.to(device)[None], mask)
+        return TargetOutput(logits=logits, features=feats)
+
+    def _run(self, cache, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
         out = self.model(
-            input_ids=input_ids.to(device)[None],
-            position_ids=positions[None],
-            attention_mask=mask,
-            past_key_values=cache,
-            use_cache=True,
-            output_hidden_states=True,
+            input_ids=input_ids, position_ids=positions, attention_mask=mask,
+            past_key_values=cache, use_cache=True, output_hidden_states=True,
         )
         hidden = out.hidden_states
         if self.features.kind == "eagle3":
             feats = torch.cat([hidden[i] for i in self.features.layers], dim=-1)
         else:
             feats = hidden[-1]
-        return TargetOutput(logits=out.logits[0].float(), features=feats[0])
+        return out.logits[0].float(), feats[0]
 
     @staticmethod
-    def compact(cache: DynamicCache, committed: int, keep: list[int]) -> None:
+    def compact(cache: DynamicCache | SlotCache, committed: int, keep: list[int]) -> None:
         """Drop the cache entries of rejected tree nodes: keep positions [0, committed) and
         the tree nodes `keep` (indices relative to `committed`, in order)."""
+        if isinstance(cache, SlotCache):
+            cache.compact(committed, keep)
+            return
         index = torch.arange(committed + len(keep))
         index[committed:] = torch.tensor(keep, dtype=torch.long) + committed
         reindex_cache(cache, index)
@@ -133,8 +168,11 @@ def reindex_cache(cache: DynamicCache, index: torch.Tensor) -> None:
         layer.values = layer.values.index_select(-2, idx)
 
 
-def truncate_cache(cache: DynamicCache, length: int) -> None:
+def truncate_cache(cache: DynamicCache | SlotCache, length: int) -> None:
     """Drop every entry from `length` on (the same on every transformers release)."""
+    if isinstance(cache, SlotCache):
+        cache.truncate(length)
+        return
     for layer in cache.layers:
         if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
             continue
@@ -142,7 +180,7 @@ def truncate_cache(cache: DynamicCache, length: int) -> None:
         layer.values = layer.values[..., :length, :]
 
 
-def _chain_mask(past: int, n: int, device: torch.device) -> torch.Tensor:
-    mask = torch.ones(1, 1, n, past + n, dtype=torch.bool, device=device)
-    mask[0, 0, :, past:] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+def _chain_mask(past: int, n: int) -> torch.Tensor:
+    mask = torch.ones(1, 1, n, past + n, dtype=torch.bool)
+    mask[0, 0, :, past:] = torch.ones(n, n, dtype=torch.bool).tril()
     return mask

@@ -72,6 +72,12 @@ class VerifySession:
             )
         self.cache = self.target.new_cache()
 
+    def close(self) -> None:
+        """Give the KV cache back to the target for the next sequence."""
+        if self.cache is not None:
+            self.target.release_cache(self.cache)
+            self.cache = None
+
     @property
     def committed(self) -> int:
         """Tokens whose keys and values are in the cache (the pending last token is not)."""

@@ -1,0 +1,216 @@
+"""A preallocated KV cache with explicit write slots, for static shapes and CUDA graphs.
+
+`SlotCache` behaves like transformers' DynamicCache as the rest of aerie sees it: it holds
+`get_seq_length()` entries, a forward appends its tokens after them, and compaction or
+truncation shrinks it. The storage, though, is allocated once per layer at a fixed capacity
+and written in place at the slots in `write_at`, so that one forward has the same shapes and
+the same tensor addresses every time: the condition for capturing it as a CUDA graph.
+
+A forward of n tokens padded to a bucket of b >= n rows writes b slots; the b - n slots past
+the real tokens are scratch space that no mask lets a real token see, and the next forward
+overwrites them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from aerie.graphs import GraphCache, bucket_for
+
+
+class _SlotLayer(CacheLayerMixin):
+    is_compileable = True
+
+    def __init__(self, owner: SlotCache):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        shape = (key_states.shape[0], key_states.shape[1], self.owner.capacity)
+        self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
+        self.values = value_states.new_zeros(*shape, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        slots = self.owner.write_at[: key_states.shape[-2]]
+        self.keys.index_copy_(2, slots, key_states)
+        self.values.index_copy_(2, slots, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.capacity, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.length
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+
+class SlotCache(Cache):
+    """KV storage for one sequence: `capacity` slots per layer, `length` of them in use."""
+
+    def __init__(self, num_layers: int, capacity: int, device: torch.device, cuda_graphs: bool = True):
+        self.capacity = capacity
+        self.length = 0
+        self.device = torch.device(device)
+        self.write_at = torch.arange(capacity, device=self.device)
+        # The graphs captured over this cache's buffers, which only it may replay.
+        self.graphs = GraphCache(enabled=cuda_graphs and self.device.type == "cuda")
+        self._inputs: dict = {}  # per graph key: the buffers its inputs are copied into
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def reserve(self, needed: int) -> None:
+        """Make room for `needed` slots, doubling the storage if it is too small. Growing
+        moves the buffers, so every graph captured over the old ones is dropped."""
+        if needed <= self.capacity:
+            return
+        capacity = self.capacity
+        while capacity < needed:
+            capacity *= 2
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys = _grown(layer.keys, capacity)
+                layer.values = _grown(layer.values, capacity)
+        self.capacity = capacity
+        self.write_at = torch.arange(capacity, device=self.device)
+        self.graphs.clear()
+        self._inputs.clear()
+
+    def set_write_slots(self, start: int, count: int) -> None:
+        """The next forward writes `count` rows at slots start, start + 1, ..."""
+        self.write_at[:count] = torch.arange(start, start + count, device=self.device)
+
+    def run(
+        self,
+        key: Hashable,
+        inputs: dict[str, torch.Tensor],
+        fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ...]],
+        graphed: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        """Run `fn` over `inputs` (already padded to the forward's static shape). Graphed,
+        the inputs are copied into buffers kept per `key`, and `fn` over those buffers is
+        captured once and replayed; the outputs are then overwritten by the next replay."""
+        if not graphed:
+            return fn({name: t.to(self.device, non_blocking=True) for name, t in inputs.items()})
+        buffers = self._inputs.get(key)
+        if buffers is None:
+            buffers = {name: torch.empty(t.shape, dtype=t.dtype, device=self.device) for name, t in inputs.items()}
+            self._inputs[key] = buffers
+        for name, t in inputs.items():
+            buffers[name].copy_(t, non_blocking=True)
+        return self.graphs.run(key, lambda: fn(buffers))
+
+    @torch.inference_mode()
+    def compact(self, committed: int, keep: list[int]) -> None:
+        """Keep slots [0, committed) and then the slots committed + keep[i], moved in place
+        to committed + i. `keep` is increasing, so no slot is read after it is written."""
+        if keep and keep != list(range(len(keep))):
+            index = pinned_tensor(keep).to(self.device, non_blocking=True) + committed
+            end = committed + len(keep)
+            for layer in self.layers:
+                if layer.is_initialized:
+                    layer.keys[:, :, committed:end] = layer.keys.index_select(2, index)
+                    layer.values[:, :, committed:end] = layer.values.index_select(2, index)
+        self.length = committed + len(keep)
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CachePool:
+    """Finished sequences' caches, kept (up to `keep`) with their captured graphs so that
+    the next sequences skip allocation and capture."""
+
+    def __init__(self, make: Callable[[], SlotCache], keep: int):
+        self.make = make
+        self.keep = keep
+        self._free: list[SlotCache] = []
+
+    def take(self) -> SlotCache:
+        return self._free.pop() if self._free else self.make()
+
+    def give(self, cache: SlotCache) -> None:
+        if len(self._free) < self.keep:
+            cache.reset()
+            self._free.append(cache)
+
+
+def _grown(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
+    out = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[-1])
+    out[:, :, : buffer.shape[2]] = buffer
+    return out
+
+
+def pinned_tensor(values, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A CPU tensor that copies to the GPU without making the host wait (pinned when CUDA
+    is there to pin for)."""
+    t = torch.as_tensor(values, dtype=dtype)
+    return t.pin_memory() if torch.cuda.is_available() else t
+
+
+def slot_mask(mask: torch.Tensor | None, n: int, past: int, rows: int, capacity: int) -> torch.Tensor:
+    """Pad a forward's attention mask to the static shape [1, 1, rows, capacity].
+
+    `mask` is the forward's own [1, 1, n, past + n] boolean mask over the entries in use and
+    the new ones (None: causal). Rows past n are padding: they see the entries in use and
+    their own slot, so that no row is empty (an all-masked row would put NaNs in the
+    scratch slots, and NaN times a zero attention weight is still NaN)."""
+    out = torch.zeros(1, 1, rows, capacity, dtype=torch.bool)
+    if mask is None:
+        out[0, 0, :n, :past] = True
+        out[0, 0, :n, past : past + n] = torch.ones(n, n, dtype=torch.bool).tril()
+    else:
+        out[0, 0, :n, : past + n] = mask[0, 0].cpu()
+    if rows > n:
+        out[0, 0, n:, :past] = True
+        pad = torch.arange(n, rows)
+        out[0, 0, pad, past + pad] = True
+    return out.pin_memory() if torch.cuda.is_available() else out
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Extend dim 1 of `t` to `rows` by repeating its last row (valid ids, positions and
+    features for the padding rows, whose outputs nobody reads)."""
+    n = t.shape[1]
+    if rows == n:
+        return t
+    return torch.cat([t, t[:, -1:].expand(t.shape[0], rows - n, *t.shape[2:])], dim=1)
+
+
+def static_forward(
+    cache: SlotCache,
+    kind: Hashable,
+    rows: dict[str, torch.Tensor],
+    mask: torch.Tensor | None,
+    fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ...]],
+    largest_graph: int,
+) -> tuple[torch.Tensor, ...]:
+    """One forward of n new rows on `cache`, as a graph when n fits a bucket.
+
+    `rows` are the inputs with the rows in dim 1 ([1, n, ...]), `mask` the forward's own
+    [1, 1, n, past + n] mask (None: causal). `fn` gets them padded, plus "mask" at the static
+    shape, and returns outputs with the rows in dim 0; they come back cut to n rows. The n
+    new entries are then in use in the cache."""
+    n = next(iter(rows.values())).shape[1]
+    past = cache.length
+    bucket = bucket_for(n, largest_graph)
+    width = bucket or n
+    cache.reserve(past + width)
+    cache.set_write_slots(past, width)
+    inputs = {name: pad_rows(t, width) for name, t in rows.items()}
+    inputs["mask"] = slot_mask(mask, n, past, width, cache.capacity)
+    outputs = cache.run((kind, width), inputs, fn, graphed=bucket is not None)
+    cache.length = past + n
+    return tuple(o[:n] for o in outputs)
