@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(bench)
     bench.set_defaults(handler=cmd_bench)
 
+    cost = sub.add_parser("verify-cost", help="verify forward time against tree size, and the bandwidth floor")
+    cost.add_argument("--shapes", default="demo,llama-8b", help="demo (SmolLM2) and/or llama-8b (random weights)")
+    cost.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    cost.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
+    cost.add_argument("--no-graphs", action="store_true", help="run the forwards eagerly")
+    cost.add_argument("--out", required=True)
+    cost.set_defaults(handler=cmd_verify_cost)
+
     demo = sub.add_parser("demo", help="one answer on the demo model, with tokens/s and tau")
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--max-new-tokens", type=int, default=96)
@@ -150,6 +158,18 @@ def cmd_bench(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(format_table(result))
+    return 0
+
+
+def cmd_verify_cost(args) -> int:
+    from aerie.bench.verify_cost import format_verify_cost, run_verify_cost
+    from aerie.models import parse_dtype
+
+    shapes = [s for s in args.shapes.split(",") if s]
+    result = run_verify_cost(shapes, args.device, parse_dtype(args.dtype), graphs=not args.no_graphs)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(format_verify_cost(result))
     return 0
 
 

@@ -97,3 +97,17 @@ def test_bench_reports_identical_output(demo_model_dir, tmp_path, capsys):
     assert {"speedup_vs_vanilla", "speedup_vs_hf", "tau_mean", "tokens_per_s"} <= set(result["summary"])
     assert "torch" in result["machine"]
     assert "| eagle |" in capsys.readouterr().out
+
+
+def test_bench_static_cache_modes_are_identical(demo_model_dir, tmp_path):
+    """The static-cache path (what CUDA graphs capture) on the real target, beside
+    transformers' generate with its own static cache."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "List two prime numbers.", "id": 0}) + "\n")
+    out = tmp_path / "r.json"
+    assert main(["bench", "--prompts", str(prompts), "--model", str(demo_model_dir), "--max-new-tokens", "12",
+                 "--kv-cache", "static", "--modes", "eagle,vanilla,hf-static", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["summary"]["all_identical"] is True
+    assert all(r["identical_to_vanilla"] for r in result["rows"] if r["mode"] != "vanilla")
+    assert "speedup_vs_hf_static" in result["summary"]

@@ -135,3 +135,17 @@ def test_graph_cache_falls_back_to_eager_without_cuda():
     out = graphs.run("k", lambda: calls.append(1) or (torch.ones(1),))
     assert calls == [1] and torch.equal(out[0], torch.ones(1))
     assert not graphs.enabled or torch.cuda.is_available()
+
+
+def test_verify_cost_curve_and_floor_on_a_tiny_target():
+    from aerie.bench.verify_cost import TREE_SIZES, format_verify_cost, measure_shape, random_tree, weight_bytes
+    from tests.tiny import tiny_llama
+
+    model = tiny_llama()
+    result = measure_shape("tiny", model, torch.device("cpu"), bandwidth=1e9)
+    assert [p["tree_size"] for p in result["curve"]] == list(TREE_SIZES)
+    assert all(p["ms_p10"] <= p["ms_median"] <= p["ms_p90"] for p in result["curve"])
+    assert result["bandwidth_floor_ms"] == pytest.approx(1e3 * weight_bytes(model) / 1e9)
+    assert "| tiny |" in format_verify_cost({"shapes": [result]})
+    parents = random_tree(20, torch.Generator().manual_seed(1))
+    assert parents[0] == -1 and all(0 <= int(p) < i for i, p in enumerate(parents.tolist()) if i)

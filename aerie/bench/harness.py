@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 from tqdm import tqdm
+from transformers import StaticCache
 
 from aerie.bench.prompts import Prompt
 from aerie.errors import InputError
@@ -25,7 +26,9 @@ from aerie.sampling import SamplingParams
 from aerie.stack import Stack
 from aerie.verifier import StopCriteria
 
-MODES = ("eagle", "vanilla", "hf")
+# hf-dynamic and hf-static are transformers' own `generate` with its default dynamic cache and
+# with `cache_implementation="static"` (which compiles the decode step); hf is hf-dynamic.
+MODES = ("eagle", "vanilla", "hf-dynamic", "hf-static", "hf")
 
 
 @dataclass
@@ -67,10 +70,33 @@ def machine_info(device: str) -> dict:
     return info
 
 
-def _hf_generate(stack: Stack, prompt_ids: list[int], params: SamplingParams, stop: StopCriteria) -> list[int]:
+class HFStaticCache:
+    """One transformers StaticCache reused (reset) across calls: `generate` compiles its
+    decode step for the cache's shape, so a cache that keeps its length compiles once
+    instead of once per prompt length."""
+
+    def __init__(self, model, length: int = 2048):
+        self.model, self.length, self.cache = model, length, None
+
+    @torch.inference_mode()  # its tensors are made and used inside generate's inference mode
+    def for_length(self, needed: int):
+        if self.cache is None or needed > self.length:
+            while self.length < needed:
+                self.length *= 2
+            self.cache = StaticCache(config=self.model.config, max_cache_len=self.length)
+        self.cache.reset()
+        return self.cache
+
+
+def _hf_generate(
+    stack: Stack, prompt_ids: list[int], params: SamplingParams, stop: StopCriteria,
+    static: HFStaticCache | None = None,
+) -> list[int]:
     model = stack.target.model
     ids = torch.tensor([prompt_ids], device=model.device)
     kwargs = dict(max_new_tokens=stop.max_new_tokens, eos_token_id=sorted(stop.stop_token_ids) or None)
+    if static is not None:
+        kwargs["past_key_values"] = static.for_length(len(prompt_ids) + stop.max_new_tokens)
     if params.greedy:
         kwargs.update(do_sample=False)
     else:
@@ -107,8 +133,11 @@ def run_bench(
     # Vanilla runs first whenever asked for, so every other mode can be compared with it.
     order = sorted(modes, key=lambda m: m != "vanilla")
     encoded = [stack.encode_prompt(p.text) for p in prompts]
+    hf_static = HFStaticCache(stack.target.model)
     runners: dict[str, ModeRunner] = {
         "hf": lambda ids, p, s: ModeRun(_hf_generate(stack, ids, p, s)),
+        "hf-dynamic": lambda ids, p, s: ModeRun(_hf_generate(stack, ids, p, s)),
+        "hf-static": lambda ids, p, s: ModeRun(_hf_generate(stack, ids, p, s, hf_static)),
         "vanilla": lambda ids, p, s: ModeRun(engine.generate(ids, p, s, "vanilla").token_ids),
         "eagle": lambda ids, p, s: _engine_run(engine.generate(ids, p, s, "eagle")),
         **extra_modes,
@@ -193,8 +222,9 @@ def summarize(rows: list[dict], modes: list[str], greedy: bool) -> dict:
     }
     if "eagle" in per_mode and "vanilla" in per_mode and per_mode["vanilla"]:
         summary["speedup_vs_vanilla"] = per_mode["eagle"] / per_mode["vanilla"]
-    if "eagle" in per_mode and "hf" in per_mode and per_mode["hf"]:
-        summary["speedup_vs_hf"] = per_mode["eagle"] / per_mode["hf"]
+    for hf in ("hf", "hf-dynamic", "hf-static"):
+        if "eagle" in per_mode and per_mode.get(hf):
+            summary["speedup_vs_" + hf.replace("-", "_")] = per_mode["eagle"] / per_mode[hf]
     if "eagle" in per_mode and "networked" in per_mode and per_mode["eagle"]:
         summary["networked_vs_in_process"] = per_mode["networked"] / per_mode["eagle"]
     return summary
@@ -211,7 +241,9 @@ def format_table(result: dict) -> str:
         split = " | ".join(f"{cost[k]:.1f}" if cost and k in cost else "-" for k in ("draft_ms", "verify_ms", "wire_ms"))
         size = f"{cost['request_bytes'] + cost['response_bytes']:.0f}" if cost and "request_bytes" in cost else "-"
         lines.append(f"| {mode} | {tps:.1f} | {statistics.fmean(taus):.2f} | {split} | {size} |")
-    for key in ("speedup_vs_vanilla", "speedup_vs_hf", "networked_vs_in_process", "all_identical"):
+    keys = ("speedup_vs_vanilla", "speedup_vs_hf", "speedup_vs_hf_dynamic", "speedup_vs_hf_static",
+            "networked_vs_in_process", "all_identical")
+    for key in keys:
         if key in s and s[key] is not None:
             value = f"{s[key]:.2f}x" if isinstance(s[key], float) else str(s[key]).lower()
             lines.append(f"{key}: {value}")

@@ -85,13 +85,15 @@ class _Runner:
     def engine(self, head_path: str, tree: TreeConfig):
         from aerie.engine import Engine
         from aerie.heads import load_head
-        from aerie.target import Target
+        from aerie.target import StaticKV, Target
         from aerie.train.loading import feature_spec
 
         if head_path not in self.heads:
-            probe = Target(self.model, feature_spec(self.model, "eagle3"))
+            # On a GPU the rounds run as CUDA graphs, as they do when serving.
+            static = StaticKV() if self.device == "cuda" else None
+            probe = Target(self.model, feature_spec(self.model, "eagle3"), static=static)
             head = load_head(head_path, probe)
-            self.heads[head_path] = (Target(self.model, head.feature_spec), head)
+            self.heads[head_path] = (Target(self.model, head.feature_spec, static=static), head)
         target, head = self.heads[head_path]
         return Engine(target, head, tree, max_tree_nodes=max(128, tree.total_tokens + 1))
 

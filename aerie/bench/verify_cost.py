@@ -1,0 +1,160 @@
+"""What one verify round costs on this machine: the target's forward time against tree size,
+and the memory-bandwidth floor that a batch-1 forward cannot beat.
+
+    aerie verify-cost --device cuda --shapes demo,llama-8b --out verify_cost.json
+
+`llama-8b` is a Llama-3-8B-shaped model with random bf16 weights built in place on the
+device (nothing is downloaded); its timings are the target side of an 8B deployment. Each
+forward runs exactly as a verify round does: a tree of k nodes on top of a committed prefix,
+on a static cache, replayed as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers, truncate_cache
+
+TREE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+LLAMA_8B = LlamaConfig(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+    tie_word_embeddings=False,
+)
+
+
+@dataclass
+class CostPoint:
+    tree_size: int
+    ms_median: float
+    ms_p10: float
+    ms_p90: float
+
+
+def copy_bandwidth(device: torch.device, gib: float = 2.0, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (each copy reads and writes every byte)."""
+    n = int(gib * (1 << 30))
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * n * repeats / (time.perf_counter() - t0)
+
+
+def random_tree(k: int, generator: torch.Generator) -> torch.Tensor:
+    """Parents of a random k-node tree under a root (k + 1 nodes, topological order)."""
+    parents = [-1]
+    for i in range(1, k + 1):
+        parents.append(int(torch.randint(0, i, (1,), generator=generator)))
+    return torch.tensor(parents)
+
+
+def verify_cost_curve(
+    target: Target, sizes: tuple[int, ...] = TREE_SIZES, prefix: int = 512, repeats: int = 30
+) -> list[CostPoint]:
+    """Time a verify forward of a k-token tree (the root and k - 1 drafted nodes; k = 1 is
+    plain decoding's step) after `prefix` committed tokens, with the host work and the
+    result's read-back that a round includes."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = target.vocab_size
+    cache = target.new_cache()
+    target.forward(cache, torch.randint(0, vocab, (prefix,), generator=gen))
+    points = []
+    for k in sizes:
+        parents = None if k == 1 else random_tree(k - 1, gen)
+        tokens = torch.randint(0, vocab, (k,), generator=gen)
+        times = []
+        for i in range(repeats + 3):
+            _sync(target.device)
+            t0 = time.perf_counter()
+            out = target.forward(cache, tokens, tree_parents=parents)
+            out.logits.argmax(-1).cpu()  # the accept step's read-back: the round's one sync
+            elapsed = time.perf_counter() - t0
+            truncate_cache(cache, prefix)
+            if i >= 3:  # the first runs capture the graph
+                times.append(elapsed * 1e3)
+        times.sort()
+        points.append(CostPoint(k, statistics.median(times), times[len(times) // 10], times[(9 * len(times)) // 10]))
+    target.release_cache(cache)
+    return points
+
+
+def llama_8b_shaped(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:
+    """A Llama-3-8B-shaped causal LM with random weights, built directly on `device`."""
+    config = LLAMA_8B.__class__(**LLAMA_8B.to_dict())
+    config._attn_implementation = "sdpa"
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def measure_shape(name: str, model, device: torch.device, bandwidth: float, graphs: bool = True) -> dict:
+    layers = model.config.num_hidden_layers
+    target = Target(model, FeatureSpec("eagle3", eagle3_default_layers(layers)), static=StaticKV(cuda_graphs=graphs))
+    curve = verify_cost_curve(target)
+    floor_ms = 1e3 * weight_bytes(model) / bandwidth
+    one = curve[0].ms_median
+    return {
+        "shape": name,
+        "weights_gb": weight_bytes(model) / 1e9,
+        "bandwidth_floor_ms": floor_ms,
+        "one_token_ms": one,
+        "one_token_vs_floor": floor_ms / one,
+        "curve": [vars(p) for p in curve],
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_verify_cost(shapes: list[str], device: str, dtype: torch.dtype, graphs: bool) -> dict:
+    from aerie.bench.harness import machine_info
+    from aerie.models import load_causal_lm, resolve_model
+
+    dev = torch.device(device)
+    bandwidth = copy_bandwidth(dev) if dev.type == "cuda" else float("nan")
+    results = []
+    for name in shapes:
+        if name == "demo":
+            model, _ = load_causal_lm(resolve_model(None), device, dtype)
+        elif name == "llama-8b":
+            model = llama_8b_shaped(dev, dtype)
+        else:
+            raise ValueError(f"unknown shape {name!r}: use demo or llama-8b")
+        results.append(measure_shape(name, model, dev, bandwidth, graphs))
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"machine": machine_info(device), "copy_bandwidth_gbs": bandwidth / 1e9, "graphs": graphs,
+            "dtype": str(dtype).removeprefix("torch."), "shapes": results}
+
+
+def format_verify_cost(result: dict) -> str:
+    sizes = [p["tree_size"] for p in result["shapes"][0]["curve"]]
+    lines = ["| shape | " + " | ".join(f"k={k}" for k in sizes) + " | floor (ms) | 1 token vs floor |",
+             "|---|" + "---|" * len(sizes) + "---|---|"]
+    for s in result["shapes"]:
+        cells = " | ".join(f"{p['ms_median']:.2f}" for p in s["curve"])
+        lines.append(f"| {s['shape']} | {cells} | {s['bandwidth_floor_ms']:.2f} | {100 * s['one_token_vs_floor']:.0f}% |")
+    return "\n".join(lines)

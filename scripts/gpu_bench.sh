@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU benchmark, in one go on one GPU, most important first (each step writes its own
+# JSON under RUN_DIR, so an interrupted run keeps what it finished):
+#   1. MT-bench, T=0, bf16: eagle, vanilla (ours: static cache + CUDA graphs) and hf-static
+#   2. a short run of all four modes side by side, hf-dynamic included (it is slow)
+#   3. the verify cost curve (SmolLM2 and a Llama-3-8B shape) and the bandwidth floor
+#   4. HumanEval and MT-bench at T=1; a float32 losslessness check
+#   5. the tau report of the shipped heads
+#
+#   scripts/gpu_bench.sh RUN_DIR DATA_DIR
+#
+# DATA_DIR holds mt_bench_questions.jsonl and HumanEval.jsonl.gz. Sizes from the environment:
+#   LIMIT (all MT-bench prompts)  SIDE_LIMIT (12)  HUMANEVAL_LIMIT (40)  T1_LIMIT (40)
+#   TOKENS (256)  REPORT_MINUTES (3)  REPORT_LIMIT (40)
+set -uo pipefail
+
+run=${1:?usage: gpu_bench.sh RUN_DIR DATA_DIR}
+data=${2:?usage: gpu_bench.sh RUN_DIR DATA_DIR}
+tokens=${TOKENS:-256}
+aerie() { python3 -m aerie.cli "$@"; }
+stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
+mkdir -p "$run"
+mt="$data/mt_bench_questions.jsonl"
+he="$data/HumanEval.jsonl.gz"
+gpu=(--device cuda --dtype bfloat16 --max-new-tokens "$tokens")
+limit=()
+[ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
+
+stamp "mt-bench T=0"
+aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" --modes eagle,vanilla,hf-static --out "$run/mtbench_t0.json"
+
+stamp "side by side, all modes"
+aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-12}" "${gpu[@]}" --modes eagle,vanilla,hf-static,hf-dynamic \
+    --out "$run/side_by_side.json"
+
+stamp "verify cost"
+aerie verify-cost --device cuda --shapes demo,llama-8b --out "$run/verify_cost.json"
+
+stamp "humaneval T=0"
+aerie bench --prompts "$he" --limit "${HUMANEVAL_LIMIT:-40}" "${gpu[@]}" --modes eagle,vanilla,hf-static \
+    --out "$run/humaneval_t0.json"
+
+stamp "mt-bench T=1"
+aerie bench --prompts "$mt" --limit "${T1_LIMIT:-40}" "${gpu[@]}" --temperature 1 --seed 0 --modes eagle,vanilla \
+    --out "$run/mtbench_t1.json"
+
+stamp "float32 losslessness"
+aerie bench --prompts "$mt" --limit 10 --device cuda --dtype float32 --max-new-tokens "$tokens" --modes eagle,vanilla \
+    --out "$run/mtbench_t0_fp32.json"
+
+stamp "tau report"
+aerie train report --device cuda --head eagle3=heads/smollm2-135m-eagle3 --head eagle1=heads/smollm2-135m-eagle1 \
+    --prompts "mt_bench=$mt" --prompts "humaneval=$he" --limit "${REPORT_LIMIT:-40}" --max-new-tokens "$tokens" \
+    --workers 4 --minutes "${REPORT_MINUTES:-3}" --out "$run/report"
+stamp done
