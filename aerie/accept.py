@@ -80,6 +80,7 @@ def accept_sampling(
     children = children_table(parents.cpu()).to(device)
     depth_max = int(node_depths(parents.cpu()).max())
     tokens = tokens.to(device)
+    sibling_u = sibling_u.to(device)
     rows = torch.arange(batch, device=device)
 
     current = torch.zeros(batch, dtype=torch.long, device=device)

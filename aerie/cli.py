@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.add_argument("--gateway", default=None, help="stream through a running gateway at ADDR")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--tree-budget", choices=("fixed", "auto"), default="fixed",
+                     help="auto: choose each round's tree size and depth from measured acceptance and costs")
     _add_model_args(gen)
     _add_sampling_args(gen)
     gen.set_defaults(handler=cmd_generate)
@@ -48,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'turns' per line")
     bench.add_argument("--limit", type=int, default=None)
     bench.add_argument("--modes", default="eagle,vanilla,hf",
-                       help="any of eagle, vanilla, hf and networked (eagle through verify, draft and gateway processes)")
+                       help="any of eagle, vanilla, hf-dynamic (or hf), hf-static, networked (eagle through verify, "
+                       "draft and gateway processes), eagle-auto (--tree-budget auto) and eagle-d<D>-k<K>-n<N> "
+                       "(a fixed tree of depth D, top-k K, N nodes)")
     bench.add_argument("--out", required=True)
     _add_model_args(bench)
     _add_sampling_args(bench)
@@ -115,6 +119,10 @@ def cmd_generate(args) -> int:
                            kv_cache=args.kv_cache)
         ids = stack.encode_prompt(args.prompt, chat=not args.no_chat)
         engine = Engine(stack.target, stack.head, stack.tree)
+        if args.tree_budget == "auto" and args.mode == "eagle":
+            from aerie.budget import auto_engine
+
+            engine = auto_engine(stack)
         res = engine.generate(ids, params, StopCriteria(stop.max_new_tokens, stack.stop_token_ids()), args.mode)
         result = {
             "text": stack.decode(res.token_ids),
@@ -143,8 +151,8 @@ def cmd_bench(args) -> int:
     params, stop = _sampling(args)
     prompts = read_prompts(args.prompts, args.limit)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    stack = load_stack(args.model, args.head, args.device, args.dtype, need_head="eagle" in modes,
-                       kv_cache=args.kv_cache)
+    speculative = any(m.startswith("eagle") or m == "networked" for m in modes)
+    stack = load_stack(args.model, args.head, args.device, args.dtype, need_head=speculative, kv_cache=args.kv_cache)
     with ExitStack() as services:
         extra = {}
         if "networked" in modes:

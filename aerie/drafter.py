@@ -25,6 +25,16 @@ class DraftSession:
 
     def __post_init__(self) -> None:
         self.cache = self.head.new_cache()
+        self._pool: CandidatePool | None = None
+
+    def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Path scores and depths of every candidate the last round drafted (root excluded),
+        before reranking cut them: what `--tree-budget auto` learns from."""
+        pool = self._pool
+        depths = [0] * len(pool.parents)
+        for i in range(1, len(pool.parents)):
+            depths[i] = depths[pool.parents[i]] + 1
+        return torch.tensor(pool.logprobs[1:], dtype=torch.float64), torch.tensor(depths[1:])
 
     def close(self) -> None:
         """Give the head's KV cache back for the next sequence."""
@@ -73,6 +83,7 @@ class DraftSession:
             )[0]
             frontier_logprobs = cumulative[next_frontier]
         truncate_cache(self.cache, committed)
+        self._pool = pool
         return rerank(pool, self.tree.total_tokens) if self.tree.kind == "dynamic" else full_tree(pool)
 
 

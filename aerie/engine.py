@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from aerie.budget import TreeBudget
 from aerie.drafter import DraftSession
 from aerie.heads import DraftHead
 from aerie.sampling import SamplingParams
@@ -79,13 +80,17 @@ class Engine:
         tree: TreeConfig,
         max_tree_nodes: int = 128,
         make_drafter: Callable[[], Drafter] | None = None,
+        budget: TreeBudget | None = None,
     ):
+        """`budget` (for `--tree-budget auto`) picks each round's tree instead of `tree`,
+        learning across generations; it needs a drafter with `candidates()`."""
         if head is not None and head.feature_spec != target.features:
             raise ValueError(f"target exposes {target.features} but the head reads {head.feature_spec}")
         self.target = target
         self.head = head
         self.tree = tree
         self.max_tree_nodes = max_tree_nodes
+        self.budget = budget
         self.make_drafter = make_drafter or (lambda: DraftSession(self._require_head(), self.tree))
 
     def _require_head(self) -> DraftHead:
@@ -134,21 +139,30 @@ class Engine:
             return
         drafter = self.make_drafter()
         try:
-            yield from self._speculate(verifier, drafter, features, (list(prompt_ids) + verifier.generated)[1:])
+            yield from self._speculate(verifier, drafter, features, (list(prompt_ids) + verifier.generated)[1:],
+                                       self.budget)
         finally:
             if hasattr(drafter, "close"):
                 drafter.close()
 
     @staticmethod
     def _speculate(
-        verifier: VerifySession, drafter: Drafter, features: torch.Tensor, next_tokens: list[int]
+        verifier: VerifySession, drafter: Drafter, features: torch.Tensor, next_tokens: list[int],
+        budget: TreeBudget | None,
     ) -> Iterator[tuple[list[int], RoundStats]]:
         while not verifier.done:
+            if budget is not None:
+                drafter.tree = budget.next_tree()
             t0 = time.perf_counter()
             tree = drafter.draft(features, next_tokens)
             t1 = time.perf_counter()
             result = verifier.verify(tree)
             t2 = time.perf_counter()
+            if budget is not None:
+                explored = drafter.tree == budget.largest
+                budget.observe(drafter.tree, tree, drafter.candidates() if explored else None,
+                               result.new_tokens[: result.accepted_draft],
+                               draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1))
             features = result.features
             # The tokens paired with the returned features: the accepted path (any branch of
             # the tree, not its first nodes) and the bonus token. Only a round that ends

@@ -24,6 +24,7 @@ from aerie.tree import DraftTree
 from aerie.verifier import StopCriteria, VerifySession
 from aerie_rpc import wire
 from aerie_rpc.config import service_main
+from aerie_rpc.models import static_kv
 from aerie_rpc.server import ServiceHost
 from aerie_rpc.status import Exhausted, NotFound, ServiceError, abort
 from aerie_rpc.telemetry import extract, extract_grpc, setup_tracing, tracer
@@ -162,7 +163,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                 raise InputError(f"feature layers {list(layers)} out of range for a target of {self.num_layers} layers")
         key = FeatureSpec(kind, layers)
         if key not in self._targets:
-            self._targets[key] = Target(self.model, key)
+            self._targets[key] = Target(self.model, key, static=static_kv(self.model.device))
         return self._targets[key]
 
     def drain(self) -> None:

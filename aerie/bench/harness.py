@@ -8,6 +8,7 @@ loop split over verify, draft and gateway processes), so the core stays free of 
 from __future__ import annotations
 
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -20,15 +21,20 @@ from tqdm import tqdm
 from transformers import StaticCache
 
 from aerie.bench.prompts import Prompt
+from aerie.budget import auto_engine
 from aerie.errors import InputError
 from aerie.engine import Engine
 from aerie.sampling import SamplingParams
 from aerie.stack import Stack
+from aerie.tree import TreeConfig
 from aerie.verifier import StopCriteria
 
 # hf-dynamic and hf-static are transformers' own `generate` with its default dynamic cache and
 # with `cache_implementation="static"` (which compiles the decode step); hf is hf-dynamic.
 MODES = ("eagle", "vanilla", "hf-dynamic", "hf-static", "hf")
+# Variants of eagle in the same run: `eagle-auto` (--tree-budget auto) and fixed trees
+# `eagle-d<depth>-k<top_k>-n<total_tokens>`, for sweeping the tree budget side by side.
+EAGLE_VARIANT = re.compile(r"^eagle-(auto|d(\d+)-k(\d+)-n(\d+))$")
 
 
 @dataclass
@@ -123,10 +129,13 @@ def run_bench(
     extra_modes: dict[str, ModeRunner] | None = None,
 ) -> dict:
     extra_modes = extra_modes or {}
-    unknown = [m for m in modes if m not in MODES and m not in extra_modes]
+    unknown = [m for m in modes if m not in MODES and m not in extra_modes and not EAGLE_VARIANT.match(m)]
     if unknown:
-        raise InputError(f"unknown bench modes {unknown}: choose from {', '.join([*MODES, *extra_modes])}")
-    if "eagle" in modes and stack.head is None:
+        raise InputError(
+            f"unknown bench modes {unknown}: choose from {', '.join([*MODES, *extra_modes])}, "
+            "eagle-auto or eagle-d<depth>-k<top_k>-n<total_tokens>"
+        )
+    if any(m.startswith("eagle") for m in modes) and stack.head is None:
         raise InputError("mode eagle needs a draft head")
     engine = Engine(stack.target, stack.head, stack.tree)
     stop = StopCriteria(max_new_tokens, stack.stop_token_ids())
@@ -140,6 +149,7 @@ def run_bench(
         "hf-static": lambda ids, p, s: ModeRun(_hf_generate(stack, ids, p, s, hf_static)),
         "vanilla": lambda ids, p, s: ModeRun(engine.generate(ids, p, s, "vanilla").token_ids),
         "eagle": lambda ids, p, s: _engine_run(engine.generate(ids, p, s, "eagle")),
+        **{m: _eagle_variant(stack, m) for m in modes if EAGLE_VARIANT.match(m)},
         **extra_modes,
     }
     _warm_up([runners[m] for m in order], encoded[0], params, StopCriteria(4, stop.stop_token_ids), device)
@@ -182,6 +192,20 @@ def run_bench(
     }
 
 
+def _eagle_variant(stack: Stack, mode: str) -> ModeRunner:
+    match = EAGLE_VARIANT.match(mode)
+    if match.group(1) == "auto":
+        engine = auto_engine(stack)
+    else:
+        depth, top_k, total = (int(g) for g in match.groups()[1:])
+        try:
+            tree = TreeConfig("dynamic", depth, top_k, total)
+        except ValueError as e:
+            raise InputError(f"bench mode {mode}: {e}") from None
+        engine = Engine(stack.target, stack.head, tree, max_tree_nodes=max(128, total + 1))
+    return lambda ids, p, s: _engine_run(engine.generate(ids, p, s, "eagle"))
+
+
 def _engine_run(res) -> ModeRun:
     rounds = res.rounds
     per_round = None
@@ -211,7 +235,8 @@ def summarize(rows: list[dict], modes: list[str], greedy: bool) -> dict:
         if costs:
             per_round[mode] = {key: statistics.fmean(c[key] for c in costs) for key in costs[0]}
     eagle_rows = [r for r in rows if r["mode"] == "eagle"]
-    compared = [r["identical_to_vanilla"] for r in eagle_rows if r["identical_to_vanilla"] is not None]
+    speculative = [r for r in rows if r["mode"].startswith("eagle") or r["mode"] == "networked"]
+    compared = [r["identical_to_vanilla"] for r in speculative if r["identical_to_vanilla"] is not None]
     summary = {
         # Token identity is the losslessness check at T=0; under sampling the distributions,
         # not the draws, are what must match, so it is reported but not required.
@@ -225,6 +250,9 @@ def summarize(rows: list[dict], modes: list[str], greedy: bool) -> dict:
     for hf in ("hf", "hf-dynamic", "hf-static"):
         if "eagle" in per_mode and per_mode.get(hf):
             summary["speedup_vs_" + hf.replace("-", "_")] = per_mode["eagle"] / per_mode[hf]
+    fixed = [tps for m, tps in per_mode.items() if EAGLE_VARIANT.match(m) and m != "eagle-auto"]
+    if "eagle-auto" in per_mode and fixed:
+        summary["auto_vs_best_fixed"] = per_mode["eagle-auto"] / max(fixed)
     if "eagle" in per_mode and "networked" in per_mode and per_mode["eagle"]:
         summary["networked_vs_in_process"] = per_mode["networked"] / per_mode["eagle"]
     return summary
@@ -242,7 +270,7 @@ def format_table(result: dict) -> str:
         size = f"{cost['request_bytes'] + cost['response_bytes']:.0f}" if cost and "request_bytes" in cost else "-"
         lines.append(f"| {mode} | {tps:.1f} | {statistics.fmean(taus):.2f} | {split} | {size} |")
     keys = ("speedup_vs_vanilla", "speedup_vs_hf", "speedup_vs_hf_dynamic", "speedup_vs_hf_static",
-            "networked_vs_in_process", "all_identical")
+            "networked_vs_in_process", "auto_vs_best_fixed", "all_identical")
     for key in keys:
         if key in s and s[key] is not None:
             value = f"{s[key]:.2f}x" if isinstance(s[key], float) else str(s[key]).lower()

@@ -31,7 +31,9 @@ from aerie.train.ttt import (
 CHECKPOINT = "checkpoint.pt"
 LOG = "train_log.jsonl"
 PLOT = "training.png"
-# --max-minutes: steps skipped, then steps timed, before the schedule is fitted to the budget.
+# --max-minutes: steps skipped, then steps timed, before the schedule is fitted to the budget;
+# it is fitted again every TIMED_STEPS steps, from the speed of the latest ones, because the
+# speed changes when a job sharing the GPU starts or ends.
 WARM_STEPS = 10
 TIMED_STEPS = 20
 
@@ -216,8 +218,8 @@ def train(
     t_start = time.perf_counter()
     t_window = t_start
     first_step = step  # steps before it ran in an earlier process (--resume)
-    capped = config.max_minutes is None
-    t_warm = t_start
+    requested_total = total
+    t_timed = t_start
     bar = tqdm(total=total, initial=step, desc=f"train {config.kind}", unit="step", disable=not progress, dynamic_ncols=True)
     batches = make_batches(train_samples, config.batch_tokens, config.seed, epoch) if step else epoch_batches
 
@@ -254,17 +256,18 @@ def train(
             acc_cnt[k] += stats.step_count[k]
         bar.update(1)
 
-        if step - first_step == WARM_STEPS:
-            t_warm = time.perf_counter()
-        if not capped and step - first_step == WARM_STEPS + TIMED_STEPS:
-            # Fit the schedule to the time budget from the step time measured in this process,
-            # after the first steps (allocator and kernel warm-up run several times slower).
-            per_step = (time.perf_counter() - t_warm) / TIMED_STEPS
-            budget = config.max_minutes * 60 - elapsed_before - (time.perf_counter() - t_start)
-            total = min(total, step + max(1, int(budget / per_step)))
-            bar.total = total
-            bar.refresh()
-            capped = True
+        timed = step - first_step - WARM_STEPS
+        if config.max_minutes is not None and timed >= 0 and timed % TIMED_STEPS == 0:
+            # Fit the schedule to the time left from the latest steps' speed (the first steps,
+            # with allocator and kernel warm-up, run several times slower and are skipped).
+            now = time.perf_counter()
+            if timed > 0:
+                per_step = (now - t_timed) / TIMED_STEPS
+                budget = config.max_minutes * 60 - elapsed_before - (now - t_start)
+                total = min(requested_total, step + max(1, int(budget / per_step)))
+                bar.total = total
+                bar.refresh()
+            t_timed = now
 
         if step % config.log_every == 0 or step == total:
             now = time.perf_counter()

@@ -1,0 +1,183 @@
+"""`--tree-budget auto`: the draft tree's size and depth that maximise tokens per second.
+
+A round commits (accepted + 1) tokens and costs draft(depth) + verify(tree tokens) + round
+trip. A bigger tree accepts more but costs more, and where the balance lies depends on the
+machine (a GPU verifies 64 tokens for about the price of one, a CPU does not) and on the
+prompts (code is easier to guess than prose). So both sides are measured while serving:
+
+- acceptance: every `explore_every`-th round drafts the largest tree. Because a dynamic tree
+  of N nodes and depth d is exactly the N best-scoring candidates of depth <= d among what
+  the drafter expanded (the expansion of each level does not depend on N or on deeper
+  levels), such a round tells what every smaller tree would have accepted: the accepted
+  path's nodes that make that cut (`accepted_if`). Under greedy acceptance this is exact;
+  under sampling it is the same estimate, with the path the sampler chose.
+- cost: the measured verify time of each tree-size bucket (the verifier runs padded buckets,
+  so cost is a step function of size) and the measured draft time per depth, plus the round
+  trip for a networked verifier. Sizes not yet measured are visited once during warm-up.
+
+The choice is then the candidate (N, d) with the largest (E[accepted(N, d)] + 1) / cost.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from aerie.graphs import bucket_for
+from aerie.tree import DraftTree, TreeConfig
+
+
+@dataclass(frozen=True)
+class ExploredRound:
+    """One round drafted with the largest tree: every candidate's path score and depth, and
+    the accepted path's (root excluded) scores and depths, root to leaf."""
+
+    scores: torch.Tensor  # float64 [m]
+    depths: torch.Tensor  # int64 [m]
+    path_scores: tuple[float, ...]
+    path_depths: tuple[int, ...]
+
+
+def accepted_if(round_: ExploredRound, total_tokens: int, depth: int) -> int:
+    """Draft tokens the round would have accepted with a tree of the `total_tokens` best
+    candidates of depth <= `depth`: the leading accepted nodes that make that cut."""
+    eligible = round_.scores[round_.depths <= depth]
+    cutoff = -math.inf
+    if eligible.numel() > total_tokens:
+        cutoff = float(torch.topk(eligible, total_tokens).values[-1])
+    accepted = 0
+    for score, d in zip(round_.path_scores, round_.path_depths):
+        if d > depth or score < cutoff:
+            break
+        accepted += 1
+    return accepted
+
+
+def path_nodes(tree: DraftTree, accepted_tokens: list[int]) -> list[int]:
+    """The tree nodes (root excluded) that the verifier accepted, found by following the
+    accepted tokens down from the root (siblings never repeat a token)."""
+    parents = tree.parents.tolist()
+    tokens = tree.tokens.tolist()
+    node, path = 0, []
+    for token in accepted_tokens:
+        child = next((c for c in range(1, len(tokens)) if parents[c] == node and tokens[c] == token), None)
+        if child is None:
+            break
+        path.append(child)
+        node = child
+    return path
+
+
+@dataclass
+class CostModel:
+    """Measured costs in ms: verify per bucket of tree tokens, draft per depth, round trip."""
+
+    verify_ms: dict[int, float] = field(default_factory=dict)
+    draft_ms: dict[int, float] = field(default_factory=dict)
+    rtt_ms: float = 0.0
+    smoothing: float = 0.2  # weight of a new measurement in the running means
+
+    def observe(self, bucket: int, depth: int, verify_ms: float, draft_ms: float, rtt_ms: float = 0.0) -> None:
+        self.verify_ms[bucket] = _ema(self.verify_ms.get(bucket), verify_ms, self.smoothing)
+        self.draft_ms[depth] = _ema(self.draft_ms.get(depth), draft_ms, self.smoothing)
+        self.rtt_ms = _ema(self.rtt_ms or None, rtt_ms, self.smoothing)
+
+    def draft(self, depth: int) -> float:
+        """Measured, or scaled from the nearest measured depth: a round runs one head
+        forward to commit and one per level below the first."""
+        if depth in self.draft_ms:
+            return self.draft_ms[depth]
+        near = min(self.draft_ms, key=lambda d: abs(d - depth))
+        return self.draft_ms[near] * depth / near
+
+    def round_ms(self, bucket: int, depth: int) -> float:
+        return self.draft(depth) + self.verify_ms[bucket] + self.rtt_ms
+
+
+def _ema(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
+class TreeBudget:
+    """Chooses the next round's tree. `largest` is the explored tree (its depth, top-k and
+    size bound the choice); `largest_graph` is the verifier's largest graphed forward."""
+
+    def __init__(self, largest: TreeConfig, largest_graph: int = 128, explore_every: int = 8, window: int = 512):
+        if largest.kind != "dynamic":
+            raise ValueError("--tree-budget auto needs the dynamic tree")
+        self.largest = largest
+        self.largest_graph = largest_graph
+        self.explore_every = explore_every
+        self.log: deque[ExploredRound] = deque(maxlen=window)
+        self.costs = CostModel()
+        self.rounds = 0
+        # Tree sizes that fill a verify bucket exactly (root included), up to the largest.
+        self.sizes = sorted({min(b, largest.total_tokens + 1) - 1 for b in _powers(2, largest_graph)} - {0})
+        self._warmup = [s for s in self.sizes if s != largest.total_tokens]
+
+    def next_tree(self) -> TreeConfig:
+        self.rounds += 1
+        if self._warmup and self.rounds % 2 == 0:  # measure each size's cost once, between explorations
+            return self._tree(self._warmup.pop(), self.largest.depth)
+        if not self.log or self.rounds % self.explore_every == 1 or self._warmup:
+            return self.largest
+        n, d = self.choice()
+        return self._tree(n, d)
+
+    def observe(self, tree_config: TreeConfig, tree: DraftTree, candidates: tuple[torch.Tensor, torch.Tensor] | None,
+                accepted_tokens: list[int], draft_ms: float, verify_ms: float, rtt_ms: float = 0.0) -> None:
+        """Record a finished round. `candidates` are (scores, depths) of every drafted
+        candidate, given for rounds drafted with the largest tree; `accepted_tokens` are
+        the accepted draft tokens (the bonus token left out)."""
+        bucket = bucket_for(len(tree), self.largest_graph) or len(tree)
+        self.costs.observe(bucket, tree_config.depth, verify_ms, draft_ms, rtt_ms)
+        if tree_config == self.largest and candidates is not None:
+            path = path_nodes(tree, accepted_tokens)
+            depths = tree.depths
+            self.log.append(ExploredRound(
+                scores=candidates[0].double(), depths=candidates[1],
+                path_scores=tuple(float(tree.logprobs[i]) for i in path),
+                path_depths=tuple(int(depths[i]) for i in path),
+            ))
+
+    def expected_accepted(self, total_tokens: int, depth: int) -> float:
+        return statistics.fmean(accepted_if(r, total_tokens, depth) for r in self.log) if self.log else 0.0
+
+    def choice(self) -> tuple[int, int]:
+        """The (total_tokens, depth) with the most expected tokens per ms, among measured sizes."""
+        best, best_rate = (self.largest.total_tokens, self.largest.depth), -1.0
+        for n in self.sizes:
+            bucket = bucket_for(n + 1, self.largest_graph) or n + 1
+            if bucket not in self.costs.verify_ms:
+                continue
+            for d in range(1, self.largest.depth + 1):
+                rate = (self.expected_accepted(n, d) + 1) / self.costs.round_ms(bucket, d)
+                if rate > best_rate:
+                    best, best_rate = (n, d), rate
+        return best
+
+    def _tree(self, total_tokens: int, depth: int) -> TreeConfig:
+        return TreeConfig("dynamic", depth, self.largest.top_k, total_tokens)
+
+
+def _powers(start: int, end: int) -> list[int]:
+    out, b = [], start
+    while b <= end:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def auto_engine(stack):
+    """An engine whose tree is chosen by a `TreeBudget`, exploring up to the stack's depth
+    and top-k and the verifier's largest graphed forward."""
+    from aerie.engine import Engine  # the engine takes a TreeBudget: import here, not at the top
+
+    largest_graph = stack.target.static.largest_graph if stack.target.static else 128
+    largest = TreeConfig("dynamic", stack.tree.depth, stack.tree.top_k, largest_graph - 1)
+    budget = TreeBudget(largest, largest_graph=largest_graph)
+    return Engine(stack.target, stack.head, largest, max_tree_nodes=largest_graph, budget=budget)

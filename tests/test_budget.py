@@ -1,0 +1,145 @@
+"""`--tree-budget auto`: the counterfactual acceptance of smaller trees against rebuilding
+them, the choice against brute force on synthetic cost curves, and lossless generation."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from aerie.budget import ExploredRound, TreeBudget, accepted_if, path_nodes
+from aerie.engine import Engine
+from aerie.sampling import SamplingParams
+from aerie.target import StaticKV, Target
+from aerie.tree import CandidatePool, DraftTree, TreeConfig, expand_level, rerank
+from aerie.verifier import StopCriteria
+from tests.tiny import tiny_head, tiny_target
+
+DEPTH, TOP_K = 5, 4
+
+
+def random_pool(seed: int) -> CandidatePool:
+    """Candidates as the drafter expands them level by level, each with a unique token."""
+    gen = torch.Generator().manual_seed(seed)
+    config = TreeConfig("dynamic", DEPTH, TOP_K, 10)
+    pool = CandidatePool.rooted_at(0)
+    frontier, frontier_lp = [0], torch.zeros(1)
+    for level in range(1, DEPTH + 1):
+        child_lp = torch.log_softmax(2 * torch.randn(len(frontier), 50, generator=gen), dim=-1)
+        slots, _, cumulative, nxt = expand_level(frontier_lp, child_lp, config, level)
+        start = len(pool.tokens)
+        nodes = pool.add(torch.arange(start, start + len(slots)), torch.tensor(frontier)[slots], cumulative)
+        frontier, frontier_lp = [nodes[i] for i in nxt.tolist()], cumulative[nxt]
+    return pool
+
+
+def depths_of(pool: CandidatePool) -> list[int]:
+    depths = [0] * len(pool.parents)
+    for i in range(1, len(pool.parents)):
+        depths[i] = depths[pool.parents[i]] + 1
+    return depths
+
+
+def rebuilt_acceptance(pool: CandidatePool, path: list[int], total: int, depth: int) -> int:
+    """Brute force: rebuild the tree of `total` nodes and `depth` levels, then accept the
+    longest prefix of the true continuation that it contains."""
+    keep = [i for i, d in enumerate(depths_of(pool)) if d <= depth]  # levels are added in order
+    sub = CandidatePool(pool.tokens[: len(keep)], pool.parents[: len(keep)], pool.logprobs[: len(keep)])
+    in_tree = set(rerank(sub, total).tokens.tolist())
+    accepted = 0
+    for node in path:
+        if pool.tokens[node] not in in_tree:
+            break
+        accepted += 1
+    return accepted
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_accepted_if_equals_rebuilding_the_smaller_tree(seed):
+    pool = random_pool(seed)
+    depths = depths_of(pool)
+    rng = random.Random(seed)
+    leaf = rng.choice([i for i, d in enumerate(depths) if d == DEPTH])
+    path = []
+    while leaf > 0:
+        path.append(leaf)
+        leaf = pool.parents[leaf]
+    path.reverse()
+    cut = rng.randrange(1, len(path) + 1)  # where the target stops agreeing
+    path = path[:cut]
+    round_ = ExploredRound(
+        scores=torch.tensor(pool.logprobs[1:], dtype=torch.float64), depths=torch.tensor(depths[1:]),
+        path_scores=tuple(pool.logprobs[i] for i in path), path_depths=tuple(depths[i] for i in path),
+    )
+    for total in (1, 3, 7, 15, 31, len(pool.tokens) - 1):
+        for depth in range(1, DEPTH + 1):
+            assert accepted_if(round_, total, depth) == rebuilt_acceptance(pool, path, total, depth), (total, depth)
+
+
+def test_path_nodes_follows_the_accepted_tokens():
+    tree = DraftTree(torch.tensor([9, 4, 5, 6, 7]), torch.tensor([-1, 0, 0, 2, 2]), torch.zeros(5))
+    assert path_nodes(tree, [5, 7]) == [2, 4]
+    assert path_nodes(tree, [4]) == [1]
+    assert path_nodes(tree, []) == []
+
+
+def synthetic_budget(verify_ms, draft_ms_per_level: float) -> TreeBudget:
+    """A budget fed 200 explored rounds of random pools and a cost curve."""
+    budget = TreeBudget(TreeConfig("dynamic", DEPTH, TOP_K, 63), largest_graph=64)
+    rng = random.Random(0)
+    for seed in range(40):
+        pool = random_pool(100 + seed)
+        depths = depths_of(pool)
+        for _ in range(5):
+            node, path = 0, []
+            while depths[node] < DEPTH and rng.random() < 0.75:  # follow the best child mostly
+                children = [c for c in range(1, len(depths)) if pool.parents[c] == node]
+                if not children:  # not on the expanded frontier
+                    break
+                children.sort(key=lambda c: -pool.logprobs[c])
+                node = children[0] if rng.random() < 0.7 or len(children) == 1 else children[1]
+                path.append(node)
+            budget.log.append(ExploredRound(
+                torch.tensor(pool.logprobs[1:], dtype=torch.float64), torch.tensor(depths[1:]),
+                tuple(pool.logprobs[i] for i in path), tuple(depths[i] for i in path)))
+    for bucket in (2, 4, 8, 16, 32, 64):
+        budget.costs.verify_ms[bucket] = verify_ms(bucket)
+    for depth in range(1, DEPTH + 1):
+        budget.costs.draft_ms[depth] = draft_ms_per_level * depth
+    return budget
+
+
+@pytest.mark.parametrize("name,verify_ms", [
+    ("gpu-like, flat", lambda tokens: 4.0 + 0.004 * tokens),
+    ("cpu-like, steep", lambda tokens: 2.0 + 0.9 * tokens),
+])
+def test_choice_is_the_brute_force_best(name, verify_ms):
+    budget = synthetic_budget(verify_ms, draft_ms_per_level=0.3)
+    rates = {}
+    for n in (1, 3, 7, 15, 31, 63):
+        for d in range(1, DEPTH + 1):
+            mean = sum(accepted_if(r, n, d) for r in budget.log) / len(budget.log)
+            rates[(n, d)] = (mean + 1) / (0.3 * d + verify_ms(n + 1))
+    assert budget.choice() == max(rates, key=rates.get)
+
+
+def test_costlier_verification_chooses_smaller_trees():
+    flat = synthetic_budget(lambda t: 4.0 + 0.004 * t, 0.3).choice()
+    steep = synthetic_budget(lambda t: 2.0 + 0.9 * t, 0.3).choice()
+    assert steep[0] < flat[0]
+
+
+def test_auto_budget_generation_is_lossless_and_learns():
+    target = tiny_target("eagle3")
+    static = Target(target.model, target.features, static=StaticKV(largest_graph=16, initial_capacity=32))
+    head = tiny_head(static, "eagle3", 48)
+    budget = TreeBudget(TreeConfig("dynamic", 4, 3, 15), largest_graph=16, explore_every=4)
+    engine = Engine(static, head, budget.largest, budget=budget)
+    prompt = [3, 14, 15, 9, 26, 5]
+    eagle = engine.generate(prompt, SamplingParams(), StopCriteria(40))
+    plain = Engine(target, None, TreeConfig()).generate(prompt, SamplingParams(), StopCriteria(40), "vanilla")
+    assert eagle.token_ids == plain.token_ids
+    assert len(budget.log) >= 2
+    assert set(budget.costs.verify_ms) >= {2, 4, 8, 16}  # every size was measured in warm-up
+    assert {r.tree_size for r in eagle.rounds} >= {1, 3, 7, 15}
