@@ -2,16 +2,19 @@
 # The GPU benchmark, in one go on one GPU, most important first (each step writes its own
 # JSON under RUN_DIR, so an interrupted run keeps what it finished):
 #   1. MT-bench, T=0, bf16: eagle, vanilla (ours: static cache + CUDA graphs) and hf-static
-#   2. a short run of all four modes side by side, hf-dynamic included (it is slow)
-#   3. the verify cost curve (SmolLM2 and a Llama-3-8B shape) and the bandwidth floor
-#   4. HumanEval and MT-bench at T=1; a float32 losslessness check
-#   5. the tau report of the shipped heads
+#   2. the verify cost curve (SmolLM2 and a Llama-3-8B shape) and the bandwidth floor
+#   3. a short run with hf-dynamic beside eagle and vanilla (hf-dynamic is slow)
+#   4. the tree-budget sweep: fixed trees against eagle-auto, side by side
+#   5. the networked split against in-process
+#   6. HumanEval and MT-bench at T=1; a float32 losslessness check
+#   7. the tau report of the shipped heads
 #
 #   scripts/gpu_bench.sh RUN_DIR DATA_DIR
 #
 # DATA_DIR holds mt_bench_questions.jsonl and HumanEval.jsonl.gz. Sizes from the environment:
-#   LIMIT (all MT-bench prompts)  SIDE_LIMIT (12)  HUMANEVAL_LIMIT (40)  T1_LIMIT (40)
+#   LIMIT (all MT-bench prompts)  SIDE_LIMIT (10)  HUMANEVAL_LIMIT (40)  T1_LIMIT (40)
 #   TOKENS (256)  REPORT_MINUTES (3)  REPORT_LIMIT (40)
+# If the static-cache/CUDA-graph path fails in step 1, the rest runs with dynamic caches.
 set -uo pipefail
 
 run=${1:?usage: gpu_bench.sh RUN_DIR DATA_DIR}
@@ -27,17 +30,30 @@ limit=()
 [ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
 
 stamp "mt-bench T=0"
-aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" --modes eagle,vanilla,hf-static --out "$run/mtbench_t0.json"
-
-stamp "side by side, all modes"
-aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-12}" "${gpu[@]}" --modes eagle,vanilla,hf-static,hf-dynamic \
-    --out "$run/side_by_side.json"
+if ! aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" --modes eagle,vanilla,hf-static --out "$run/mtbench_t0.json"; then
+    echo "static caches failed: continuing with --kv-cache dynamic"
+    gpu+=(--kv-cache dynamic)
+fi
 
 stamp "verify cost"
 aerie verify-cost --device cuda --shapes demo,llama-8b --out "$run/verify_cost.json"
 
+stamp "hf-dynamic beside eagle and vanilla"
+aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-10}" "${gpu[@]}" --modes eagle,vanilla,hf-dynamic \
+    --out "$run/side_by_side.json"
+
+stamp "tree budget sweep"
+sweep=eagle-auto
+for depth in 5 8; do
+    for nodes in 15 31 63 127; do sweep+=",eagle-d$depth-k10-n$nodes"; done
+done
+aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-10}" "${gpu[@]}" --modes "$sweep" --out "$run/budget_sweep.json"
+
+stamp "networked"
+aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-10}" "${gpu[@]}" --modes eagle,networked --out "$run/networked.json"
+
 stamp "humaneval T=0"
-aerie bench --prompts "$he" --limit "${HUMANEVAL_LIMIT:-40}" "${gpu[@]}" --modes eagle,vanilla,hf-static \
+aerie bench --prompts "$he" --limit "${HUMANEVAL_LIMIT:-40}" "${gpu[@]}" --modes eagle,vanilla \
     --out "$run/humaneval_t0.json"
 
 stamp "mt-bench T=1"

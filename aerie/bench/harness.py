@@ -240,7 +240,7 @@ def summarize(rows: list[dict], modes: list[str], greedy: bool) -> dict:
     summary = {
         # Token identity is the losslessness check at T=0; under sampling the distributions,
         # not the draws, are what must match, so it is reported but not required.
-        "all_identical": bool(compared) and all(compared) if greedy else None,
+        "all_identical": all(compared) if greedy and compared else None,
         "tau_mean": statistics.fmean(r["tau"] for r in eagle_rows) if eagle_rows else None,
         "tokens_per_s": per_mode,
         "per_round": per_round,
