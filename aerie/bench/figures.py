@@ -1,0 +1,132 @@
+"""Plots and tables from a GPU benchmark run (`scripts/gpu_bench.sh`): tokens/s per mode,
+the verify cost curve against the bandwidth floor, and the histogram of accepted lengths.
+
+    python -m aerie.bench.figures RUN_DIR OUT_DIR
+
+writes OUT_DIR/*.png and prints markdown tables for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+
+def load(run: Path, name: str) -> dict | None:
+    path = run / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def modes_table(result: dict, title: str) -> str:
+    s = result["summary"]
+    taus = {}
+    for r in result["rows"]:
+        taus.setdefault(r["mode"], []).append(r["tau"])
+    lines = [f"**{title}** ({result['config']['prompts']} prompts, {result['config']['max_new_tokens']} new tokens, "
+             f"T={result['config']['temperature']:g}, {result['config']['dtype']})", "",
+             "| mode | tokens/s | tau | draft ms / round | verify ms / round |", "|---|---|---|---|---|"]
+    for mode, tps in s["tokens_per_s"].items():
+        cost = s.get("per_round", {}).get(mode, {})
+        tau = sum(taus[mode]) / len(taus[mode])
+        d, v = cost.get("draft_ms"), cost.get("verify_ms")
+        lines.append(f"| {mode} | {tps:.1f} | {tau:.2f} | {'' if d is None else f'{d:.2f}'} | "
+                     f"{'' if v is None else f'{v:.2f}'} |")
+    extras = [f"{k}: {v:.2f}x" for k, v in s.items() if k.startswith(("speedup", "auto_vs", "networked_vs"))]
+    extras.append(f"all_identical: {s.get('all_identical')}")
+    return "\n".join(lines + ["", "; ".join(extras)])
+
+
+def accepted_histogram(result: dict, mode: str = "eagle") -> Counter:
+    hist: Counter = Counter()
+    for r in result["rows"]:
+        if r["mode"] == mode and r["accepted_per_round"]:
+            hist.update(r["accepted_per_round"])
+    return hist
+
+
+def plot_all(run: Path, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    main, side = load(run, "mtbench_t0"), load(run, "side_by_side")
+    if main:
+        gpu = main["machine"].get("gpu", main["machine"]["cpu"])
+        rates = dict(main["summary"]["tokens_per_s"])
+        if side and "hf-dynamic" in side["summary"]["tokens_per_s"]:
+            rates["hf-dynamic*"] = side["summary"]["tokens_per_s"]["hf-dynamic"]
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.bar(list(rates), list(rates.values()), color=["#2b6cb0" if m == "eagle" else "#999" for m in rates])
+        for i, v in enumerate(rates.values()):
+            ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"MT-bench, T=0, batch 1 - {gpu}", fontsize=9)
+        fig.tight_layout()
+        written.append(out / "gpu_tokens_per_s.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+        hist = accepted_histogram(main)
+        if hist:
+            fig, ax = plt.subplots(figsize=(6, 3))
+            keys = range(0, max(hist) + 1)
+            total = sum(hist.values())
+            ax.bar(list(keys), [hist.get(k, 0) / total for k in keys], color="#2b6cb0")
+            ax.set_xlabel("draft tokens accepted in a round")
+            ax.set_ylabel("share of rounds")
+            ax.set_title(f"Accepted lengths, MT-bench T=0 ({total} rounds) - {gpu}", fontsize=9)
+            fig.tight_layout()
+            written.append(out / "gpu_accepted_lengths.png")
+            fig.savefig(written[-1], dpi=120)
+            plt.close(fig)
+
+    cost = load(run, "verify_cost")
+    if cost:
+        shapes = cost["shapes"]
+        fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 3.2))
+        axes = axes if len(shapes) > 1 else [axes]
+        for ax, s in zip(axes, shapes):
+            sizes = [p["tree_size"] for p in s["curve"]]
+            ax.plot(sizes, [p["ms_median"] for p in s["curve"]], "o-", label="verify forward (graph)")
+            ax.fill_between(sizes, [p["ms_p10"] for p in s["curve"]], [p["ms_p90"] for p in s["curve"]], alpha=0.2)
+            ax.axhline(s["bandwidth_floor_ms"], color="r", ls="--", label="weights / copy bandwidth")
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("tokens in the tree")
+            ax.set_ylabel("ms")
+            ax.set_title(f"{s['shape']} ({s['weights_gb']:.1f} GB)", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Verify cost against tree size - {cost['machine'].get('gpu', '')}", fontsize=9)
+        fig.tight_layout()
+        written.append(out / "gpu_verify_cost.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def main(argv: list[str]) -> int:
+    run, out = Path(argv[0]), Path(argv[1])
+    for path in plot_all(run, out):
+        print(f"wrote {path}")
+    for name, title in (("mtbench_t0", "MT-bench T=0"), ("side_by_side", "hf-dynamic beside eagle"),
+                        ("budget_sweep", "tree budget sweep"), ("networked", "networked split"),
+                        ("humaneval_t0", "HumanEval T=0"), ("mtbench_t1", "MT-bench T=1"),
+                        ("mtbench_t0_fp32", "MT-bench T=0, float32")):
+        result = load(run, name)
+        if result:
+            print("\n" + modes_table(result, title))
+    cost = load(run, "verify_cost")
+    if cost:
+        from aerie.bench.verify_cost import format_verify_cost
+
+        print(f"\ncopy bandwidth {cost['copy_bandwidth_gbs']:.0f} GB/s\n" + format_verify_cost(cost))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
