@@ -648,6 +648,8 @@ GATEWAY_CASES = [
     ("top-k-negative", gen_request(prompt_ids=[1, 2], params={"top_k": -1}), grpc.StatusCode.INVALID_ARGUMENT,
      "top_k"),
     ("seed-negative", gen_request(prompt_ids=[1, 2], params={"seed": -3}), grpc.StatusCode.INVALID_ARGUMENT, "seed"),
+    ("seed-too-large", gen_request(prompt_ids=[1, 2], params={"seed": 2**62}), grpc.StatusCode.INVALID_ARGUMENT,
+     "seed"),
     ("max-new-over-limit", gen_request(prompt_ids=[1, 2], max_new_tokens=GATEWAY_MAX_NEW + 1),
      grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
     ("no-prompt", gen_request(), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
