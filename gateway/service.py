@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -452,7 +453,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             span.set_attribute(key, value)
         trace_id = trace_id_hex(span)
         generated = list(record.generated_ids)
-        text = self._decode(generated)
+        _, text = text_delta("", self._decode(generated))
         t_start = time.perf_counter()
         start_len = len(generated)
         rounds = accepted = resumes = 0
@@ -546,9 +547,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                 first_token_at = last_token_at
                                 m.ttft.record(first_token_at - t_start)
                             m.output_tokens.add(len(tokens))
-                        new_text = self._decode(generated)
-                        delta = new_text[len(text):] if new_text.startswith(text) else new_text
-                        text = new_text
+                        delta, text = text_delta(text, self._decode(generated))
                         yield gateway_pb2.GenerateEvent(session_id=sid, tokens=gateway_pb2.Tokens(
                             ids=tokens, text=delta, stats=stats, generated=len(generated)))
                         if round_done:
@@ -651,6 +650,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 class _StreamEnded(Exception):
     pass
+
+
+def text_delta(sent: str, full: str) -> tuple[str, str]:
+    """The text to stream next, and all text streamed after it, given `sent` so far and the
+    decoding `full` of every token so far. A trailing U+FFFD is a character whose bytes have
+    not all come yet: it is held back until the next tokens complete it. Text the decoder
+    changed after it went out cannot be taken back: streaming goes on after what still agrees."""
+    ready = full.rstrip("\ufffd")
+    common = len(sent) if ready.startswith(sent) else len(os.path.commonprefix([sent, ready]))
+    return ready[common:], ready
 
 
 def _reason(generated: list[int], record: SessionRecord) -> str:

@@ -212,6 +212,19 @@ def test_text_prompt_uses_the_tokenizer(cluster, engine, stack):
     assert "".join(ev.text for ev in events_of(events, "tokens")) == stack.decode(want)
 
 
+def test_streamed_text_holds_back_partial_characters():
+    """A byte-level tokenizer decodes half a character as U+FFFD: the stream waits for the
+    rest instead of sending the placeholder and then the whole text again."""
+    from gateway.service import text_delta
+
+    sent, pieces = "", []
+    for full in ["h", "h\ufffd", "h\ufffd\ufffd", "hé", "héllo"]:
+        delta, sent = text_delta(sent, full)
+        pieces.append(delta)
+    assert pieces == ["h", "", "", "é", "llo"] and sent == "héllo"
+    assert text_delta("abc", "abX d") == ("X d", "abX d")  # changed text goes on after what agrees
+
+
 # --- 2. resume after a killed verifier or drafter -----------------------------------------
 
 
