@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mode", choices=("eagle", "vanilla"), default="eagle")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.add_argument("--gateway", default=None, help="stream through a running gateway at ADDR")
+    gen.add_argument("--api-key", default=None, help="the gateway's API key (default: $AERIE_API_KEY)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--tree-budget", choices=("fixed", "auto"), default="fixed",
                      help="auto: choose each round's tree size and depth from measured acceptance and costs")
@@ -109,6 +111,7 @@ def cmd_generate(args) -> int:
         result = generate_via_gateway(
             args.gateway, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat,
+            api_key=args.api_key or os.environ.get("AERIE_API_KEY"),
         )
     else:
         from aerie.engine import Engine

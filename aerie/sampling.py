@@ -17,6 +17,8 @@ from aerie.errors import InputError
 
 # Splits the seed space so that (seed, position) pairs never collide for realistic lengths.
 _POSITION_STRIDE = 1_000_003
+# The largest seed whose per-position generator seeds stay within int64.
+MAX_SEED = (2**63 - 1) // _POSITION_STRIDE - 1
 
 
 @dataclass(frozen=True)
@@ -35,8 +37,8 @@ class SamplingParams:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if self.seed < 0:
-            raise InputError(f"seed must be >= 0, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InputError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

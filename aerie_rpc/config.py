@@ -24,8 +24,9 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
+    """A setting; a `secret` one is left out of the config's repr (and so out of logs)."""
+    return dataclasses.field(default=default, repr=not secret, metadata={"help": help, "choices": choices})
 
 
 def _kind(tp: Any) -> type:

@@ -8,8 +8,10 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,6 +40,16 @@ def channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
 
 
+class Sidecar(Protocol):
+    """Another server of the same process (the gateway's HTTP API): started before the gRPC
+    server, stopped after it, so that it drains alongside."""
+
+    name: str
+    address: str
+
+    def stop(self, grace_s: float) -> None: ...
+
+
 class ServiceHost:
     """A started gRPC server. `register(server)` adds the servicers; `service_names` are the
     full names reported by health checking and reflection."""
@@ -49,7 +61,9 @@ class ServiceHost:
         service_names: Sequence[str],
         workers: int = 32,
         on_drain: Callable[[], None] | None = None,
+        sidecars: Sequence[Sidecar] = (),
     ):
+        self.sidecars = list(sidecars)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
         register(self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -61,6 +75,7 @@ class ServiceHost:
         )
         self.port = self.server.add_insecure_port(listen)
         if self.port == 0:
+            self._stop_sidecars(0.0)
             raise OSError(f"cannot listen on {listen!r}: address in use or not valid (use HOST:PORT)")
         host = listen.rsplit(":", 1)[0]
         self.address = f"{host}:{self.port}"
@@ -79,9 +94,15 @@ class ServiceHost:
             return
         self._stopped.set()
         self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        deadline = time.monotonic() + grace_s
         if self.on_drain is not None:
             self.on_drain()
         self.server.stop(grace_s).wait()
+        self._stop_sidecars(max(0.0, deadline - time.monotonic()))
+
+    def _stop_sidecars(self, grace_s: float) -> None:
+        for sidecar in self.sidecars:
+            sidecar.stop(grace_s)
 
     def serve_until_signalled(self, grace_s: float) -> None:
         """Block until SIGTERM or SIGINT, then drain and return."""
@@ -94,6 +115,8 @@ class ServiceHost:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
         print(f"serving {', '.join(self.service_names)} on {self.address}", file=sys.stderr, flush=True)
+        for sidecar in self.sidecars:
+            print(f"serving {sidecar.name} on {sidecar.address}", file=sys.stderr, flush=True)
         while not got.wait(0.5):
             pass
         self.stop(grace_s)
@@ -102,8 +125,6 @@ class ServiceHost:
 
 def wait_for_serving(address: str, timeout_s: float = 60.0, service: str = "") -> None:
     """Block until the health check at `address` answers SERVING."""
-    import time
-
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     with channel(address) as ch:

@@ -29,11 +29,14 @@ def request(
     )
 
 
-def stream(address: str, req: gateway_pb2.GenerateRequest, timeout_s: float = 3600.0) -> Iterator[gateway_pb2.GenerateEvent]:
+def stream(address: str, req: gateway_pb2.GenerateRequest, timeout_s: float = 3600.0,
+           api_key: str | None = None) -> Iterator[gateway_pb2.GenerateEvent]:
+    """Stream one generation; `api_key` is sent as `authorization: Bearer <key>`."""
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
     with channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         try:
-            yield from stub.Generate(req, timeout=timeout_s)
+            yield from stub.Generate(req, timeout=timeout_s, metadata=metadata)
         except grpc.RpcError as e:
             raise GatewayError(f"gateway {address}: {rpc_code(e).name}: {rpc_details(e)}") from None
 

@@ -28,12 +28,22 @@ class GatewayConfig:
     drafter_cooldown_s: float = option(10.0, "after losing a drafter, leave it out of new sessions this long")
     workers: int = option(64, "server threads (each open stream holds one)")
     grace_s: float = option(30.0, "on SIGTERM, how long in-flight generations may take to finish")
+    http_listen: str = option("", "address of the OpenAI-compatible HTTP API, HOST:PORT (off when empty)")
+    http_max_body_bytes: int = option(1 << 20, "largest HTTP request body accepted; beyond: 413")
+    api_keys_file: str | None = option(None, "file of API keys, one 'name:key' (or bare key) per line; "
+                                             "with any key configured, every request needs one")
+    api_keys: tuple[str, ...] = option((), "API keys as 'name:key' items, comma separated (prefer the "
+                                           "environment or --api-keys-file: flags show in ps)", secret=True)
+    rate_limit_rpm: int = option(0, "requests per minute allowed to each API key (0: no limit); beyond: "
+                                    "HTTP 429 / RESOURCE_EXHAUSTED")
 
     def __post_init__(self) -> None:
         if not self.draft:
             raise InputError("the gateway needs at least one draft service: --draft ADDR[,ADDR...]")
-        for name in ("max_new_tokens_limit", "max_prompt_tokens", "max_sessions", "workers"):
+        for name in ("max_new_tokens_limit", "max_prompt_tokens", "max_sessions", "workers", "http_max_body_bytes"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_resumes < 0:
             raise InputError("--max-resumes must be >= 0")
+        if self.rate_limit_rpm < 0:
+            raise InputError("--rate-limit-rpm must be >= 0 (0 turns the limit off)")

@@ -5,11 +5,19 @@ rounds are written to the record before they are streamed on to the client. When
 or its verifier is lost, the gateway calls a drafter again with the tokens generated so far
 (a round boundary): the verifier prefills prompt + tokens afresh and the rounds continue with
 the same per-position randomness, so the client's stream goes on as if nothing happened.
+
+`GatewayServicer.generate`, `resume`, `get_session` and `cancel_session` are that path, free of
+gRPC: the RPCs below wrap them, and so does the OpenAI-compatible HTTP API (gateway/http_api.py).
+With API keys configured, every call names its caller (gateway/auth.py), is counted against
+the caller's rate limit, and reaches only the sessions that caller created: another caller's
+session is answered exactly as an unknown one (NOT_FOUND), so its existence is not revealed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
 import threading
 import time
@@ -18,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
@@ -33,12 +43,15 @@ from aerie_rpc.status import (
     abort,
     rpc_code,
     rpc_details,
+    status_of,
     trailing,
 )
 from aerie_rpc.telemetry import extract_grpc, metadata, setup_tracing, trace_id_hex, tracer
 from aerie_rpc.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from draft_service.service import LOST_DRAFTER, LOST_VERIFIER
+from gateway.auth import ANONYMOUS, ApiKeys, Principal, bearer_token, load_keys
 from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics, otlp_readers
 from gateway.store import (
     CANCELLED,
     DONE,
@@ -50,6 +63,7 @@ from gateway.store import (
     SessionRecord,
     SessionStore,
     StatusConflict,
+    not_found,
 )
 
 log = logging.getLogger("aerie.gateway")
@@ -59,6 +73,18 @@ _SESSION_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # A drafter call failing with one of these lost a node, not the request: resume elsewhere.
 _LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
          grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED)
+RATE_WINDOW_S = 60.0
+DRAFTER_HEALTH_TTL_S = 2.0
+
+
+class PromptTooLong(Exhausted):
+    """A prompt over --max-prompt-tokens (HTTP answers it as 400, not as a capacity limit)."""
+
+
+class RateLimited(Exhausted):
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DrafterPool:
@@ -69,6 +95,7 @@ class DrafterPool:
         self._channels: dict[str, grpc.Channel] = {}
         self._down: dict[str, float] = {}
         self._next = 0
+        self._healthy_until = 0.0
         self._lock = threading.Lock()
 
     def stub(self, address: str) -> drafter_pb2_grpc.DrafterStub:
@@ -95,6 +122,25 @@ class DrafterPool:
                     if ok(a):
                         return a
         raise Unavailable("no draft service configured")
+
+    def any_serving(self, timeout_s: float = 1.0) -> bool:
+        """Whether some drafter answers its health check SERVING (remembered briefly, so that
+        frequent probes cost the drafters nothing)."""
+        with self._lock:
+            if time.monotonic() < self._healthy_until:
+                return True
+        for address in self.addresses:
+            self.stub(address)
+            try:
+                resp = health_pb2_grpc.HealthStub(self._channels[address]).Check(
+                    health_pb2.HealthCheckRequest(), timeout=timeout_s)
+            except grpc.RpcError:
+                continue
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                with self._lock:
+                    self._healthy_until = time.monotonic() + DRAFTER_HEALTH_TTL_S
+                return True
+        return False
 
     def close(self) -> None:
         for ch in self._channels.values():
@@ -133,19 +179,54 @@ class _Active:
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig, store: SessionStore, tokenizer: object | None = None,
-                 model_name: str = ""):
+                 model_name: str = "", keys: ApiKeys | None = None, metrics: GatewayMetrics | None = None):
         self.config = config
         self.store = store
         self.tokenizer = tokenizer
         self.model_name = model_name
+        self.keys = keys or ApiKeys({})
+        self.metrics = metrics or GatewayMetrics()
         self.instance = f"gw-{uuid.uuid4().hex[:12]}"
         self.pool = DrafterPool(config.draft, config.drafter_cooldown_s)
         self.draining = threading.Event()
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
+        self.metrics.watch_active(lambda: len(self._active))
 
     def drain(self) -> None:
         self.draining.set()
+
+    def readiness(self) -> str | None:
+        """None when this gateway can serve a request now; otherwise why it cannot."""
+        if self.draining.is_set():
+            return "the gateway is shutting down"
+        try:
+            self.store.ping()
+        except Exception as e:  # noqa: BLE001
+            return f"the session store is unreachable: {e}"
+        if not self.pool.any_serving():
+            return "no draft service answers its health check"
+        return None
+
+    # --- callers -------------------------------------------------------------------------
+
+    def authorize(self, token: str | None) -> Principal:
+        """The caller presenting `token` (raises Unauthenticated), counted against its rate
+        limit (raises RateLimited). Without keys every caller is one anonymous caller."""
+        caller = self.keys.authenticate(token)
+        rpm = self.config.rate_limit_rpm
+        if rpm > 0:
+            wait_s = self.store.rate_limit(caller.key_id or "anonymous", rpm, RATE_WINDOW_S)
+            if wait_s > 0:
+                raise RateLimited(f"rate limit of {rpm} requests per minute reached: retry in "
+                                  f"{math.ceil(wait_s)} s", wait_s)
+        return caller
+
+    def _owned(self, session_id: str, caller: Principal) -> SessionRecord:
+        record = self.store.get(session_id)
+        if self.keys.enabled and record.key_id != caller.key_id:
+            raise not_found(session_id)
+        return record
 
     # --- admission and requests ----------------------------------------------------------
 
@@ -164,22 +245,35 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         with self._lock:
             self._active.pop(session_id, None)
 
-    def _encode(self, text: str, chat: bool) -> list[int]:
-        tok = self.tokenizer
-        if tok is None:
-            raise InputError("this gateway has no tokenizer: send prompt_ids, or start it with --model DIR")
+    def _tokenizer(self):
+        if self.tokenizer is None:
+            raise InputError("this gateway has no tokenizer: send token ids (prompt_ids), or start it with --model DIR")
+        return self.tokenizer
+
+    def encode(self, text: str, chat: bool) -> list[int]:
+        """A text prompt's ids; `chat` wraps it as one user message in the chat template,
+        when the model has one."""
+        tok = self._tokenizer()
         if chat and getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=False)
-            return list(tok(text, add_special_tokens=False).input_ids)
+            return self.encode_chat([{"role": "user", "content": text}])
         return list(tok(text).input_ids)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        tok = self._tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise InputError("this model has no chat template: send a plain prompt instead")
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # noqa: BLE001 - a template may raise anything on messages it refuses
+            raise InputError(f"the model's chat template refused these messages: {e}") from None
+        return list(tok(text, add_special_tokens=False).input_ids)
 
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None or not ids:
             return ""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _new_record(self, request: gateway_pb2.GenerateRequest) -> SessionRecord:
+    def _new_record(self, request: gateway_pb2.GenerateRequest, caller: Principal) -> SessionRecord:
         if request.prompt and request.prompt_ids:
             raise InputError("send either prompt (text) or prompt_ids, not both")
         if request.session_id and not _SESSION_ID.match(request.session_id):
@@ -196,13 +290,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if any(i < 0 for i in prompt):
                 raise InputError("prompt_ids must be >= 0")
         elif request.prompt:
-            prompt = self._encode(request.prompt, request.chat)
+            prompt = self.encode(request.prompt, request.chat)
         else:
             raise InputError("prompt is empty: send prompt (text) or prompt_ids")
         if not prompt:
             raise InputError("prompt is empty after tokenization")
         if len(prompt) > self.config.max_prompt_tokens:
-            raise Exhausted(f"prompt of {len(prompt)} tokens is longer than this gateway's limit of "
+            raise PromptTooLong(f"prompt of {len(prompt)} tokens is longer than this gateway's limit of "
                             f"{self.config.max_prompt_tokens}")
         if any(i < 0 for i in request.stop_token_ids):
             raise InputError("stop_token_ids must be >= 0")
@@ -212,48 +306,44 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     "seed": params.seed},
             max_new_tokens=max_new, stop_token_ids=[int(i) for i in request.stop_token_ids],
             ignore_eos=request.ignore_eos, status=RUNNING, owner=self.instance,
-            lease_until=time.time() + self.config.lease_s, model=self.model_name,
+            lease_until=time.time() + self.config.lease_s, model=self.model_name, key_id=caller.key_id,
         )
 
-    # --- RPCs ----------------------------------------------------------------------------
+    # --- the generation path, free of gRPC -----------------------------------------------
 
-    def Generate(self, request, context):
+    def generate(self, request: gateway_pb2.GenerateRequest, caller: Principal = ANONYMOUS,
+                 parent: otel_context.Context | None = None,
+                 deadline: float | None = None) -> Iterator[gateway_pb2.GenerateEvent]:
+        """Create a session and stream its events. Errors are raised (ServiceError, InputError),
+        the first of them before any event; `deadline` is on time.monotonic()'s clock.
+        Closing the iterator early leaves the session interrupted, hence resumable."""
         if self.draining.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is shutting down: use another gateway")
-        try:
-            record = self._new_record(request)
-            active = self._admit(record.session_id)
-        except Exception as e:  # noqa: BLE001
-            abort(context, e)
-            return
+            raise Unavailable("gateway is shutting down: use another gateway")
+        record = self._new_record(request, caller)
+        active = self._admit(record.session_id)
         try:
             self.store.create(record)
-        except Exception as e:  # noqa: BLE001
+        except Exception:
             self._leave(record.session_id)
-            abort(context, e)
-            return
-        yield from self._serve(record, active, context, replay=False, fresh=True)
+            raise
+        yield from self._serve(record, active, parent, deadline, replay=False, fresh=True)
 
-    def Resume(self, request, context):
+    def resume(self, session_id: str, replay: bool, caller: Principal = ANONYMOUS,
+               parent: otel_context.Context | None = None,
+               deadline: float | None = None) -> Iterator[gateway_pb2.GenerateEvent]:
         if self.draining.is_set():
-            context.abort(grpc.StatusCode.UNAVAILABLE, "gateway is shutting down: use another gateway")
-        sid = request.session_id
-        try:
-            record = self.store.get(sid)
-            if record.status in (DONE, CANCELLED):
-                yield from self._replay_finished(record, request.replay)
-                return
-            active = self._admit(sid)
-        except Exception as e:  # noqa: BLE001
-            abort(context, e)
+            raise Unavailable("gateway is shutting down: use another gateway")
+        record = self._owned(session_id, caller)
+        if record.status in (DONE, CANCELLED):
+            yield from self._replay_finished(record, replay)
             return
+        active = self._admit(session_id)
         try:
-            record = self.store.claim(sid, self.instance, time.time() + self.config.lease_s)
-        except Exception as e:  # noqa: BLE001
-            self._leave(sid)
-            abort(context, e)
-            return
-        yield from self._serve(record, active, context, replay=request.replay, fresh=False)
+            record = self.store.claim(session_id, self.instance, time.time() + self.config.lease_s)
+        except Exception:
+            self._leave(session_id)
+            raise
+        yield from self._serve(record, active, parent, deadline, replay=replay, fresh=False)
 
     def _replay_finished(self, record: SessionRecord, replay: bool) -> Iterator[gateway_pb2.GenerateEvent]:
         sid = record.session_id
@@ -266,13 +356,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             rounds=record.rounds, tau=record.tau, text=self._decode(record.generated_ids),
             token_ids=record.generated_ids, resumes=record.resumes))
 
-    def GetSession(self, request, context):
-        try:
-            rec = self.store.get(request.session_id)
-            ttl = self.store.ttl(request.session_id)
-        except Exception as e:  # noqa: BLE001
-            abort(context, e)
-            return None
+    def get_session(self, session_id: str, caller: Principal = ANONYMOUS) -> gateway_pb2.Session:
+        rec = self._owned(session_id, caller)
+        ttl = self.store.ttl(session_id)
         return gateway_pb2.Session(
             session_id=rec.session_id, status=rec.status, prompt_ids=rec.prompt_ids,
             generated_ids=rec.generated_ids, params=_params_msg(rec.params),
@@ -283,33 +369,77 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             finish_reason=rec.finish_reason, error=rec.error,
         )
 
-    def Cancel(self, request, context):
-        sid = request.session_id
+    def cancel_session(self, session_id: str, caller: Principal = ANONYMOUS) -> str:
+        """Cancel a session wherever it runs (its record says so; the gateway generating it
+        stops at its next round). Returns the session's status afterwards."""
+        self._owned(session_id, caller)
         try:
-            self.store.update(sid, {"status": CANCELLED, "finish_reason": "cancelled"},
+            self.store.update(session_id, {"status": CANCELLED, "finish_reason": "cancelled"},
                               allowed=(RUNNING, INTERRUPTED, FAILED))
         except StatusConflict as e:
             if e.status in (DONE, CANCELLED):
-                return gateway_pb2.CancelResponse(status=e.status)
-            abort(context, e)
-            return None
-        except Exception as e:  # noqa: BLE001
-            abort(context, e)
-            return None
+                return e.status
+            raise
         with self._lock:
-            active = self._active.get(sid)
+            active = self._active.get(session_id)
         if active is not None:
             active.cancelled.set()
             if active.call is not None:
                 active.call.cancel()
-        return gateway_pb2.CancelResponse(status=CANCELLED)
+        return CANCELLED
+
+    # --- RPCs ----------------------------------------------------------------------------
+
+    def _caller(self, context) -> Principal:
+        header = next((v for k, v in context.invocation_metadata() if k == "authorization"), None)
+        return self.authorize(bearer_token(header if isinstance(header, str) else None))
+
+    def _failed(self, context, method: str, exc: BaseException) -> None:
+        code, _ = status_of(exc)
+        self.metrics.error("grpc", method, code.name)
+        if isinstance(exc, RateLimited):
+            context.set_trailing_metadata((("retry-after", str(math.ceil(exc.retry_after_s))),))
+        abort(context, exc)
+
+    def Generate(self, request, context):
+        self.metrics.request("grpc", "Generate")
+        try:
+            yield from self.generate(request, self._caller(context), extract_grpc(context), _deadline(context))
+        except Exception as e:  # noqa: BLE001
+            self._failed(context, "Generate", e)
+
+    def Resume(self, request, context):
+        self.metrics.request("grpc", "Resume")
+        try:
+            yield from self.resume(request.session_id, request.replay, self._caller(context),
+                                   extract_grpc(context), _deadline(context))
+        except Exception as e:  # noqa: BLE001
+            self._failed(context, "Resume", e)
+
+    def GetSession(self, request, context):
+        self.metrics.request("grpc", "GetSession")
+        try:
+            return self.get_session(request.session_id, self._caller(context))
+        except Exception as e:  # noqa: BLE001
+            self._failed(context, "GetSession", e)
+            return None
+
+    def Cancel(self, request, context):
+        self.metrics.request("grpc", "Cancel")
+        try:
+            return gateway_pb2.CancelResponse(status=self.cancel_session(request.session_id, self._caller(context)))
+        except Exception as e:  # noqa: BLE001
+            self._failed(context, "Cancel", e)
+            return None
 
     # --- one session ---------------------------------------------------------------------
 
-    def _serve(self, record: SessionRecord, active: _Active, context, replay: bool, fresh: bool):
+    def _serve(self, record: SessionRecord, active: _Active, parent: otel_context.Context | None,
+               deadline: float | None, replay: bool, fresh: bool) -> Iterator[gateway_pb2.GenerateEvent]:
         sid = record.session_id
         cfg = self.config
-        span = tracer().start_span("gateway.generate", context=extract_grpc(context), kind=SpanKind.SERVER)
+        m = self.metrics
+        span = tracer().start_span("gateway.generate", context=parent, kind=SpanKind.SERVER)
         p = record.params
         for key, value in (
             ("gen_ai.operation.name", "text_completion"), ("gen_ai.provider.name", "aerie"),
@@ -323,10 +453,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             span.set_attribute(key, value)
         trace_id = trace_id_hex(span)
         generated = list(record.generated_ids)
-        text = self._decode(generated)
+        _, text = text_delta("", self._decode(generated))
         t_start = time.perf_counter()
         start_len = len(generated)
         rounds = accepted = resumes = 0
+        first_token_at = last_token_at = 0.0
         finish_reason = None
         completed = False
         try:
@@ -356,7 +487,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                                      stop_token_ids=record.stop_token_ids,
                                                      ignore_eos=record.ignore_eos),
                     ),
-                    timeout=_remaining(context, cfg.request_timeout_s),
+                    timeout=_remaining(deadline, cfg.request_timeout_s),
                     metadata=metadata(trace.set_span_in_context(attempt_span)),
                 )
                 active.call = call
@@ -408,9 +539,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                         if stats.round > 0:
                             rounds += 1
                             accepted += stats.accepted_draft
-                        new_text = self._decode(generated)
-                        delta = new_text[len(text):] if new_text.startswith(text) else new_text
-                        text = new_text
+                            m.rounds.add(1)
+                            m.accepted_length.record(stats.accepted_draft + 1)
+                        if tokens:
+                            last_token_at = time.perf_counter()
+                            if not first_token_at:
+                                first_token_at = last_token_at
+                                m.ttft.record(first_token_at - t_start)
+                            m.output_tokens.add(len(tokens))
+                        delta, text = text_delta(text, self._decode(generated))
                         yield gateway_pb2.GenerateEvent(session_id=sid, tokens=gateway_pb2.Tokens(
                             ids=tokens, text=delta, stats=stats, generated=len(generated)))
                         if round_done:
@@ -442,6 +579,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                             avoid_drafters.add(drafter)
                             last_failure = (drafter, f"drafter {drafter}: {code.name}: {details}")
                         resumes += 1
+                        m.resumes.add(1)
                         if resumes > cfg.max_resumes:
                             raise Unavailable(f"gave up after {cfg.max_resumes} resumes; last failure: "
                                               f"{last_failure[1]}") from None
@@ -480,8 +618,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             # Cancelled (or taken over) through another gateway while we were generating.
             completed = True
             span.record_exception(e)
-            abort(context, e)
-        except Exception as e:  # noqa: BLE001
+            raise
+        except Exception as e:
             completed = True
             span.record_exception(e)
             span.set_status(trace.Status(trace.StatusCode.ERROR, str(e)))
@@ -490,7 +628,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                   owner=self.instance)
             except Exception:  # noqa: BLE001
                 pass
-            abort(context, e)
+            raise
         finally:
             if not completed:
                 # The client went away (or we are draining): leave the session resumable.
@@ -503,10 +641,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     pass
             self._leave(sid)
             span.end()
+            new = len(generated) - start_len
+            if new > 1:
+                m.tpot.record((last_token_at - first_token_at) / (new - 1))
+            if new > 0:
+                m.token_rate.record(new / max(1e-9, last_token_at - t_start))
 
 
 class _StreamEnded(Exception):
     pass
+
+
+def text_delta(sent: str, full: str) -> tuple[str, str]:
+    """The text to stream next, and all text streamed after it, given `sent` so far and the
+    decoding `full` of every token so far. A trailing U+FFFD is a character whose bytes have
+    not all come yet: it is held back until the next tokens complete it. Text the decoder
+    changed after it went out cannot be taken back: streaming goes on after what still agrees."""
+    ready = full.rstrip("\ufffd")
+    common = len(sent) if ready.startswith(sent) else len(os.path.commonprefix([sent, ready]))
+    return ready[common:], ready
 
 
 def _reason(generated: list[int], record: SessionRecord) -> str:
@@ -518,9 +671,13 @@ def _params_msg(p: dict) -> common_pb2.SamplingParams:
                                      top_k=int(p["top_k"]), seed=int(p["seed"]))
 
 
-def _remaining(context, limit: float) -> float:
+def _deadline(context) -> float | None:
     remaining = context.time_remaining()
-    return min(limit, remaining) if remaining is not None else limit
+    return time.monotonic() + remaining if remaining is not None else None
+
+
+def _remaining(deadline: float | None, limit: float) -> float:
+    return min(limit, deadline - time.monotonic()) if deadline is not None else limit
 
 
 # --- entry point -------------------------------------------------------------------------
@@ -537,7 +694,9 @@ def make_store(config: GatewayConfig) -> SessionStore:
     return MemoryStore(ttl_s=config.session_ttl_s)
 
 
-def build_servicer(config: GatewayConfig, store: SessionStore | None = None) -> GatewayServicer:
+def build_servicer(config: GatewayConfig, store: SessionStore | None = None,
+                   metrics: GatewayMetrics | None = None) -> GatewayServicer:
+    keys = ApiKeys(load_keys(config.api_keys_file, config.api_keys))
     tokenizer = None
     name = config.model_name or ""
     if config.model is not None:
@@ -549,24 +708,36 @@ def build_servicer(config: GatewayConfig, store: SessionStore | None = None) -> 
 
             tokenizer, _ = load_tokenizer(str(path))
         name = name or config.model
-    return GatewayServicer(config, store or make_store(config), tokenizer, model_name=name)
+    return GatewayServicer(config, store or make_store(config), tokenizer, model_name=name, keys=keys,
+                           metrics=metrics)
 
 
 def start(config: GatewayConfig, servicer: GatewayServicer | None = None) -> tuple[ServiceHost, GatewayServicer]:
+    """The gRPC server and, with --http-listen, the HTTP API beside it (`http_api(host)`)."""
+    from gateway.http_api import HttpApi
+
     servicer = servicer or build_servicer(config)
+    sidecars = [HttpApi(config.http_listen, servicer)] if config.http_listen else []
     host = ServiceHost(
         config.listen, lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s), [SERVICE_NAME],
-        workers=config.workers, on_drain=servicer.drain,
+        workers=config.workers, on_drain=servicer.drain, sidecars=sidecars,
     )
     return host, servicer
 
 
+def http_api(host: ServiceHost):
+    """The HTTP API started beside `host`, or None."""
+    from gateway.http_api import HttpApi
+
+    return next((s for s in host.sidecars if isinstance(s, HttpApi)), None)
+
 
 def run(config: GatewayConfig) -> int:
     provider = setup_tracing("aerie-gateway")
-    host, servicer = start(config)
+    host, servicer = start(config, build_servicer(config, metrics=GatewayMetrics(otlp_readers())))
     host.serve_until_signalled(config.grace_s)
     servicer.pool.close()
+    servicer.metrics.shutdown()
     if provider is not None:
         provider.shutdown()
     return 0

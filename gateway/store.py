@@ -8,6 +8,9 @@ lease) may append. Both stores pass the same tests (tests/test_store.py).
 
 Statuses: running -> done | cancelled | failed | interrupted; interrupted, failed (and
 running with an expired lease) -> running again through `claim` (Resume).
+
+The stores also keep the per-caller request counts of the rate limit (`rate_limit`): a
+sliding window of request times per caller, checked and counted in one atomic step.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
+from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Protocol
 
@@ -38,7 +43,7 @@ class StaleWrite(Conflict):
         super().__init__(f"session '{session_id}' holds {actual} generated tokens, the writer expected {expected}")
 
 
-def _not_found(session_id: str) -> NotFound:
+def not_found(session_id: str) -> NotFound:
     return NotFound(f"unknown session '{session_id}' (never created, or expired after its TTL)")
 
 
@@ -63,6 +68,7 @@ class SessionRecord:
     error: str = ""
     model: str = ""
     trace_id: str = ""
+    key_id: str = ""  # the caller that created it: a hash of its API key's name ('' without auth)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
 
@@ -121,6 +127,8 @@ class SessionStore(Protocol):
     def claim(self, session_id: str, owner: str, lease_until: float) -> SessionRecord: ...
     def ttl(self, session_id: str) -> float: ...
     def delete(self, session_id: str) -> None: ...
+    def ping(self) -> None: ...
+    def rate_limit(self, caller: str, limit: int, window_s: float) -> float: ...
 
 
 def _apply(record: SessionRecord, updates: dict[str, str]) -> SessionRecord:
@@ -135,13 +143,14 @@ class MemoryStore:
     def __init__(self, ttl_s: float = 86400.0):
         self.ttl_s = ttl_s
         self._records: dict[str, tuple[SessionRecord, float]] = {}
+        self._hits: dict[str, deque[float]] = {}
         self._lock = threading.Lock()
 
     def _live(self, session_id: str) -> SessionRecord:
         item = self._records.get(session_id)
         if item is None or item[1] <= time.time():
             self._records.pop(session_id, None)
-            raise _not_found(session_id)
+            raise not_found(session_id)
         return item[0]
 
     def _put(self, record: SessionRecord) -> None:
@@ -207,6 +216,22 @@ class MemoryStore:
     def delete(self, session_id) -> None:
         with self._lock:
             self._records.pop(session_id, None)
+
+    def ping(self) -> None:
+        return None
+
+    def rate_limit(self, caller: str, limit: int, window_s: float) -> float:
+        """Count one request of `caller` unless it made `limit` in the last `window_s`
+        seconds; returns 0.0 when counted, else the seconds until it may try again."""
+        now = time.monotonic()
+        with self._lock:
+            hits = self._hits.setdefault(caller, deque())
+            while hits and hits[0] <= now - window_s:
+                hits.popleft()
+            if len(hits) >= limit:
+                return max(1e-3, hits[0] + window_s - now)
+            hits.append(now)
+            return 0.0
 
 
 # --- Redis -------------------------------------------------------------------------------
@@ -277,8 +302,27 @@ return {1, status}
 """
 
 
+# A sliding window in a sorted set scored by Redis's own clock (one clock for every gateway).
+# ARGV: limit, window (microseconds), unique member. Returns 0 when counted, else the
+# microseconds until the oldest counted request leaves the window.
+_RATE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return math.max(1, tonumber(oldest[2]) + window - now)
+end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000))
+return 0
+"""
+
+
 class RedisStore:
-    """Sessions as Redis hashes `<prefix>session:<id>`, changed only by Lua scripts."""
+    """Sessions as Redis hashes `<prefix>session:<id>`, changed only by Lua scripts; rate-limit
+    windows as sorted sets `<prefix>rate:<caller>`."""
 
     def __init__(self, url: str, prefix: str = "aerie:", ttl_s: float = 86400.0, client=None):
         import redis
@@ -290,6 +334,7 @@ class RedisStore:
         self._append = self.client.register_script(_APPEND)
         self._update = self.client.register_script(_UPDATE)
         self._claim = self.client.register_script(_CLAIM)
+        self._rate = self.client.register_script(_RATE)
 
     def key(self, session_id: str) -> str:
         return f"{self.prefix}session:{session_id}"
@@ -310,7 +355,7 @@ class RedisStore:
     def get(self, session_id: str) -> SessionRecord:
         raw = self.client.hgetall(self.key(session_id))
         if not raw:
-            raise _not_found(session_id)
+            raise not_found(session_id)
         return SessionRecord.from_fields(raw)
 
     def append(self, session_id, owner, expected_len, tokens, *, rounds=0, accepted=0, lease_until=0.0,
@@ -338,7 +383,7 @@ class RedisStore:
     def _check(self, session_id: str, code: int, info, wanted: str, expected: int) -> int:
         info = info.decode() if isinstance(info, bytes) else info
         if code == -1:
-            raise _not_found(session_id)
+            raise not_found(session_id)
         if code == -2:
             raise StaleWrite(session_id, expected, int(info))
         if code == -3:
@@ -350,8 +395,13 @@ class RedisStore:
     def ttl(self, session_id) -> float:
         ms = self.client.pttl(self.key(session_id))
         if ms == -2:
-            raise _not_found(session_id)
+            raise not_found(session_id)
         return ms / 1000.0 if ms >= 0 else float("inf")
 
     def delete(self, session_id) -> None:
         self.client.delete(self.key(session_id))
+
+    def rate_limit(self, caller: str, limit: int, window_s: float) -> float:
+        wait_us = self._rate(keys=[f"{self.prefix}rate:{caller}"],
+                             args=[limit, int(window_s * 1e6), uuid.uuid4().hex])
+        return int(wait_us) / 1e6

@@ -10,18 +10,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import redis
 
 from aerie.heads import save_head
 from aerie_rpc.server import ServiceHost, channel, wait_for_serving
 from aerie_rpc.v1 import gateway_pb2, gateway_pb2_grpc
+from gateway.store import RedisStore
 from tests.tiny import tiny_head, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 64
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def build_tiny_model(where: Path) -> tuple[Path, Path]:
@@ -40,6 +44,28 @@ def build_tiny_model(where: Path) -> tuple[Path, Path]:
     target = Target(model, FeatureSpec("eagle3", eagle3_default_layers(6)))
     save_head(tiny_head(target, "eagle3", draft_vocab=48, seed=1), head_dir)
     return model_dir, head_dir
+
+
+class RedisPrefix:
+    """A key prefix of its own in the real Redis, deleted afterwards."""
+
+    def __init__(self, ttl_s: float = 600.0):
+        self.prefix = f"aerie-test-{uuid.uuid4().hex[:10]}:"
+        self.ttl_s = ttl_s
+        self.client = redis.Redis.from_url(REDIS_URL)
+        self.client.ping()
+
+    def store(self) -> RedisStore:
+        return RedisStore(REDIS_URL, prefix=self.prefix, ttl_s=self.ttl_s)
+
+    def key(self, sid: str) -> str:
+        return f"{self.prefix}session:{sid}"
+
+    def cleanup(self) -> None:
+        keys = list(self.client.scan_iter(match=self.prefix + "*"))
+        if keys:
+            self.client.delete(*keys)
+        self.client.close()
 
 
 def free_port() -> int:

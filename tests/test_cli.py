@@ -33,6 +33,7 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> Non
         (["--max-new-tokens", "-3"], "max_new_tokens must be > 0"),
         (["--temperature", "-0.5"], "temperature must be >= 0"),
         (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["--seed", str(2**62)], "seed must be between 0 and"),
         (["--model", "/no/such/model"], "/no/such/model"),
     ],
 )

@@ -78,13 +78,41 @@ def test_gpus_only_in_prod_and_only_on_their_pools(rendered):
 
 
 def test_probes_are_native_grpc_on_the_serving_port(rendered):
+    """Except the gateway's readiness: its HTTP /health also checks Redis and the drafters."""
     _, objs = rendered
     for name, doc in aerie_workloads(objs).items():
         container = pod_spec(doc)["containers"][0]
         port = container["ports"][0]["containerPort"]
         assert container["args"][-1] == f"0.0.0.0:{port}", name
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": port}, (name, probe)
+            if name == "aerie-gateway" and probe == "readinessProbe":
+                http = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+                assert container[probe] == {"httpGet": {"path": "/health", "port": http}, "periodSeconds": 5}
+            else:
+                assert container[probe]["grpc"] == {"port": port}, (name, probe)
+
+
+def test_gateway_serves_http_with_the_api_keys_secret(rendered):
+    """The HTTP API listens on the port the pod and the Service expose, and the keys file the
+    gateway reads is the Secret's item, mounted read-only."""
+    _, objs = rendered
+    spec = pod_spec(objs["Deployment", "aerie-gateway"])
+    container = spec["containers"][0]
+    settings = _settings(container, objs)
+    http = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
+    assert settings["AERIE_HTTP_LISTEN"] == f"0.0.0.0:{http}"
+    service_ports = {p["name"]: p for p in objs["Service", "aerie-gateway"]["spec"]["ports"]}
+    assert service_ports["http"]["targetPort"] == "http"
+
+    keys_file = Path(settings["AERIE_API_KEYS_FILE"])
+    mount = next(m for m in container["volumeMounts"] if keys_file.parent == Path(m["mountPath"]))
+    assert mount.get("readOnly") is True
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    secret = objs["Secret", volume["secret"]["secretName"]]
+    assert keys_file.name in secret["stringData"]
+    from gateway.auth import parse_key_items
+
+    assert parse_key_items(secret["stringData"][keys_file.name].splitlines(), keys_file.name)
 
 
 def _settings(container: dict, objs: dict) -> dict[str, str]:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -42,10 +41,12 @@ from aerie.verifier import StopCriteria
 from aerie_rpc import wire
 from aerie_rpc.server import channel
 from aerie_rpc.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, gateway_pb2, verifier_pb2, verifier_pb2_grpc
-from gateway.store import DONE, INTERRUPTED, RedisStore
+from gateway.store import DONE, INTERRUPTED
 from tests.services_support import (
+    REDIS_URL,
     ROOT,
     VOCAB,
+    RedisPrefix,
     build_tiny_model,
     free_port,
     gateway_stub,
@@ -58,7 +59,6 @@ from tests.services_support import (
     wait_all,
 )
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 PROMPTS = [[3, 14, 15, 9, 26, 5], [1, 2, 3], [60, 61, 7, 8, 9, 10, 11, 12, 40, 41, 42]]
 SESSION_TTL_S = 600.0
 # Limits of the in-process cluster, small enough to test.
@@ -104,30 +104,9 @@ def reference(engine: Engine, prompt, max_new, params=SamplingParams(), mode="ea
     return engine.generate(list(prompt), params, StopCriteria(max_new, frozenset(stop_ids)), mode).token_ids
 
 
-class RedisPrefix:
-    """A key prefix of its own in the real Redis, deleted afterwards."""
-
-    def __init__(self):
-        self.prefix = f"aerie-test-{uuid.uuid4().hex[:10]}:"
-        self.client = redis.Redis.from_url(REDIS_URL)
-        self.client.ping()
-
-    def store(self) -> RedisStore:
-        return RedisStore(REDIS_URL, prefix=self.prefix, ttl_s=SESSION_TTL_S)
-
-    def key(self, sid: str) -> str:
-        return f"{self.prefix}session:{sid}"
-
-    def cleanup(self) -> None:
-        keys = list(self.client.scan_iter(match=self.prefix + "*"))
-        if keys:
-            self.client.delete(*keys)
-        self.client.close()
-
-
 @pytest.fixture(scope="module")
 def rprefix():
-    p = RedisPrefix()
+    p = RedisPrefix(SESSION_TTL_S)
     yield p
     p.cleanup()
 
@@ -231,6 +210,19 @@ def test_text_prompt_uses_the_tokenizer(cluster, engine, stack):
     assert ids == want
     assert finished(events).text == stack.decode(want)
     assert "".join(ev.text for ev in events_of(events, "tokens")) == stack.decode(want)
+
+
+def test_streamed_text_holds_back_partial_characters():
+    """A byte-level tokenizer decodes half a character as U+FFFD: the stream waits for the
+    rest instead of sending the placeholder and then the whole text again."""
+    from gateway.service import text_delta
+
+    sent, pieces = "", []
+    for full in ["h", "h\ufffd", "h\ufffd\ufffd", "hé", "héllo"]:
+        delta, sent = text_delta(sent, full)
+        pieces.append(delta)
+    assert pieces == ["h", "", "", "é", "llo"] and sent == "héllo"
+    assert text_delta("abc", "abX d") == ("X d", "abX d")  # changed text goes on after what agrees
 
 
 # --- 2. resume after a killed verifier or drafter -----------------------------------------
@@ -648,6 +640,8 @@ GATEWAY_CASES = [
     ("top-k-negative", gen_request(prompt_ids=[1, 2], params={"top_k": -1}), grpc.StatusCode.INVALID_ARGUMENT,
      "top_k"),
     ("seed-negative", gen_request(prompt_ids=[1, 2], params={"seed": -3}), grpc.StatusCode.INVALID_ARGUMENT, "seed"),
+    ("seed-too-large", gen_request(prompt_ids=[1, 2], params={"seed": 2**62}), grpc.StatusCode.INVALID_ARGUMENT,
+     "seed"),
     ("max-new-over-limit", gen_request(prompt_ids=[1, 2], max_new_tokens=GATEWAY_MAX_NEW + 1),
      grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
     ("no-prompt", gen_request(), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),

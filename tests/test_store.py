@@ -3,7 +3,8 @@
 deletes its keys afterwards.
 
 "Two writers" are two threads on one store in process (one gateway), and two `RedisStore`
-objects with their own connections (two gateways) on Redis."""
+objects with their own connections (two gateways) on Redis. The same holds for the rate
+limit's counters, which the stores keep too."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def record(sid: str | None = None, **kw) -> SessionRecord:
         session_id=sid or uuid.uuid4().hex, prompt_ids=[5, 6, 7],
         params={"temperature": 0.7, "top_p": 0.9, "top_k": 20, "seed": 11}, max_new_tokens=64,
         stop_token_ids=[3, 4], ignore_eos=True, owner="gw-a", lease_until=time.time() + 60, model="tiny",
+        key_id="0123abcd",
     )
     base.update(kw)
     return SessionRecord(**base)
@@ -87,7 +89,7 @@ def test_create_get_round_trip(store):
     store.create(rec)
     got = store.get(rec.session_id)
     for name in ("session_id", "prompt_ids", "params", "max_new_tokens", "stop_token_ids", "ignore_eos",
-                 "status", "owner", "model", "generated_ids", "rounds", "accepted", "resumes"):
+                 "status", "owner", "model", "generated_ids", "rounds", "accepted", "resumes", "key_id"):
         assert getattr(got, name) == getattr(rec, name), name
     assert got.generated_ids == [] and got.status == RUNNING and got.tau == 1.0
     assert got.lease_until == pytest.approx(rec.lease_until)
@@ -296,3 +298,53 @@ def _check_redis_layout(stores: Stores) -> None:
     assert 0 < store.client.ttl(key) <= 120
     store.delete(rec.session_id)
     assert not store.client.exists(key)
+
+
+# --- the rate limit's counters ---------------------------------------------------------------
+
+
+def test_rate_limit_counts_within_a_sliding_window(store):
+    caller, window = f"caller-{uuid.uuid4().hex[:8]}", 1.0
+    t0 = time.monotonic()
+    assert [store.rate_limit(caller, 3, window) for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = store.rate_limit(caller, 3, window)  # the fourth within the window is refused...
+    assert 0.0 < wait <= window
+    assert store.rate_limit(f"{caller}-other", 3, window) == 0.0  # ...for this caller only
+    # A refused request is not counted: the oldest one leaves the window when promised.
+    time.sleep(max(0.0, t0 + window - time.monotonic()) + 0.1)
+    assert store.rate_limit(caller, 3, window) == 0.0
+
+
+def test_rate_limit_is_atomic_across_writers(stores):
+    """Many threads on several stores (several gateways on Redis) against one caller's limit:
+    exactly `limit` requests get through."""
+    writers = [stores.make() for _ in range(3)]
+    caller, limit, tries = f"busy-{uuid.uuid4().hex[:8]}", 7, 40
+    allowed: list[int] = []
+    start = threading.Barrier(tries)
+
+    def hit(i: int) -> None:
+        start.wait()
+        if writers[i % len(writers)].rate_limit(caller, limit, 30.0) == 0.0:
+            allowed.append(i)
+
+    threads = [threading.Thread(target=hit, args=(i,)) for i in range(tries)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(allowed) == limit
+
+
+def test_redis_rate_limit_layout():
+    """One sorted set per caller under the prefix, expiring with its window."""
+    stores = Stores("redis")
+    try:
+        store = stores.make()
+        store.rate_limit("k1", 5, 20.0)
+        store.rate_limit("k1", 5, 20.0)
+        key = f"{stores.prefix}rate:k1"
+        assert store.client.zcard(key) == 2
+        assert 0 < store.client.pttl(key) <= 20_000
+    finally:
+        stores.cleanup()
