@@ -5,7 +5,7 @@
   unsharded logits and features, each rank's KV cache holds its half of the heads, and
   greedy and sampled generation through the sharded verifier are the unsharded ones.
 - The wire format of the mirrored calls, the cache bookkeeping of `MirrorGroup`, the
-  torchrun environment.
+  torchrun environment and the `--tensor-parallel` setting.
 (Sharding itself, in one process: tests/test_parallel_shard.py.)
 """
 
@@ -243,3 +243,15 @@ def test_rendezvous_comes_from_torchrun_variables_or_is_spawned():
         rendezvous_from_env(TORCHRUN, 4)
     with pytest.raises(InputError, match="MASTER_PORT is not set"):
         rendezvous_from_env({k: v for k, v in TORCHRUN.items() if k != "MASTER_PORT"}, 2)
+
+
+def test_tensor_parallel_setting_reads_flag_and_environment():
+    from aerie_rpc.config import from_args, parser_for
+    from verify_service.config import VerifyConfig
+
+    parser = parser_for(VerifyConfig, "verify", "")
+    assert from_args(VerifyConfig, parser.parse_args([]), environ={}).tensor_parallel == 1
+    assert from_args(VerifyConfig, parser.parse_args(["--tensor-parallel", "2"]), environ={}).tensor_parallel == 2
+    assert from_args(VerifyConfig, parser.parse_args([]), environ={"AERIE_TENSOR_PARALLEL": "4"}).tensor_parallel == 4
+    with pytest.raises(InputError, match="--tensor-parallel must be >= 1"):
+        from_args(VerifyConfig, parser.parse_args(["--tensor-parallel", "0"]), environ={})
