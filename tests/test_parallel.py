@@ -14,14 +14,15 @@ from __future__ import annotations
 import multiprocessing as mp
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 import torch.distributed as dist
 
 from aerie.engine import Engine
-from aerie.errors import InputError, ModelError
+from aerie.errors import InputError
 from aerie.parallel.launch import Rendezvous, rendezvous_from_env
-from aerie.parallel.mirror import MirrorGroup, TensorParallelTarget
+from aerie.parallel.mirror import MirrorGroup, OutOfStep, TensorParallelTarget
 from aerie.parallel.protocol import HEADER_LEN, Call, Op, decode, encode, payload_len
 from aerie.sampling import SamplingParams
 from aerie.target import FeatureSpec, Target, eagle3_default_layers
@@ -211,21 +212,26 @@ def test_mirror_numbers_caches_and_reports_dropped_ones_on_the_next_call():
         (Op.FORWARD, 0, ()), (Op.FORWARD, 1, ()), (Op.COMPACT, 1, (0,)), (Op.SHUTDOWN, -1, ()),
     ]
     assert [t.tolist() for t in channel.sent[2].tensors] == [[0], [0]]
-    with pytest.raises(ModelError, match="shut down"):
+    with pytest.raises(OutOfStep, match="shut down"):
         target.forward(b, torch.tensor([5]))
 
 
 def test_a_failed_local_call_breaks_the_group():
-    channel = RecordingChannel()
-    group = MirrorGroup(channel)
+    from aerie_rpc.status import status_of
+
+    channel, reports = RecordingChannel(), []
+    group = MirrorGroup(channel, on_broken=reports.append)
     target = TensorParallelTarget(Target(tiny_llama(layers=1), FeatureSpec("eagle1")), group)
     cache = target.new_cache()
     with pytest.raises(IndexError):
         target.forward(cache, torch.tensor([1000]))  # past the vocabulary: fails mid-forward
     assert len(channel.sent) == 1  # the other ranks were told, and are now out of step
-    with pytest.raises(ModelError, match="out of step after a failed forward"):
+    assert len(reports) == 1 and "out of step after a failed forward (IndexError" in reports[0]
+    with pytest.raises(OutOfStep, match="restart the verify service") as err:
         target.forward(cache, torch.tensor([1]))
     assert len(channel.sent) == 1
+    # Answered as the server's failure, not as a bad request.
+    assert status_of(err.value)[0] == grpc.StatusCode.INTERNAL
     with pytest.raises(ValueError, match="not made by a TensorParallelTarget"):
         TensorParallelTarget(Target(tiny_llama(layers=1), FeatureSpec("eagle1")), MirrorGroup(channel)).forward(
             Target(tiny_llama(layers=1), FeatureSpec("eagle1")).new_cache(), torch.tensor([1]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 
 import torch
@@ -110,7 +111,15 @@ def _serve_rank0(config: VerifyConfig, group: ParallelGroup, stopping: threading
     from aerie_rpc.telemetry import setup_tracing
     from verify_service.service import SERVICE_NAME, VerifierServicer, verifier_pb2_grpc
 
-    mirror = MirrorGroup(group.channel())
+    broken = threading.Event()
+
+    def on_broken(message: str) -> None:
+        # Every later round would fail: drain as on SIGTERM, and exit non-zero for a restart.
+        log.error("%s", message)
+        broken.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    mirror = MirrorGroup(group.channel(), on_broken)
     try:
         model, tokenizer, path = load_shard(config, group)
         eos = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
@@ -130,4 +139,4 @@ def _serve_rank0(config: VerifyConfig, group: ParallelGroup, stopping: threading
         except Exception as e:  # noqa: BLE001 - a dead worker cannot be told; it is already gone
             log.warning("could not tell the tensor-parallel workers to stop: %s", e)
         group.leave()
-    return 0
+    return 1 if broken.is_set() else 0

@@ -19,11 +19,17 @@ from typing import TypeVar
 import torch
 from transformers import DynamicCache
 
-from aerie.errors import ModelError
 from aerie.parallel.protocol import Call, Channel, Op
 from aerie.target import FeatureSpec, Target, TargetOutput
 
 T = TypeVar("T")
+
+
+class OutOfStep(RuntimeError):
+    """The ranks no longer run the same calls: only a restart of every rank recovers.
+
+    Not an `AerieError`: no request can fix it, and the service must not answer it as one.
+    """
 
 
 def apply_call(target: Target, cache: DynamicCache, call: Call) -> TargetOutput | None:
@@ -47,8 +53,9 @@ class MirrorGroup:
     in any thread at any moment, so it only queues the id; the ids ride on the next call.
     """
 
-    def __init__(self, channel: Channel):
+    def __init__(self, channel: Channel, on_broken: Callable[[str], None] | None = None):
         self._channel = channel
+        self._on_broken = on_broken
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._cache_ids: weakref.WeakKeyDictionary[DynamicCache, int] = weakref.WeakKeyDictionary()
@@ -71,17 +78,19 @@ class MirrorGroup:
     def run(self, call: Call, local: Callable[[], T]) -> T:
         with self._lock:
             if self._broken is not None:
-                raise ModelError(self._broken)
-            self._channel.send(replace(call, released=self._take_released()))
+                raise OutOfStep(self._broken)
             try:
+                self._channel.send(replace(call, released=self._take_released()))
                 return local()
             except BaseException as e:
-                # The other ranks ran (or are stuck in) a call this rank did not finish:
-                # their caches and the collectives are out of step from here on.
+                # The other ranks got (part of) a call this rank did not finish: their caches
+                # and the collectives are out of step from here on.
                 self._broken = (
                     f"the tensor-parallel group is out of step after a failed {call.op.name.lower()} "
-                    f"({type(e).__name__}): restart the verify service"
+                    f"({type(e).__name__}: {e}): restart the verify service"
                 )
+                if self._on_broken is not None:
+                    self._on_broken(self._broken)
                 raise
 
     def shutdown(self) -> None:
