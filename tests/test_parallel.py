@@ -206,14 +206,19 @@ def test_mirror_numbers_caches_and_reports_dropped_ones_on_the_next_call():
     target.forward(b, torch.tensor([4]))
     del a
     target.compact(b, 0, [0])
+    c = target.new_cache()
+    target.release_cache(c)  # released at once, though `c` is still referenced
+    target.forward(b, torch.tensor([5]))
+    del c  # and not a second time when it is collected
     group.shutdown()
     group.shutdown()
     assert [(c.op, c.cache_id, c.released) for c in channel.sent] == [
-        (Op.FORWARD, 0, ()), (Op.FORWARD, 1, ()), (Op.COMPACT, 1, (0,)), (Op.SHUTDOWN, -1, ()),
+        (Op.FORWARD, 0, ()), (Op.FORWARD, 1, ()), (Op.COMPACT, 1, (0,)), (Op.FORWARD, 1, (2,)),
+        (Op.SHUTDOWN, -1, ()),
     ]
     assert [t.tolist() for t in channel.sent[2].tensors] == [[0], [0]]
     with pytest.raises(OutOfStep, match="shut down"):
-        target.forward(b, torch.tensor([5]))
+        target.forward(b, torch.tensor([6]))
 
 
 def test_a_failed_local_call_breaks_the_group():

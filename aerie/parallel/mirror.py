@@ -59,6 +59,7 @@ class MirrorGroup:
         self._lock = threading.Lock()
         self._ids = itertools.count()
         self._cache_ids: weakref.WeakKeyDictionary[DynamicCache, int] = weakref.WeakKeyDictionary()
+        self._finalizers: dict[int, weakref.finalize] = {}
         self._released: deque[int] = deque()
         self._broken: str | None = None
 
@@ -66,8 +67,23 @@ class MirrorGroup:
         with self._lock:
             cache_id = next(self._ids)
             self._cache_ids[cache] = cache_id
-        weakref.finalize(cache, self._released.append, cache_id)
+            self._finalizers[cache_id] = weakref.finalize(cache, self._dropped, cache_id)
         return cache
+
+    def release(self, cache: DynamicCache) -> None:
+        """Drop `cache` on the other ranks now rather than when it is garbage-collected (a
+        target that pools caches hands the same object out again, under a new id)."""
+        with self._lock:
+            cache_id = self._cache_ids.pop(cache, None)
+        if cache_id is not None:
+            self._finalizers[cache_id].detach()
+            self._dropped(cache_id)
+
+    def _dropped(self, cache_id: int) -> None:
+        # Runs in finalizers too, in any thread, possibly with self._lock held further up
+        # the stack: so no lock, only atomic deque and dict operations.
+        self._finalizers.pop(cache_id, None)
+        self._released.append(cache_id)
 
     def cache_id(self, cache: DynamicCache) -> int:
         try:
@@ -142,6 +158,14 @@ class TensorParallelTarget:
         tensors = (input_ids.long().cpu(),) if tree_parents is None else (input_ids.long().cpu(), tree_parents.long().cpu())
         call = Call(Op.FORWARD, self._group.cache_id(cache), tensors)
         return self._group.run(call, lambda: apply_call(self._local, cache, call))
+
+    def release_cache(self, cache: DynamicCache) -> None:
+        """A finished sequence's cache: freed on the other ranks with the next call."""
+        self._group.release(cache)
+        # Targets with pooled static caches take theirs back; plain ones have nothing to do.
+        release_local = getattr(self._local, "release_cache", None)
+        if release_local is not None:
+            release_local(cache)
 
     def compact(self, cache: DynamicCache, committed: int, keep: list[int]) -> None:
         call = Call(Op.COMPACT, self._group.cache_id(cache), (torch.tensor([committed]), torch.tensor(keep, dtype=torch.long)))
