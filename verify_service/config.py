@@ -14,6 +14,10 @@ class VerifyConfig:
     model: str | None = option(None, "Hugging Face model directory or .gguf file (default: the demo model)")
     device: str = option("cpu", "where the target runs", choices=("cpu", "cuda"))
     dtype: str = option("float32", "weights and activations", choices=("float32", "bfloat16", "float16"))
+    tensor_parallel: int = option(
+        1, "shard the target over this many processes, one per GPU (gloo on --device cpu); "
+        "spawned here, or one rank per process under torchrun"
+    )
     max_sessions: int = option(64, "sessions (KV caches) held at once; beyond: RESOURCE_EXHAUSTED")
     max_tokens: int = option(262144, "KV tokens reserved across sessions (prompt + max_new_tokens + tree each)")
     max_prompt_tokens: int = option(16384, "longest prompt (plus resumed tokens) one session may bring")
@@ -23,7 +27,7 @@ class VerifyConfig:
     grace_s: float = option(20.0, "on SIGTERM, how long in-flight rounds may take to finish")
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "max_tokens", "max_prompt_tokens", "workers"):
+        for name in ("tensor_parallel", "max_sessions", "max_tokens", "max_prompt_tokens", "workers"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_tree_nodes < 2:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -125,8 +126,11 @@ class SessionTable:
 
 class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
     def __init__(self, model: torch.nn.Module, config: VerifyConfig, eos_ids: frozenset[int] = frozenset(),
-                 model_name: str = ""):
+                 model_name: str = "", make_target: Callable[[FeatureSpec], Target] | None = None):
         self.model = model
+        # The target for a feature spec: a plain one, or one that mirrors its calls on the
+        # other ranks of a sharded model (verify_service.tensor_parallel).
+        self._make_target = make_target or (lambda spec: Target(model, spec, static=static_kv(model.device)))
         self.config = config
         self.eos_ids = eos_ids
         self.model_name = model_name
@@ -163,7 +167,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                 raise InputError(f"feature layers {list(layers)} out of range for a target of {self.num_layers} layers")
         key = FeatureSpec(kind, layers)
         if key not in self._targets:
-            self._targets[key] = Target(self.model, key, static=static_kv(self.model.device))
+            self._targets[key] = self._make_target(key)
         return self._targets[key]
 
     def drain(self) -> None:
@@ -384,6 +388,10 @@ def start(config: VerifyConfig, servicer: VerifierServicer | None = None) -> tup
 
 
 def run(config: VerifyConfig) -> int:
+    if config.tensor_parallel > 1:
+        from verify_service import tensor_parallel
+
+        return tensor_parallel.run(config)
     provider = setup_tracing("aerie-verify")
     host, _ = start(config)
     host.serve_until_signalled(config.grace_s)
