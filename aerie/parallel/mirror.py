@@ -138,6 +138,8 @@ class TensorParallelTarget:
     hidden_size = property(lambda self: self._local.hidden_size)
     vocab_size = property(lambda self: self._local.vocab_size)
     max_positions = property(lambda self: self._local.max_positions)
+    # Sharded forwards run on dynamic caches: graphs would have to capture the all-reduces.
+    static = property(lambda self: None)
 
     @property
     def features(self) -> FeatureSpec:
@@ -162,10 +164,7 @@ class TensorParallelTarget:
     def release_cache(self, cache: DynamicCache) -> None:
         """A finished sequence's cache: freed on the other ranks with the next call."""
         self._group.release(cache)
-        # Targets with pooled static caches take theirs back; plain ones have nothing to do.
-        release_local = getattr(self._local, "release_cache", None)
-        if release_local is not None:
-            release_local(cache)
+        self._local.release_cache(cache)
 
     def compact(self, cache: DynamicCache, committed: int, keep: list[int]) -> None:
         call = Call(Op.COMPACT, self._group.cache_id(cache), (torch.tensor([committed]), torch.tensor(keep, dtype=torch.long)))
