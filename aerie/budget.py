@@ -113,6 +113,10 @@ class TreeBudget:
         self.largest_graph = largest_graph
         self.explore_every = explore_every
         self.log: deque[ExploredRound] = deque(maxlen=window)
+        # accepted_if of each logged round for every (size, depth) candidate, computed once
+        # when the round is logged: the choice then costs a mean, not a replay of the log.
+        self._tables: deque[torch.Tensor] = deque(maxlen=window)
+        self._table_sum: torch.Tensor | None = None
         self.costs = CostModel()
         self.rounds = 0
         # Tree sizes that fill a verify bucket exactly (root included), up to the largest.
@@ -138,14 +142,27 @@ class TreeBudget:
         if tree_config == self.largest and candidates is not None:
             path = path_nodes(tree, accepted_tokens)
             depths = tree.depths
-            self.log.append(ExploredRound(
+            self.add_explored(ExploredRound(
                 scores=candidates[0].double(), depths=candidates[1],
                 path_scores=tuple(float(tree.logprobs[i]) for i in path),
                 path_depths=tuple(int(depths[i]) for i in path),
             ))
 
+    def add_explored(self, round_: ExploredRound) -> None:
+        table = torch.tensor([[accepted_if(round_, n, d) for d in range(1, self.largest.depth + 1)] for n in self.sizes],
+                             dtype=torch.float64)
+        if len(self._tables) == self._tables.maxlen:
+            self._table_sum -= self._tables[0]
+        self.log.append(round_)
+        self._tables.append(table)
+        self._table_sum = table.clone() if self._table_sum is None else self._table_sum + table
+
     def expected_accepted(self, total_tokens: int, depth: int) -> float:
-        return statistics.fmean(accepted_if(r, total_tokens, depth) for r in self.log) if self.log else 0.0
+        if not self.log:
+            return 0.0
+        if total_tokens in self.sizes and 1 <= depth <= self.largest.depth:
+            return float(self._table_sum[self.sizes.index(total_tokens), depth - 1]) / len(self._tables)
+        return statistics.fmean(accepted_if(r, total_tokens, depth) for r in self.log)
 
     def choice(self) -> tuple[int, int]:
         """The (total_tokens, depth) with the most expected tokens per ms, among measured sizes."""

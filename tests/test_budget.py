@@ -100,7 +100,7 @@ def synthetic_budget(verify_ms, draft_ms_per_level: float) -> TreeBudget:
                 children.sort(key=lambda c: -pool.logprobs[c])
                 node = children[0] if rng.random() < 0.7 or len(children) == 1 else children[1]
                 path.append(node)
-            budget.log.append(ExploredRound(
+            budget.add_explored(ExploredRound(
                 torch.tensor(pool.logprobs[1:], dtype=torch.float64), torch.tensor(depths[1:]),
                 tuple(pool.logprobs[i] for i in path), tuple(depths[i] for i in path)))
     for bucket in (2, 4, 8, 16, 32, 64):
@@ -143,3 +143,18 @@ def test_auto_budget_generation_is_lossless_and_learns():
     assert len(budget.log) >= 2
     assert set(budget.costs.verify_ms) >= {2, 4, 8, 16}  # every size was measured in warm-up
     assert {r.tree_size for r in eagle.rounds} >= {1, 3, 7, 15}
+
+
+def test_running_means_follow_the_window():
+    budget = TreeBudget(TreeConfig("dynamic", DEPTH, TOP_K, 63), largest_graph=64, window=3)
+    for seed in range(5):
+        pool = random_pool(seed)
+        depths = depths_of(pool)
+        path = [1 + seed % 3]
+        budget.add_explored(ExploredRound(
+            torch.tensor(pool.logprobs[1:], dtype=torch.float64), torch.tensor(depths[1:]),
+            tuple(pool.logprobs[i] for i in path), tuple(depths[i] for i in path)))
+    assert len(budget.log) == 3
+    for n, d in ((1, 1), (7, 3), (63, DEPTH)):
+        direct = sum(accepted_if(r, n, d) for r in budget.log) / 3
+        assert budget.expected_accepted(n, d) == pytest.approx(direct)
