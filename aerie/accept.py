@@ -26,24 +26,23 @@ def accept_greedy(tokens: torch.Tensor, parents: torch.Tensor, target_argmax: to
 
     Ties (only possible when siblings repeat a token) go to the earliest node.
     """
-    tokens, parents, target_argmax = tokens.cpu(), parents.cpu(), target_argmax.cpu()
-    n = tokens.shape[0]
-    matches = torch.zeros(n, dtype=torch.bool)
-    matches[0] = True
-    if n > 1:
-        matches[1:] = tokens[1:] == target_argmax[parents[1:]]
-    on_path = matches.clone()
+    # Plain lists on the host: reading the target's argmax is the round's one sync, and the
+    # walk over a few dozen nodes is cheaper in Python than as per-element tensor ops.
+    tok, par, best = tokens.tolist(), parents.tolist(), target_argmax.tolist()
+    n = len(tok)
+    on_path = [True] + [False] * (n - 1)
+    depth = [0] * n
     for i in range(1, n):  # parents precede children, so one pass suffices
-        on_path[i] &= on_path[parents[i]]
-    depths = node_depths(parents)
-    deepest = int(torch.where(on_path, depths, -1).argmax())
+        depth[i] = depth[par[i]] + 1
+        on_path[i] = on_path[par[i]] and tok[i] == best[par[i]]
+    deepest = max((i for i in range(n) if on_path[i]), key=lambda i: (depth[i], -i))
     path = []
     node = deepest
     while node >= 0:
         path.append(node)
-        node = int(parents[node])
+        node = par[node]
     path.reverse()
-    return Acceptance(path=path, bonus_token=int(target_argmax[deepest]))
+    return Acceptance(path=path, bonus_token=best[deepest])
 
 
 def accept_sampling(

@@ -29,10 +29,7 @@ class _SlotLayer(CacheLayerMixin):
         self.owner = owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        shape = (key_states.shape[0], key_states.shape[1], self.owner.capacity)
-        self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
-        self.values = value_states.new_zeros(*shape, value_states.shape[-1])
-        self.is_initialized = True
+        self.owner.allocate(key_states, value_states)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -63,7 +60,23 @@ class SlotCache(Cache):
         # The graphs captured over this cache's buffers, which only it may replay.
         self.graphs = GraphCache(enabled=cuda_graphs and self.device.type == "cuda")
         self._inputs: dict = {}  # per graph key: the buffers its inputs are copied into
+        # Every layer's keys and values are views of one tensor [layers, 2, batch, heads,
+        # capacity, head_dim], so that compaction moves all of them in one gather.
+        self.storage: torch.Tensor | None = None
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The storage, shaped after the first layer's keys (every layer has the same)."""
+        if key_states.shape != value_states.shape:
+            raise ValueError("static KV caches need keys and values of one shape")
+        b, h, _, d = key_states.shape
+        self._bind(key_states.new_zeros(len(self.layers), 2, b, h, self.capacity, d))
+
+    def _bind(self, storage: torch.Tensor) -> None:
+        self.storage = storage
+        for i, layer in enumerate(self.layers):
+            layer.keys, layer.values = storage[i, 0], storage[i, 1]
+            layer.is_initialized = True
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -76,10 +89,10 @@ class SlotCache(Cache):
         capacity = self.capacity
         while capacity < needed:
             capacity *= 2
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.keys = _grown(layer.keys, capacity)
-                layer.values = _grown(layer.values, capacity)
+        if self.storage is not None:
+            grown = self.storage.new_zeros(*self.storage.shape[:4], capacity, self.storage.shape[-1])
+            grown[..., : self.capacity, :] = self.storage
+            self._bind(grown)
         self.capacity = capacity
         self.write_at = torch.arange(capacity, device=self.device)
         self.graphs.clear()
@@ -115,11 +128,8 @@ class SlotCache(Cache):
         to committed + i. `keep` is increasing, so no slot is read after it is written."""
         if keep and keep != list(range(len(keep))):
             index = pinned_tensor(keep).to(self.device, non_blocking=True) + committed
-            end = committed + len(keep)
-            for layer in self.layers:
-                if layer.is_initialized:
-                    layer.keys[:, :, committed:end] = layer.keys.index_select(2, index)
-                    layer.values[:, :, committed:end] = layer.values.index_select(2, index)
+            if self.storage is not None:
+                self.storage[..., committed : committed + len(keep), :] = self.storage.index_select(4, index)
         self.length = committed + len(keep)
 
     def truncate(self, length: int) -> None:
@@ -145,12 +155,6 @@ class CachePool:
         if len(self._free) < self.keep:
             cache.reset()
             self._free.append(cache)
-
-
-def _grown(buffer: torch.Tensor, capacity: int) -> torch.Tensor:
-    out = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[-1])
-    out[:, :, : buffer.shape[2]] = buffer
-    return out
 
 
 def pinned_tensor(values, dtype: torch.dtype = torch.long) -> torch.Tensor:

@@ -96,18 +96,23 @@ def validate_tree(tokens: torch.Tensor, parents: torch.Tensor, vocab_size: int, 
 
 
 def node_depths(parents: torch.Tensor) -> torch.Tensor:
-    depths = torch.zeros_like(parents)
-    for i in range(1, parents.shape[0]):
-        depths[i] = depths[parents[i]] + 1
-    return depths
+    # Plain lists: these run on the host every round, where per-element tensor ops cost
+    # microseconds each.
+    p = parents.tolist()
+    depths = [0] * len(p)
+    for i in range(1, len(p)):
+        depths[i] = depths[p[i]] + 1
+    return torch.tensor(depths, dtype=parents.dtype, device=parents.device)
 
 
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     """mask[i, j] is True when node j is node i or one of its ancestors: tree attention."""
     n = parents.shape[0]
-    mask = torch.eye(n, dtype=torch.bool)
-    for i in range(1, n):
-        mask[i] |= mask[parents[i]]
+    mask = torch.eye(n, dtype=torch.bool, device=parents.device)
+    depths = node_depths(parents)
+    for d in range(1, int(depths.max()) + 1 if n > 1 else 1):  # a level at a time: parents are done
+        level = (depths == d).nonzero().flatten()
+        mask[level] |= mask[parents[level]]
     return mask
 
 
