@@ -2,12 +2,12 @@
 # The GPU benchmark, in one go on one GPU, most important first (each step writes its own
 # JSON under RUN_DIR, so an interrupted run keeps what it finished):
 #   1. MT-bench, T=0, bf16: eagle, vanilla (ours: static cache + CUDA graphs) and hf-static
-#   2. the verify cost curve (SmolLM2 and a Llama-3-8B shape) and the bandwidth floor
-#   3. a short run with hf-dynamic beside eagle and vanilla (hf-dynamic is slow)
-#   4. the tree-budget sweep: fixed trees against eagle-auto, side by side
-#   5. the networked split against in-process
-#   6. HumanEval and MT-bench at T=1; a float32 losslessness check
-#   7. the tau report of the shipped heads
+#   2. the tau report of the shipped heads (EAGLE-1 vs EAGLE-3, T=0 and T=1, chain vs tree)
+#   3. the verify cost curve (SmolLM2 and a Llama-3-8B shape) and the bandwidth floor
+#   4. a short run with hf-dynamic beside eagle and vanilla (hf-dynamic is slow)
+#   5. the tree-budget sweep: fixed trees against eagle-auto, side by side
+#   6. the networked split against in-process
+#   7. HumanEval and MT-bench at T=1; a float32 losslessness check
 #
 #   scripts/gpu_bench.sh RUN_DIR DATA_DIR
 #
@@ -35,6 +35,10 @@ if ! aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" --modes eagle,vanilla
     gpu+=(--kv-cache dynamic)
 fi
 
+stamp "tau report"
+aerie train report --device cuda --head eagle3=heads/smollm2-135m-eagle3 --head eagle1=heads/smollm2-135m-eagle1 \
+    --prompts "mt_bench=$mt" --prompts "humaneval=$he" --limit "${REPORT_LIMIT:-40}" --max-new-tokens "$tokens" \
+    --workers 4 --minutes "${REPORT_MINUTES:-3}" --out "$run/report"
 stamp "verify cost"
 aerie verify-cost --device cuda --shapes demo,llama-8b --out "$run/verify_cost.json"
 
@@ -64,8 +68,4 @@ stamp "float32 losslessness"
 aerie bench --prompts "$mt" --limit 10 --device cuda --dtype float32 --max-new-tokens "$tokens" --modes eagle,vanilla \
     --out "$run/mtbench_t0_fp32.json"
 
-stamp "tau report"
-aerie train report --device cuda --head eagle3=heads/smollm2-135m-eagle3 --head eagle1=heads/smollm2-135m-eagle1 \
-    --prompts "mt_bench=$mt" --prompts "humaneval=$he" --limit "${REPORT_LIMIT:-40}" --max-new-tokens "$tokens" \
-    --workers 4 --minutes "${REPORT_MINUTES:-3}" --out "$run/report"
 stamp done
