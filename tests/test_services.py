@@ -45,8 +45,6 @@ from aerie_rpc.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, gateway_pb2,
 from gateway.store import DONE, INTERRUPTED, RedisStore
 from tests.services_support import (
     ROOT,
-    VOCAB,
-    build_tiny_model,
     free_port,
     gateway_stub,
     generate,
@@ -57,6 +55,7 @@ from tests.services_support import (
     start_verifier,
     wait_all,
 )
+from tests.tiny import VOCAB, build_tiny_model
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 PROMPTS = [[3, 14, 15, 9, 26, 5], [1, 2, 3], [60, 61, 7, 8, 9, 10, 11, 12, 40, 41, 42]]
