@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     _add_model_args(gen)
     _add_sampling_args(gen)
+    _add_gateway_tls_args(gen)
     gen.set_defaults(handler=cmd_generate)
 
     bench = sub.add_parser("bench", help="compare eagle, vanilla, transformers generate and the networked split")
@@ -79,6 +80,24 @@ def _add_optional_commands(sub) -> None:
         add_serve_parser(sub)
 
 
+def _add_gateway_tls_args(p: argparse.ArgumentParser) -> None:
+    """--tls-ca, --tls-cert, --tls-key, --tls-server-name (or AERIE_TLS_*) for --gateway."""
+    from aerie_rpc.config import add_arguments
+    from aerie_rpc.tls import TlsClientOptions
+
+    add_arguments(p, TlsClientOptions)
+
+
+def _gateway_tls(args):
+    from aerie_rpc.config import from_args
+    from aerie_rpc.tls import TlsClientOptions, load_tls
+
+    tls = load_tls(from_args(TlsClientOptions, args))
+    if tls.cert is not None and not tls.dialing:
+        raise AerieError("--tls-cert is a client certificate here, sent only over TLS: add --tls-ca")
+    return tls
+
+
 def _sampling(args):
     from aerie.sampling import SamplingParams
     from aerie.verifier import StopCriteria
@@ -94,7 +113,7 @@ def cmd_generate(args) -> int:
 
         result = generate_via_gateway(
             args.gateway, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-            top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat,
+            top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat, tls=_gateway_tls(args),
         )
     else:
         from aerie.engine import Engine

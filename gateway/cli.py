@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 from aerie_rpc.config import add_arguments, from_args
+from aerie_rpc.tls import TlsSettings
 
 SERVE_HELP = {
     "verify": "the verify service: the target model and the sessions' KV caches",
@@ -62,7 +63,7 @@ def _make_handler(cls: type, runner: Callable) -> Callable[[argparse.Namespace],
 
 def generate_via_gateway(
     address: str, prompt: str, *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
-    chat: bool, top_k: int = 0, timeout_s: float = 3600.0,
+    chat: bool, top_k: int = 0, timeout_s: float = 3600.0, tls: TlsSettings | None = None,
 ) -> dict:
     """Stream one answer through a running gateway. Returns the fields of in-process
     generation (text, token_ids, new_tokens, tau, tokens_per_s, rounds) plus session_id,
@@ -71,7 +72,7 @@ def generate_via_gateway(
 
     req = client.request(prompt=prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, top_k=top_k, seed=seed)
-    out = client.collect(client.stream(address, req, timeout_s))
+    out = client.collect(client.stream(address, req, timeout_s, tls))
     keep = ("text", "token_ids", "new_tokens", "tau", "tokens_per_s", "rounds", "session_id", "trace_id",
             "resumes", "finish_reason")
     return {k: out[k] for k in keep if k in out}

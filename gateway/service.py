@@ -36,6 +36,7 @@ from aerie_rpc.status import (
     trailing,
 )
 from aerie_rpc.telemetry import extract_grpc, metadata, setup_tracing, trace_id_hex, tracer
+from aerie_rpc.tls import TlsSettings, load_tls
 from aerie_rpc.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from draft_service.service import LOST_DRAFTER, LOST_VERIFIER
 from gateway.config import GatewayConfig
@@ -62,9 +63,10 @@ _LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.St
 
 
 class DrafterPool:
-    def __init__(self, addresses: tuple[str, ...], cooldown_s: float):
+    def __init__(self, addresses: tuple[str, ...], cooldown_s: float, tls: TlsSettings | None = None):
         self.addresses = list(addresses)
         self.cooldown_s = cooldown_s
+        self.tls = tls
         self._stubs: dict[str, drafter_pb2_grpc.DrafterStub] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._down: dict[str, float] = {}
@@ -74,7 +76,7 @@ class DrafterPool:
     def stub(self, address: str) -> drafter_pb2_grpc.DrafterStub:
         with self._lock:
             if address not in self._stubs:
-                self._channels[address] = channel(address)
+                self._channels[address] = channel(address, self.tls)
                 self._stubs[address] = drafter_pb2_grpc.DrafterStub(self._channels[address])
             return self._stubs[address]
 
@@ -139,7 +141,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.instance = f"gw-{uuid.uuid4().hex[:12]}"
-        self.pool = DrafterPool(config.draft, config.drafter_cooldown_s)
+        self.pool = DrafterPool(config.draft, config.drafter_cooldown_s, load_tls(config))
         self.draining = threading.Event()
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
@@ -553,10 +555,11 @@ def build_servicer(config: GatewayConfig, store: SessionStore | None = None) -> 
 
 
 def start(config: GatewayConfig, servicer: GatewayServicer | None = None) -> tuple[ServiceHost, GatewayServicer]:
+    tls = load_tls(config)  # before the tokenizer loads: a wrong path ends the start at once
     servicer = servicer or build_servicer(config)
     host = ServiceHost(
         config.listen, lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s), [SERVICE_NAME],
-        workers=config.workers, on_drain=servicer.drain,
+        workers=config.workers, on_drain=servicer.drain, tls=tls, health_listen=config.health_listen,
     )
     return host, servicer
 
