@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from aerie_rpc.server import ServiceHost, channel, wait_for_serving
+from aerie_rpc.tls import TlsSettings
 from aerie_rpc.v1 import gateway_pb2, gateway_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,8 +66,8 @@ def start_gateway(drafters: list[str], model_dir: Path | None = None, store=None
     return start(config, build_servicer(config, store))
 
 
-def gateway_stub(address: str) -> tuple[grpc.Channel, gateway_pb2_grpc.GatewayStub]:
-    ch = channel(address)
+def gateway_stub(address: str, tls: TlsSettings | None = None) -> tuple[grpc.Channel, gateway_pb2_grpc.GatewayStub]:
+    ch = channel(address, tls)
     return ch, gateway_pb2_grpc.GatewayStub(ch)
 
 
@@ -111,14 +112,15 @@ def process_log(proc: subprocess.Popen) -> str:
     return Path(path).read_text(errors="replace")[-3000:] if path and Path(path).is_file() else ""
 
 
-def wait_all(addresses: list[str], procs: list[subprocess.Popen], timeout_s: float = 120.0) -> None:
+def wait_all(addresses: list[str], procs: list[subprocess.Popen], timeout_s: float = 120.0,
+             tls: TlsSettings | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     for address, proc in zip(addresses, procs):
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{address} exited with status {proc.returncode}:\n{process_log(proc)}")
             try:
-                wait_for_serving(address, timeout_s=1.0)
+                wait_for_serving(address, timeout_s=1.0, tls=tls)
                 break
             except TimeoutError:
                 if time.monotonic() > deadline:

@@ -7,6 +7,7 @@
   certificate, or with one from another CA; a client that does not trust the server's CA
   fails; a certificate for another name needs --tls-server-name;
 - the plaintext health port answers health checks and nothing else;
+- a service process configured by AERIE_TLS_* variables serves mutual TLS;
 - wrong settings end a service's start with one line and exit status 2, before any model loads.
 """
 
@@ -25,12 +26,20 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from aerie.errors import InputError
 from aerie_rpc.config import from_args, parser_for
-from aerie_rpc.server import ServiceHost, channel
+from aerie_rpc.server import ServiceHost, channel, wait_for_serving
 from aerie_rpc.tls import TlsSettings, load_tls
 from draft_service.config import DraftConfig
 from gateway import client
 from tests.certs import OTHER_NAME, Pki, make_pki
-from tests.services_support import ROOT, start_drafter, start_gateway, start_verifier
+from tests.services_support import (
+    ROOT,
+    free_port,
+    spawn,
+    start_drafter,
+    start_gateway,
+    start_verifier,
+    wait_all,
+)
 from tests.tiny import build_tiny_model
 
 PROMPT = [3, 14, 15, 9, 26, 5]
@@ -180,6 +189,26 @@ def test_cli_generate_over_tls(tls_chain, plain_chain, pki):
     refused_run = run(tls_chain.ghost.address)
     errors = [line for line in refused_run.stderr.splitlines() if line.startswith("aerie: error:")]
     assert refused_run.returncode == 2 and len(errors) == 1 and "UNAVAILABLE" in errors[0], refused_run.stderr
+
+
+def test_a_service_process_configured_by_environment_serves_mutual_tls(tiny, pki, tmp_path):
+    """The deployment's way: AERIE_TLS_* variables, a process of its own."""
+    model_dir, _ = tiny
+    address = f"127.0.0.1:{free_port()}"
+    env = {"AERIE_TLS_CERT": str(pki.node.cert), "AERIE_TLS_KEY": str(pki.node.key),
+           "AERIE_TLS_CLIENT_CA": str(pki.ca)}
+    proc = spawn("verify_service", ["--listen", address, "--model", str(model_dir)], env=env,
+                 log=tmp_path / "verify.log")
+    try:
+        wait_all([address], [proc], tls=client_tls(pki))
+        assert refused(address, None) == grpc.StatusCode.UNAVAILABLE
+        assert refused(address, load_tls(SimpleNamespace(tls_ca=str(pki.ca)))) == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(TimeoutError):
+            wait_for_serving(address, timeout_s=1.0)  # plaintext health checks never succeed
+        assert "over TLS" in (tmp_path / "verify.log").read_text()
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 # --- settings -------------------------------------------------------------------------------
