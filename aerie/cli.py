@@ -73,11 +73,12 @@ def _add_optional_commands(sub) -> None:
     else:
         add_train_parser(sub)
     try:
-        from gateway.cli import add_serve_parser
+        from gateway.cli import add_loadtest_parser, add_serve_parser
     except ImportError:
         pass
     else:
         add_serve_parser(sub)
+        add_loadtest_parser(sub)
 
 
 def _add_gateway_tls_args(p: argparse.ArgumentParser) -> None:

@@ -53,6 +53,17 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     return serve
 
 
+def add_loadtest_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `loadtest` (gateway/loadtest.py)."""
+    from gateway import loadtest
+
+    p = subparsers.add_parser("loadtest", help="concurrent sessions through verify, draft and gateway processes on "
+                              "loopback (a tiny target on the CPU), optionally killing a verifier midway")
+    loadtest.add_arguments(p)
+    p.set_defaults(handler=loadtest.run_command)
+    return p
+
+
 def _make_handler(cls: type, runner: Callable) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
