@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: choose each round's tree size and depth from measured acceptance and costs")
     _add_model_args(gen)
     _add_sampling_args(gen)
+    _add_gateway_tls_args(gen)
     gen.set_defaults(handler=cmd_generate)
 
     bench = sub.add_parser("bench", help="compare eagle, vanilla, transformers generate and the networked split")
@@ -88,11 +89,30 @@ def _add_optional_commands(sub) -> None:
     else:
         add_train_parser(sub)
     try:
-        from gateway.cli import add_serve_parser
+        from gateway.cli import add_loadtest_parser, add_serve_parser
     except ImportError:
         pass
     else:
         add_serve_parser(sub)
+        add_loadtest_parser(sub)
+
+
+def _add_gateway_tls_args(p: argparse.ArgumentParser) -> None:
+    """--tls-ca, --tls-cert, --tls-key, --tls-server-name (or AERIE_TLS_*) for --gateway."""
+    from aerie_rpc.config import add_arguments
+    from aerie_rpc.tls import TlsClientOptions
+
+    add_arguments(p, TlsClientOptions)
+
+
+def _gateway_tls(args):
+    from aerie_rpc.config import from_args
+    from aerie_rpc.tls import TlsClientOptions, load_tls
+
+    tls = load_tls(from_args(TlsClientOptions, args))
+    if tls.cert is not None and not tls.dialing:
+        raise AerieError("--tls-cert is a client certificate here, sent only over TLS: add --tls-ca")
+    return tls
 
 
 def _sampling(args):
@@ -111,7 +131,7 @@ def cmd_generate(args) -> int:
         result = generate_via_gateway(
             args.gateway, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
             top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=not args.no_chat,
-            api_key=args.api_key or os.environ.get("AERIE_API_KEY"),
+            api_key=args.api_key or os.environ.get("AERIE_API_KEY"), tls=_gateway_tls(args),
         )
     else:
         from aerie.engine import Engine

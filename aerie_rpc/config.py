@@ -24,9 +24,13 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None, secret: bool = False) -> Any:
-    """A setting; a `secret` one is left out of the config's repr (and so out of logs)."""
-    return dataclasses.field(default=default, repr=not secret, metadata={"help": help, "choices": choices})
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None, secret: bool = False,
+           group: str | None = None) -> Any:
+    """A config field. A `secret` one is left out of the config's repr (and so out of logs);
+    `group` titles a section of --help (shared settings such as TLS sit there, after the
+    service's own)."""
+    return dataclasses.field(default=default, repr=not secret,
+                             metadata={"help": help, "choices": choices, "group": group})
 
 
 def _kind(tp: Any) -> type:
@@ -61,17 +65,20 @@ def _parse(kind: type, raw: str, where: str) -> Any:
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field; defaults are left out so that the environment can fill them."""
     hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(cls):
         kind = _kind(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = ",".join(default) if isinstance(default, tuple) else default
         text = f"{f.metadata.get('help', '')} [env {env_name(f.name)}; default {shown}]"
+        title = f.metadata.get("group")
+        where = parser if title is None else groups.setdefault(title, parser.add_argument_group(title))
         if kind is bool:
-            parser.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=text)
+            where.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=text)
         else:
-            parser.add_argument(flag_name(f.name), dest=f.name, default=argparse.SUPPRESS, help=text,
-                                metavar=f.name.upper(), choices=f.metadata.get("choices"))
+            where.add_argument(flag_name(f.name), dest=f.name, default=argparse.SUPPRESS, help=text,
+                               metavar=f.name.upper(), choices=f.metadata.get("choices"))
 
 
 def from_args(cls: type[C], args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> C:

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from aerie.errors import InputError
 from aerie.tree import TreeConfig
 from aerie_rpc.config import option
+from aerie_rpc.tls import TlsOptions
 
 
 @dataclass
-class DraftConfig:
+class DraftConfig(TlsOptions):
     listen: str = option("127.0.0.1:50062", "address to serve on, HOST:PORT (port 0 picks a free one)")
     verifier: tuple[str, ...] = option((), "verify services to drive, ADDR[,ADDR...] (required)")
     model: str | None = option(None, "the target's model directory: only its config and embedding are read")

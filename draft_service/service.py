@@ -31,6 +31,7 @@ from aerie_rpc.config import service_main
 from aerie_rpc.server import ServiceHost, channel
 from aerie_rpc.status import Exhausted, ServiceError, Unavailable, rpc_code, rpc_details, status_of
 from aerie_rpc.telemetry import extract_grpc, inject, metadata, setup_tracing, tracer
+from aerie_rpc.tls import TlsSettings, load_tls
 from aerie_rpc.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
 from draft_service.config import DraftConfig
 
@@ -78,9 +79,10 @@ class Admission:
 class VerifierPool:
     """Verifier addresses, channels, model facts, and which ones were lost lately."""
 
-    def __init__(self, addresses: tuple[str, ...], cooldown_s: float):
+    def __init__(self, addresses: tuple[str, ...], cooldown_s: float, tls: TlsSettings | None = None):
         self.addresses = list(addresses)
         self.cooldown_s = cooldown_s
+        self.tls = tls
         self._stubs: dict[str, verifier_pb2_grpc.VerifierStub] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._info: dict[str, verifier_pb2.VerifierInfo] = {}
@@ -91,7 +93,7 @@ class VerifierPool:
     def stub(self, address: str) -> verifier_pb2_grpc.VerifierStub:
         with self._lock:
             if address not in self._stubs:
-                self._channels[address] = channel(address)
+                self._channels[address] = channel(address, self.tls)
                 self._stubs[address] = verifier_pb2_grpc.VerifierStub(self._channels[address])
             return self._stubs[address]
 
@@ -129,7 +131,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.name = name or config.listen
         self.vocab_size = int(head.config.vocab_size)
         self.target_hidden = int(getattr(head.config, "target_hidden_size", None) or head.config.hidden_size)
-        self.pool = VerifierPool(config.verifier, config.verifier_cooldown_s)
+        self.pool = VerifierPool(config.verifier, config.verifier_cooldown_s, load_tls(config))
         self.admission = Admission(config.max_sessions, config.max_tokens)
         self.compute = threading.Lock()
         self.draining = threading.Event()
@@ -441,10 +443,11 @@ def build_servicer(config: DraftConfig) -> DrafterServicer:
 
 
 def start(config: DraftConfig, servicer: DrafterServicer | None = None) -> tuple[ServiceHost, DrafterServicer]:
+    tls = load_tls(config)  # before the head loads: a wrong path ends the start at once
     servicer = servicer or build_servicer(config)
     host = ServiceHost(
         config.listen, lambda s: drafter_pb2_grpc.add_DrafterServicer_to_server(servicer, s), [SERVICE_NAME],
-        workers=config.workers, on_drain=servicer.drain,
+        workers=config.workers, on_drain=servicer.drain, tls=tls, health_listen=config.health_listen,
     )
     if servicer.name in (config.listen,) or servicer.name.endswith(":0"):
         servicer.name = host.address

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 
 from aerie_rpc.config import add_arguments, from_args
+from aerie_rpc.tls import TlsSettings
 
 SERVE_HELP = {
     "verify": "the verify service: the target model and the sessions' KV caches",
@@ -52,6 +53,17 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     return serve
 
 
+def add_loadtest_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `loadtest` (gateway/loadtest.py)."""
+    from gateway import loadtest
+
+    p = subparsers.add_parser("loadtest", help="concurrent sessions through verify, draft and gateway processes on "
+                              "loopback (a tiny target on the CPU), optionally killing a verifier midway")
+    loadtest.add_arguments(p)
+    p.set_defaults(handler=loadtest.run_command)
+    return p
+
+
 def _make_handler(cls: type, runner: Callable) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -63,6 +75,7 @@ def _make_handler(cls: type, runner: Callable) -> Callable[[argparse.Namespace],
 def generate_via_gateway(
     address: str, prompt: str, *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
     chat: bool, top_k: int = 0, timeout_s: float = 3600.0, api_key: str | None = None,
+    tls: TlsSettings | None = None,
 ) -> dict:
     """Stream one answer through a running gateway. Returns the fields of in-process
     generation (text, token_ids, new_tokens, tau, tokens_per_s, rounds) plus session_id,
@@ -71,7 +84,7 @@ def generate_via_gateway(
 
     req = client.request(prompt=prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, top_k=top_k, seed=seed)
-    out = client.collect(client.stream(address, req, timeout_s, api_key))
+    out = client.collect(client.stream(address, req, timeout_s, api_key, tls))
     keep = ("text", "token_ids", "new_tokens", "tau", "tokens_per_s", "rounds", "session_id", "trace_id",
             "resumes", "finish_reason")
     return {k: out[k] for k in keep if k in out}

@@ -10,11 +10,17 @@ import grpc
 from aerie.errors import AerieError
 from aerie_rpc.server import channel
 from aerie_rpc.status import rpc_code, rpc_details
+from aerie_rpc.tls import TlsSettings
 from aerie_rpc.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
 class GatewayError(AerieError):
-    """The gateway answered with an error status (the message names the status)."""
+    """The gateway answered with an error status (the message names the status; `code` is it,
+    or None when the stream ended without a result)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 def request(
@@ -30,22 +36,30 @@ def request(
 
 
 def stream(address: str, req: gateway_pb2.GenerateRequest, timeout_s: float = 3600.0,
-           api_key: str | None = None) -> Iterator[gateway_pb2.GenerateEvent]:
-    """Stream one generation; `api_key` is sent as `authorization: Bearer <key>`."""
+           api_key: str | None = None, tls: TlsSettings | None = None) -> Iterator[gateway_pb2.GenerateEvent]:
+    """One generation on a channel of its own (TLS when `tls` has a CA); `api_key` is sent
+    as `authorization: Bearer <key>`."""
+    with channel(address, tls) as ch:
+        yield from stream_on(gateway_pb2_grpc.GatewayStub(ch), req, timeout_s, address, api_key)
+
+
+def stream_on(stub: gateway_pb2_grpc.GatewayStub, req: gateway_pb2.GenerateRequest, timeout_s: float = 3600.0,
+              name: str = "", api_key: str | None = None) -> Iterator[gateway_pb2.GenerateEvent]:
+    """One generation on a channel the caller keeps (many concurrent ones share it)."""
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
-    with channel(address) as ch:
-        stub = gateway_pb2_grpc.GatewayStub(ch)
-        try:
-            yield from stub.Generate(req, timeout=timeout_s, metadata=metadata)
-        except grpc.RpcError as e:
-            raise GatewayError(f"gateway {address}: {rpc_code(e).name}: {rpc_details(e)}") from None
+    try:
+        yield from stub.Generate(req, timeout=timeout_s, metadata=metadata)
+    except grpc.RpcError as e:
+        code = rpc_code(e)
+        raise GatewayError(f"gateway {name}: {code.name}: {rpc_details(e)}", code) from None
 
 
 def collect(events: Iterator[gateway_pb2.GenerateEvent],
             on_text: Callable[[str], None] | None = None) -> dict:
-    """Consume a stream into the fields in-process generation reports, plus per-round costs."""
+    """Consume a stream into the fields in-process generation reports, plus per-round costs,
+    the ids as streamed (`streamed_ids`) and the time to the first of them (`first_token_s`)."""
     t0 = time.perf_counter()
-    out: dict = {"text": "", "token_ids": [], "rounds_detail": [], "resumed": []}
+    out: dict = {"text": "", "streamed_ids": [], "rounds_detail": [], "resumed": [], "first_token_s": None}
     finished = None
     for ev in events:
         kind = ev.WhichOneof("event")
@@ -54,7 +68,9 @@ def collect(events: Iterator[gateway_pb2.GenerateEvent],
             out["trace_id"] = ev.started.trace_id
             out["drafter"], out["verifier"] = ev.started.drafter, ev.started.verifier
         elif kind == "tokens":
-            out["token_ids"] += list(ev.tokens.ids)
+            if out["first_token_s"] is None and ev.tokens.ids:
+                out["first_token_s"] = time.perf_counter() - t0
+            out["streamed_ids"] += list(ev.tokens.ids)
             if on_text is not None and ev.tokens.text:
                 on_text(ev.tokens.text)
             s = ev.tokens.stats

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from aerie.errors import InputError
 from aerie_rpc.config import option
+from aerie_rpc.tls import TlsOptions
 
 
 @dataclass
-class GatewayConfig:
+class GatewayConfig(TlsOptions):
     listen: str = option("127.0.0.1:50060", "address to serve on, HOST:PORT (port 0 picks a free one)")
     draft: tuple[str, ...] = option((), "draft services to route to, ADDR[,ADDR...] (required)")
     redis: str | None = option(None, "Redis URL for session records (default: an in-process store)")

@@ -47,6 +47,7 @@ from aerie_rpc.status import (
     trailing,
 )
 from aerie_rpc.telemetry import extract_grpc, metadata, setup_tracing, trace_id_hex, tracer
+from aerie_rpc.tls import TlsSettings, load_tls
 from aerie_rpc.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from draft_service.service import LOST_DRAFTER, LOST_VERIFIER
 from gateway.auth import ANONYMOUS, ApiKeys, Principal, bearer_token, load_keys
@@ -88,9 +89,10 @@ class RateLimited(Exhausted):
 
 
 class DrafterPool:
-    def __init__(self, addresses: tuple[str, ...], cooldown_s: float):
+    def __init__(self, addresses: tuple[str, ...], cooldown_s: float, tls: TlsSettings | None = None):
         self.addresses = list(addresses)
         self.cooldown_s = cooldown_s
+        self.tls = tls
         self._stubs: dict[str, drafter_pb2_grpc.DrafterStub] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._down: dict[str, float] = {}
@@ -101,7 +103,7 @@ class DrafterPool:
     def stub(self, address: str) -> drafter_pb2_grpc.DrafterStub:
         with self._lock:
             if address not in self._stubs:
-                self._channels[address] = channel(address)
+                self._channels[address] = channel(address, self.tls)
                 self._stubs[address] = drafter_pb2_grpc.DrafterStub(self._channels[address])
             return self._stubs[address]
 
@@ -187,7 +189,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.keys = keys or ApiKeys({})
         self.metrics = metrics or GatewayMetrics()
         self.instance = f"gw-{uuid.uuid4().hex[:12]}"
-        self.pool = DrafterPool(config.draft, config.drafter_cooldown_s)
+        self.pool = DrafterPool(config.draft, config.drafter_cooldown_s, load_tls(config))
         self.draining = threading.Event()
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
@@ -716,11 +718,13 @@ def start(config: GatewayConfig, servicer: GatewayServicer | None = None) -> tup
     """The gRPC server and, with --http-listen, the HTTP API beside it (`http_api(host)`)."""
     from gateway.http_api import HttpApi
 
+    tls = load_tls(config)  # before the tokenizer loads: a wrong path ends the start at once
     servicer = servicer or build_servicer(config)
     sidecars = [HttpApi(config.http_listen, servicer)] if config.http_listen else []
     host = ServiceHost(
         config.listen, lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s), [SERVICE_NAME],
-        workers=config.workers, on_drain=servicer.drain, sidecars=sidecars,
+        workers=config.workers, on_drain=servicer.drain, sidecars=sidecars, tls=tls,
+        health_listen=config.health_listen,
     )
     return host, servicer
 

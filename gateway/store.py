@@ -144,7 +144,14 @@ class MemoryStore:
         self.ttl_s = ttl_s
         self._records: dict[str, tuple[SessionRecord, float]] = {}
         self._hits: dict[str, deque[float]] = {}
+        self._next_sweep = 0.0
         self._lock = threading.Lock()
+
+    def held(self) -> int:
+        """Records held, expired ones not yet swept included. (Not __len__: an empty store
+        must stay truthy for `store or make_store(...)`.)"""
+        with self._lock:
+            return len(self._records)
 
     def _live(self, session_id: str) -> SessionRecord:
         item = self._records.get(session_id)
@@ -154,8 +161,18 @@ class MemoryStore:
         return item[0]
 
     def _put(self, record: SessionRecord) -> None:
-        record.updated = time.time()
-        self._records[record.session_id] = (record, time.time() + self.ttl_s)
+        now = time.time()
+        record.updated = now
+        self._records[record.session_id] = (record, now + self.ttl_s)
+        if now >= self._next_sweep:
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        # A finished session is rarely read again, so expiry on read alone would keep every
+        # record for good: drop the expired ones on a write, at most once a minute (or TTL).
+        for sid in [sid for sid, (_, expires) in self._records.items() if expires <= now]:
+            del self._records[sid]
+        self._next_sweep = now + min(60.0, self.ttl_s)
 
     def create(self, record: SessionRecord) -> None:
         with self._lock:

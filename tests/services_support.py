@@ -1,6 +1,5 @@
-"""Shared by the service tests: a tiny random-weight Llama saved as a Hugging Face directory
-(with a tiny word-level tokenizer), a random EAGLE-3 head saved in the official layout, and
-servers started in this process on free loopback ports."""
+"""Shared by the service tests: servers started in this process on free loopback ports, and
+service processes (the tiny model they serve is built by tests/tiny.py)."""
 
 from __future__ import annotations
 
@@ -17,33 +16,13 @@ from pathlib import Path
 import grpc
 import redis
 
-from aerie.heads import save_head
 from aerie_rpc.server import ServiceHost, channel, wait_for_serving
+from aerie_rpc.tls import TlsSettings
 from aerie_rpc.v1 import gateway_pb2, gateway_pb2_grpc
 from gateway.store import RedisStore
-from tests.tiny import tiny_head, tiny_llama
 
 ROOT = Path(__file__).resolve().parent.parent
-VOCAB = 64
 REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def build_tiny_model(where: Path) -> tuple[Path, Path]:
-    """Write <where>/model (HF directory with tokenizer) and <where>/head; return both."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from aerie.target import FeatureSpec, Target, eagle3_default_layers
-
-    model_dir, head_dir = where / "model", where / "head"
-    model = tiny_llama(vocab=VOCAB, layers=6, hidden=64, seed=0)
-    model.save_pretrained(model_dir)
-    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(model_dir)
-    target = Target(model, FeatureSpec("eagle3", eagle3_default_layers(6)))
-    save_head(tiny_head(target, "eagle3", draft_vocab=48, seed=1), head_dir)
-    return model_dir, head_dir
 
 
 class RedisPrefix:
@@ -113,8 +92,8 @@ def start_gateway(drafters: list[str], model_dir: Path | None = None, store=None
     return start(config, build_servicer(config, store))
 
 
-def gateway_stub(address: str) -> tuple[grpc.Channel, gateway_pb2_grpc.GatewayStub]:
-    ch = channel(address)
+def gateway_stub(address: str, tls: TlsSettings | None = None) -> tuple[grpc.Channel, gateway_pb2_grpc.GatewayStub]:
+    ch = channel(address, tls)
     return ch, gateway_pb2_grpc.GatewayStub(ch)
 
 
@@ -159,14 +138,15 @@ def process_log(proc: subprocess.Popen) -> str:
     return Path(path).read_text(errors="replace")[-3000:] if path and Path(path).is_file() else ""
 
 
-def wait_all(addresses: list[str], procs: list[subprocess.Popen], timeout_s: float = 120.0) -> None:
+def wait_all(addresses: list[str], procs: list[subprocess.Popen], timeout_s: float = 120.0,
+             tls: TlsSettings | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     for address, proc in zip(addresses, procs):
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{address} exited with status {proc.returncode}:\n{process_log(proc)}")
             try:
-                wait_for_serving(address, timeout_s=1.0)
+                wait_for_serving(address, timeout_s=1.0, tls=tls)
                 break
             except TimeoutError:
                 if time.monotonic() > deadline:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from aerie.cli import main
-from tests.services_support import build_tiny_model
+from tests.tiny import build_tiny_model
 
 
 def test_networked_mode_matches_in_process(tmp_path, capsys):

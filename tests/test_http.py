@@ -30,7 +30,8 @@ from gateway.http_api import api_error, split_listen
 from gateway.metrics import prometheus_name, render_prometheus
 from gateway.openai_schema import ApiError, StopScanner, parse_chat, parse_completion, parse_json
 from gateway.service import PromptTooLong, RateLimited, http_api
-from tests.services_support import RedisPrefix, build_tiny_model, start_drafter, start_gateway, start_verifier
+from tests.services_support import RedisPrefix, start_drafter, start_gateway, start_verifier
+from tests.tiny import build_tiny_model
 
 KEYS = {"alice": "sk-alice-2f9d1c7e5b", "bob": "sk-bob-8a4e6f0d3c"}
 RPM = 4  # the rate-limited gateway's limit per key

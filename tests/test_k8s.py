@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -77,13 +78,22 @@ def test_gpus_only_in_prod_and_only_on_their_pools(rendered):
             assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
 
 
-def test_probes_are_native_grpc_on_the_serving_port(rendered):
-    """Except the gateway's readiness: its HTTP /health also checks Redis and the drafters."""
+def test_probes_are_native_grpc_on_a_plaintext_port(rendered):
+    """kubelet's gRPC probes speak no TLS: they go to the serving port where it is plaintext,
+    else to the service's plaintext health-only port, which the container declares. The
+    gateway's readiness is its HTTP /health, which also checks Redis and the drafters."""
     _, objs = rendered
     for name, doc in aerie_workloads(objs).items():
         container = pod_spec(doc)["containers"][0]
-        port = container["ports"][0]["containerPort"]
-        assert container["args"][-1] == f"0.0.0.0:{port}", name
+        config = service_config(container, objs)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert container["args"][-1] == f"0.0.0.0:{ports['grpc']}", name
+        if config.health_listen:
+            port = int(config.health_listen.rsplit(":", 1)[1])
+            assert ports["health"] == port, name
+        else:
+            assert config.tls_cert is None, f"{name}: a TLS port without a health-only port cannot be probed"
+            port = ports["grpc"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             if name == "aerie-gateway" and probe == "readinessProbe":
                 http = next(p["containerPort"] for p in container["ports"] if p["name"] == "http")
@@ -113,6 +123,52 @@ def test_gateway_serves_http_with_the_api_keys_secret(rendered):
     from gateway.auth import parse_key_items
 
     assert parse_key_items(secret["stringData"][keys_file.name].splitlines(), keys_file.name)
+
+
+def test_tls_in_prod_on_every_link(rendered):
+    """Dev is plaintext. In prod every pod serves TLS with its own service's Secret, every
+    caller trusts the CA of the pool it calls, and drafters and verifiers accept only callers
+    with a certificate (which their callers have)."""
+    overlay, objs = rendered
+    work = aerie_workloads(objs)
+    configs = {name: service_config(pod_spec(doc)["containers"][0], objs) for name, doc in work.items()}
+    tls_fields = ("tls_cert", "tls_key", "tls_client_ca", "tls_ca", "tls_server_name", "health_listen")
+    if overlay == "dev":
+        assert all(getattr(c, f, None) is None for c in configs.values() for f in tls_fields)
+        return
+    user = int(re.search(r"^USER (\d+)$", (K8S / "Dockerfile").read_text(), re.MULTILINE).group(1))
+    for name, config in configs.items():
+        spec = pod_spec(work[name])
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        files = [getattr(config, f, None) for f in ("tls_cert", "tls_key", "tls_client_ca", "tls_ca")]
+        assert config.tls_cert and config.tls_key, name
+        for path in filter(None, files):
+            secret = volumes[mounts[str(Path(path).parent)]]["secret"]
+            assert secret["secretName"] == f"{name}-tls" and Path(path).name in ("tls.crt", "tls.key", "ca.crt")
+            # Not world-readable; the image's user reads it through the pod's fsGroup.
+            assert secret["defaultMode"] & 0o007 == 0 and secret["defaultMode"] & 0o040, name
+            assert spec["securityContext"]["fsGroup"] == user, name
+    for caller, callee in (("aerie-draft", "aerie-verify"), ("aerie-gateway", "aerie-draft")):
+        assert configs[callee].tls_client_ca, f"{callee} should require client certificates"
+        assert configs[caller].tls_ca == configs[callee].tls_client_ca, caller
+        assert configs[caller].tls_cert, f"{caller} has no certificate to show {callee}"
+
+
+CONFIGS = {"verify": "verify_service.config:VerifyConfig", "draft": "draft_service.config:DraftConfig",
+           "gateway": "gateway.config:GatewayConfig"}
+
+
+def service_config(container: dict, objs: dict):
+    """The container's args and settings parsed by its service's own config class."""
+    import importlib
+
+    from aerie.cli import build_parser
+    from aerie_rpc.config import from_args
+
+    module, cls = CONFIGS[container["args"][1]].split(":")
+    return from_args(getattr(importlib.import_module(module), cls), build_parser().parse_args(container["args"]),
+                     environ=_settings(container, objs))
 
 
 def _settings(container: dict, objs: dict) -> dict[str, str]:

@@ -45,9 +45,7 @@ from gateway.store import DONE, INTERRUPTED
 from tests.services_support import (
     REDIS_URL,
     ROOT,
-    VOCAB,
     RedisPrefix,
-    build_tiny_model,
     free_port,
     gateway_stub,
     generate,
@@ -58,6 +56,7 @@ from tests.services_support import (
     start_verifier,
     wait_all,
 )
+from tests.tiny import VOCAB, build_tiny_model
 
 PROMPTS = [[3, 14, 15, 9, 26, 5], [1, 2, 3], [60, 61, 7, 8, 9, 10, 11, 12, 40, 41, 42]]
 SESSION_TTL_S = 600.0

@@ -348,3 +348,15 @@ def test_redis_rate_limit_layout():
         assert 0 < store.client.pttl(key) <= 20_000
     finally:
         stores.cleanup()
+
+
+def test_memory_store_drops_expired_records_nobody_reads():
+    """Finished sessions are seldom read again: expiring them only on a read would let a
+    long-running gateway's store grow without bound."""
+    store = MemoryStore(ttl_s=0.2)
+    for i in range(50):
+        store.create(SessionRecord(session_id=f"old-{i}", prompt_ids=[1], params={}, max_new_tokens=4))
+    assert store.held() == 50
+    time.sleep(0.3)
+    store.create(SessionRecord(session_id="new", prompt_ids=[1], params={}, max_new_tokens=4))
+    assert store.held() == 1 and store.get("new").session_id == "new"

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from aerie.errors import InputError
 from aerie_rpc.config import option
+from aerie_rpc.tls import TlsServerOptions
 
 
 @dataclass
-class VerifyConfig:
+class VerifyConfig(TlsServerOptions):
     listen: str = option("127.0.0.1:50061", "address to serve on, HOST:PORT (port 0 picks a free one)")
     model: str | None = option(None, "Hugging Face model directory or .gguf file (default: the demo model)")
     device: str = option("cpu", "where the target runs", choices=("cpu", "cuda"))

@@ -29,6 +29,7 @@ from aerie_rpc.models import static_kv
 from aerie_rpc.server import ServiceHost
 from aerie_rpc.status import Exhausted, NotFound, ServiceError, abort
 from aerie_rpc.telemetry import extract, extract_grpc, setup_tracing, tracer
+from aerie_rpc.tls import load_tls
 from aerie_rpc.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
 from verify_service.config import VerifyConfig
 
@@ -378,10 +379,11 @@ def build_servicer(config: VerifyConfig) -> VerifierServicer:
 
 
 def start(config: VerifyConfig, servicer: VerifierServicer | None = None) -> tuple[ServiceHost, VerifierServicer]:
+    tls = load_tls(config)  # before the model loads: a wrong path ends the start at once
     servicer = servicer or build_servicer(config)
     host = ServiceHost(
         config.listen, lambda s: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, s), [SERVICE_NAME],
-        workers=config.workers, on_drain=servicer.drain,
+        workers=config.workers, on_drain=servicer.drain, tls=tls, health_listen=config.health_listen,
     )
     return host, servicer
 
