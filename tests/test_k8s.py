@@ -72,7 +72,10 @@ def test_gpus_only_in_prod_and_only_on_their_pools(rendered):
         if overlay == "dev" or name == "aerie-gateway":
             assert not gpus and "nodeSelector" not in spec, name
         else:
-            assert gpus == {"nvidia.com/gpu": "1"}, name
+            # A verify pod holds one rank of its tensor-parallel group per GPU.
+            ranks = service_config(spec["containers"][0], objs).tensor_parallel if name == "aerie-verify" else 1
+            assert gpus == {"nvidia.com/gpu": str(ranks)}, name
+            assert name != "aerie-verify" or ranks == 2, "prod verify pods shard the target over 2 GPUs"
             pool = {"aerie-verify": "large", "aerie-draft": "small"}[name]
             assert spec["nodeSelector"] == {"aerie.dev/gpu-pool": pool}
             assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
