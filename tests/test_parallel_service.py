@@ -25,14 +25,8 @@ from aerie.verifier import StopCriteria
 from aerie_rpc import wire
 from aerie_rpc.server import channel
 from aerie_rpc.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
-from tests.services_support import (
-    build_tiny_model,
-    free_port,
-    process_log,
-    spawn,
-    start_verifier,
-    wait_all,
-)
+from tests.services_support import free_port, process_log, spawn, start_verifier, wait_all
+from tests.tiny import build_tiny_model
 
 LAYERS = 6
 FEATURES = common_pb2.FeatureSpec(kind="eagle3", layers=list(eagle3_default_layers(LAYERS)))
