@@ -383,7 +383,14 @@ def test_resume_after_sigkill(request, engine, rprefix, spans, node, temperature
     span_hex = lambda s: f"{s.context.span_id:016x}"  # noqa: E731
     if node == "verifier":
         # In-process drafter spans (one per attempt) parent the prefill on each verifier process.
-        dgens = sorted((s for s in ours if s.name == "drafter.generate"), key=lambda s: s.start_time)
+        # The drafter ends its generate span just after its last event: wait for both.
+        deadline = time.monotonic() + 10.0
+        while True:
+            ours = [s for s in spans.get_finished_spans() if f"{s.context.trace_id:032x}" == trace_hex]
+            dgens = sorted((s for s in ours if s.name == "drafter.generate"), key=lambda s: s.start_time)
+            if len(dgens) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert [d.parent.span_id for d in dgens] == [a.context.span_id for a in attempts]
         for address, dgen in zip((victim, survivor), dgens):
             prefills = [row for row in pool.spans(address, trace_hex) if row["name"] == "verifier.prefill"]
