@@ -714,12 +714,15 @@ def build_servicer(config: GatewayConfig, store: SessionStore | None = None,
                            metrics=metrics)
 
 
-def start(config: GatewayConfig, servicer: GatewayServicer | None = None) -> tuple[ServiceHost, GatewayServicer]:
-    """The gRPC server and, with --http-listen, the HTTP API beside it (`http_api(host)`)."""
+def start(
+    config: GatewayConfig, servicer: GatewayServicer | None = None, metrics: GatewayMetrics | None = None
+) -> tuple[ServiceHost, GatewayServicer]:
+    """The gRPC server and, with --http-listen, the HTTP API beside it (`http_api(host)`).
+    Without `servicer`, one is built (with `metrics`)."""
     from gateway.http_api import HttpApi
 
     tls = load_tls(config)  # before the tokenizer loads: a wrong path ends the start at once
-    servicer = servicer or build_servicer(config)
+    servicer = servicer or build_servicer(config, metrics=metrics)
     sidecars = [HttpApi(config.http_listen, servicer)] if config.http_listen else []
     host = ServiceHost(
         config.listen, lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s), [SERVICE_NAME],
@@ -738,7 +741,7 @@ def http_api(host: ServiceHost):
 
 def run(config: GatewayConfig) -> int:
     provider = setup_tracing("aerie-gateway")
-    host, servicer = start(config, build_servicer(config, metrics=GatewayMetrics(otlp_readers())))
+    host, servicer = start(config, metrics=GatewayMetrics(otlp_readers()))
     host.serve_until_signalled(config.grace_s)
     servicer.pool.close()
     servicer.metrics.shutdown()
