@@ -47,8 +47,10 @@ def accepted_histogram(result: dict, mode: str = "eagle") -> Counter:
 
 
 def plot_all(run: Path, out: Path) -> list[Path]:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("aerie: error: plotting needs matplotlib: pip install -e '.[plots]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
