@@ -69,8 +69,7 @@ def load_stack(
 
     Without `head`, the demo model gets its shipped head; any other model needs one
     (unless only plain decoding is wanted). `kv_cache` is static (preallocated caches, CUDA
-    graphs on a GPU), dynamic, or auto: static on CUDA, dynamic on the CPU, where there is
-    no launch overhead to save and attending over a padded cache only costs.
+    graphs on a GPU), dynamic, or auto (`StaticKV.default_for`: static on CUDA only).
     """
     if kv_cache not in KV_CACHES:
         raise InputError(f"unknown KV cache {kv_cache!r}: use one of {', '.join(KV_CACHES)}")
@@ -78,10 +77,9 @@ def load_stack(
         raise InputError("--device cuda was asked for, but torch sees no CUDA device")
     model_dir = resolve_model(model)
     lm, tokenizer = load_causal_lm(model_dir, device, parse_dtype(dtype))
-    static = kv_cache == "static" or (kv_cache == "auto" and device == "cuda")
     target = Target(
         lm, FeatureSpec(kind="eagle3", layers=eagle3_default_layers(lm.config.num_hidden_layers)),
-        static=StaticKV() if static else None,
+        static={"static": StaticKV(), "dynamic": None, "auto": StaticKV.default_for(device)}[kv_cache],
     )
     draft: DraftHead | None = None
     if head is not None:

@@ -51,6 +51,12 @@ class StaticKV:
     initial_capacity: int = 1024
     pooled: int = 4  # released caches kept, with their graphs, for the next sessions
 
+    @staticmethod
+    def default_for(device: str | torch.device) -> StaticKV | None:
+        """Static caches and CUDA graphs on a GPU, where launches dominate; dynamic caches on
+        the CPU, where there is no launch overhead to save and a padded cache only costs."""
+        return StaticKV() if torch.device(device).type == "cuda" else None
+
     def pool(self, num_layers: int, device: torch.device) -> CachePool:
         return CachePool(lambda: SlotCache(num_layers, self.initial_capacity, device, self.cuda_graphs), self.pooled)
 

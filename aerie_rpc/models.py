@@ -101,11 +101,6 @@ def _read_tensors(path: Path, suffixes: dict[str, str]) -> dict[str, torch.Tenso
     return found
 
 
-def static_kv(device: str | torch.device) -> StaticKV | None:
-    """Static caches and CUDA graphs on a GPU, where launches dominate; dynamic on the CPU."""
-    return StaticKV() if torch.device(device).type == "cuda" else None
-
-
 def draft_target(spec: str | None, device: str, dtype: str, need_lm_head: bool) -> tuple[Target, Path]:
     """A `Target` holding only what a draft head borrows from the target."""
     from transformers import AutoConfig
@@ -121,7 +116,7 @@ def draft_target(spec: str | None, device: str, dtype: str, need_lm_head: bool) 
         print(f"aerie: reading the embedding of '{path}' needs a full model load", file=sys.stderr)
         model, _, _ = load_target_model(str(path), device, dtype)
         return Target(model, FeatureSpec("eagle3", eagle3_default_layers(config.num_hidden_layers)),
-                      static=static_kv(device)), path
+                      static=StaticKV.default_for(device)), path
     embed = nn.Embedding.from_pretrained(tensors["embed"].to(device, torch_dtype), freeze=True)
     if need_lm_head:
         weight = tensors.get("lm_head", tensors["embed"]).to(device, torch_dtype)
@@ -131,7 +126,7 @@ def draft_target(spec: str | None, device: str, dtype: str, need_lm_head: bool) 
         lm_head = _Shape(int(tensors["embed"].shape[0]), int(tensors["embed"].shape[1]))
     stub = EmbeddingOnlyLM(config, embed, lm_head).eval()
     return Target(stub, FeatureSpec("eagle3", eagle3_default_layers(config.num_hidden_layers)),
-                  static=static_kv(device)), path
+                  static=StaticKV.default_for(device)), path
 
 
 def head_kind(head_dir: str) -> str:

@@ -20,12 +20,11 @@ from opentelemetry.trace import SpanKind
 
 from aerie.errors import AerieError, InputError
 from aerie.sampling import SamplingParams
-from aerie.target import FeatureSpec, Target
+from aerie.target import FeatureSpec, StaticKV, Target
 from aerie.tree import DraftTree
 from aerie.verifier import StopCriteria, VerifySession
 from aerie_rpc import wire
 from aerie_rpc.config import service_main
-from aerie_rpc.models import static_kv
 from aerie_rpc.server import ServiceHost
 from aerie_rpc.status import Exhausted, NotFound, ServiceError, abort
 from aerie_rpc.telemetry import extract, extract_grpc, setup_tracing, tracer
@@ -131,7 +130,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         self.model = model
         # The target for a feature spec: a plain one, or one that mirrors its calls on the
         # other ranks of a sharded model (verify_service.tensor_parallel).
-        self._make_target = make_target or (lambda spec: Target(model, spec, static=static_kv(model.device)))
+        self._make_target = make_target or (lambda spec: Target(model, spec, static=StaticKV.default_for(model.device)))
         self.config = config
         self.eos_ids = eos_ids
         self.model_name = model_name

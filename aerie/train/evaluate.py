@@ -90,7 +90,7 @@ class _Runner:
 
         if head_path not in self.heads:
             # On a GPU the rounds run as CUDA graphs, as they do when serving.
-            static = StaticKV() if self.device == "cuda" else None
+            static = StaticKV.default_for(self.device)
             probe = Target(self.model, feature_spec(self.model, "eagle3"), static=static)
             head = load_head(head_path, probe)
             self.heads[head_path] = (Target(self.model, head.feature_spec, static=static), head)
