@@ -68,10 +68,7 @@ def plot_all(run: Path, out: Path) -> list[Path]:
             ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
         ax.set_ylabel("tokens/s")
         ax.set_title(f"MT-bench, T=0, batch 1 - {gpu}", fontsize=9)
-        fig.tight_layout()
-        written.append(out / "gpu_tokens_per_s.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out / "gpu_tokens_per_s.png"))
 
         hist = accepted_histogram(main)
         if hist:
@@ -82,10 +79,7 @@ def plot_all(run: Path, out: Path) -> list[Path]:
             ax.set_xlabel("draft tokens accepted in a round")
             ax.set_ylabel("share of rounds")
             ax.set_title(f"Accepted lengths, MT-bench T=0 ({total} rounds) - {gpu}", fontsize=9)
-            fig.tight_layout()
-            written.append(out / "gpu_accepted_lengths.png")
-            fig.savefig(written[-1], dpi=120)
-            plt.close(fig)
+            written.append(_save(fig, out / "gpu_accepted_lengths.png"))
 
     cost = load(run, "verify_cost")
     if cost:
@@ -104,11 +98,17 @@ def plot_all(run: Path, out: Path) -> list[Path]:
             ax.set_title(f"{s['shape']} ({s['weights_gb']:.1f} GB)", fontsize=9)
             ax.legend(fontsize=7)
         fig.suptitle(f"Verify cost against tree size - {cost['machine'].get('gpu', '')}", fontsize=9)
-        fig.tight_layout()
-        written.append(out / "gpu_verify_cost.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        written.append(_save(fig, out / "gpu_verify_cost.png"))
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str]) -> int:

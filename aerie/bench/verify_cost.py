@@ -22,11 +22,14 @@ from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers, t
 
 TREE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
-LLAMA_8B = LlamaConfig(
-    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-    tie_word_embeddings=False,
-)
+
+def llama_8b_config() -> LlamaConfig:
+    """Llama-3-8B's shape (a new config each call: the model build sets fields on it)."""
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
 
 
 @dataclass
@@ -91,7 +94,7 @@ def verify_cost_curve(
 
 def llama_8b_shaped(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:
     """A Llama-3-8B-shaped causal LM with random weights, built directly on `device`."""
-    config = LLAMA_8B.__class__(**LLAMA_8B.to_dict())
+    config = llama_8b_config()
     config._attn_implementation = "sdpa"
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
