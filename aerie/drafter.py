@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from aerie.heads import DraftHead
+from aerie.kvcache import Attend
 from aerie.target import truncate_cache
 from aerie.tree import CandidatePool, DraftTree, TreeConfig, expand_level, full_tree, rerank
 
@@ -54,55 +55,56 @@ class DraftSession:
         start = self.length
         ids = torch.tensor(next_tokens, device=device)[None]
         positions = torch.arange(start, start + len(next_tokens), device=device)[None]
-        mask = _mask(start, torch.ones(len(next_tokens), len(next_tokens), dtype=torch.bool).tril())
-        hidden = head(features.to(device, head.fc.weight.dtype)[None], ids, positions, mask, self.cache)[0]
+        hidden = head(features.to(device, head.fc.weight.dtype)[None], ids, positions, Attend(start), self.cache)[0]
         committed = self.length
-
-        pool = CandidatePool.rooted_at(next_tokens[-1])
-        frontier_nodes = [0]
-        frontier_hidden = hidden[-1:]
-        frontier_logprobs = torch.zeros(1, device=device)
-        fed: list[int] = []  # pool node of each drafted entry in the head cache, in order
-        for level in range(1, self.tree.depth + 1):
-            logprobs = head.draft_logprobs(frontier_hidden)
-            slots, draft_ids, cumulative, next_frontier = expand_level(frontier_logprobs, logprobs, self.tree, level)
-            tokens = head.to_target_ids(draft_ids)
-            parents = torch.tensor(frontier_nodes, device=device)[slots]
-            nodes = pool.add(tokens.cpu(), parents.cpu(), cumulative.cpu())
-            if level == self.tree.depth:
-                break
-            # Feed the next frontier: each node attends to the committed pairs and to the
-            # drafted entries of its own ancestors.
-            frontier_nodes = [nodes[i] for i in next_frontier.tolist()]
-            parent_hidden = frontier_hidden[slots[next_frontier]]
-            sub = _ancestry(pool, fed, frontier_nodes)
-            fed += frontier_nodes
-            positions = torch.full((1, len(frontier_nodes)), committed + level - 1, device=device)
-            frontier_hidden = head(
-                parent_hidden[None], tokens[next_frontier][None], positions, _mask(committed, sub), self.cache
-            )[0]
-            frontier_logprobs = cumulative[next_frontier]
+        self._pool = self._grow(next_tokens[-1], hidden[-1:], committed)
         truncate_cache(self.cache, committed)
-        self._pool = pool
-        return rerank(pool, self.tree.total_tokens) if self.tree.kind == "dynamic" else full_tree(pool)
+        if self.tree.kind == "dynamic":
+            return rerank(self._pool, self.tree.total_tokens)
+        return full_tree(self._pool)
 
+    def _grow(self, root_token: int, root_hidden: torch.Tensor, committed: int) -> CandidatePool:
+        """Every candidate of one round, level by level from the root.
 
-def _ancestry(pool: CandidatePool, fed: list[int], new_nodes: list[int]) -> torch.Tensor:
-    """[new, fed + new] boolean: which drafted entries each new node may attend to."""
-    slot = {node: i for i, node in enumerate(fed + new_nodes)}
-    sub = torch.zeros(len(new_nodes), len(fed) + len(new_nodes), dtype=torch.bool)
-    for row, node in enumerate(new_nodes):
-        while node > 0:
-            if node in slot:
-                sub[row, slot[node]] = True
-            node = pool.parents[node]
-    return sub
-
-
-def _mask(committed: int, sub: torch.Tensor) -> torch.Tensor:
-    """4-D attention mask (on the CPU, where it is built): everything committed, then the
-    given pattern over new entries."""
-    rows, cols = sub.shape
-    mask = torch.ones(1, 1, rows, committed + cols, dtype=torch.bool)
-    mask[0, 0, :, committed:] = sub
-    return mask
+        The level's candidates are chosen from the head's next-token scores at the frontier;
+        the ones chosen for the next frontier are fed back through the head, each seeing the
+        committed entries and its own drafted ancestors (which sit in the cache after them).
+        Everything stays on the head's device, so the host only queues work: it waits once,
+        when it reads the candidates at the end, rather than once per level."""
+        head, config, device = self.head, self.tree, root_hidden.device
+        tokens, parents, scores = [], [], []  # per level
+        frontier_nodes = torch.zeros(1, dtype=torch.long, device=device)  # candidate indices, root = 0
+        frontier_hidden = root_hidden
+        frontier_scores = torch.zeros(1, device=device)
+        ancestry = torch.zeros(1, 0, dtype=torch.bool, device=device)  # frontier rows over drafted entries
+        size = 1
+        for level in range(1, config.depth + 1):
+            slots, draft_ids, cumulative, chosen = expand_level(
+                frontier_scores, head.draft_logprobs(frontier_hidden), config, level
+            )
+            level_tokens = head.to_target_ids(draft_ids)
+            tokens.append(level_tokens)
+            parents.append(frontier_nodes[slots])
+            scores.append(cumulative)
+            level_nodes = torch.arange(size, size + slots.shape[0], device=device)
+            size += slots.shape[0]
+            if level == config.depth:
+                break
+            fed = chosen.shape[0]
+            ancestry = torch.cat(
+                [ancestry[slots[chosen]], torch.eye(fed, dtype=torch.bool, device=device)], dim=1
+            )
+            positions = torch.full((1, fed), committed + level - 1, device=device)
+            frontier_hidden = head(
+                frontier_hidden[slots[chosen]][None], level_tokens[chosen][None], positions,
+                Attend(committed, ancestry), self.cache,
+            )[0]
+            frontier_nodes, frontier_scores = level_nodes[chosen], cumulative[chosen]
+        # One read for the whole round; float64 holds every token id exactly.
+        flat = torch.cat([torch.cat(t).double() for t in (tokens, parents, scores)]).tolist()
+        n = size - 1
+        return CandidatePool(
+            tokens=[root_token] + [int(t) for t in flat[:n]],
+            parents=[-1] + [int(p) for p in flat[n : 2 * n]],
+            logprobs=[0.0] + flat[2 * n :],
+        )

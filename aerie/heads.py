@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from aerie.errors import HeadError
-from aerie.kvcache import SlotCache, static_forward
+from aerie.kvcache import Attend, SlotCache, static_forward
 from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers
 
 HeadKind = Literal["eagle1", "eagle3"]
@@ -107,20 +107,26 @@ class DraftHead(nn.Module):
         features: torch.Tensor,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | Attend | None = None,
         cache: DynamicCache | SlotCache | None = None,
     ) -> torch.Tensor:
         """features [b, n, F] (target features, or the head's own h-wide output),
         input_ids [b, n] (the token that follows each feature), position_ids [b, n],
-        attention_mask a 4-D boolean mask over the cache's entries and the new ones, or
-        None for causal. Returns hidden [b, n, h]."""
+        attention_mask what the new entries see: an `Attend`, a 4-D boolean mask over the
+        cache's entries and the new ones (dynamic caches only), or None for causal.
+        Returns hidden [b, n, h]."""
         if isinstance(cache, SlotCache):
+            if isinstance(attention_mask, torch.Tensor):
+                raise TypeError("a static cache takes its mask as an Attend")
             rows = {"x": features, "ids": input_ids, "pos": position_ids}
             (hidden,) = static_forward(
                 cache, ("head", features.shape[-1]), rows, attention_mask,
                 lambda b: (self._dense(b["x"], b["ids"], b["pos"], b["mask"], cache)[0],), self.static.largest_graph,
             )
             return hidden[None]
+        if isinstance(attention_mask, Attend):
+            past = cache.get_seq_length() if cache is not None else 0
+            attention_mask = attention_mask.dense(input_ids.shape[1], past)
         if attention_mask is not None:
             attention_mask = attention_mask.to(features.device)
         return self._dense(features, input_ids, position_ids, attention_mask, cache)

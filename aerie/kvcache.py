@@ -14,6 +14,7 @@ overwrites them.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -164,24 +165,52 @@ def pinned_tensor(values, dtype: torch.dtype = torch.long) -> torch.Tensor:
     return t.pin_memory() if torch.cuda.is_available() else t
 
 
-def slot_mask(mask: torch.Tensor | None, n: int, past: int, rows: int, capacity: int) -> torch.Tensor:
-    """Pad a forward's attention mask to the static shape [1, 1, rows, capacity].
+@dataclass(frozen=True)
+class Attend:
+    """Which entries a forward's n new rows attend to: every cache entry before `visible`,
+    then `pattern` ([n, past + n - visible] boolean) over the entries from `visible` on, the
+    new rows' own included. pattern None means causal among the new rows (visible == past).
 
-    `mask` is the forward's own [1, 1, n, past + n] boolean mask over the entries in use and
-    the new ones (None: causal). Rows past n are padding: they see the entries in use and
-    their own slot, so that no row is empty (an all-masked row would put NaNs in the
-    scratch slots, and NaN times a zero attention weight is still NaN)."""
-    out = torch.zeros(1, 1, rows, capacity, dtype=torch.bool)
-    if mask is None:
-        out[0, 0, :n, :past] = True
-        out[0, 0, :n, past : past + n] = torch.ones(n, n, dtype=torch.bool).tril()
-    else:
-        out[0, 0, :n, : past + n] = mask[0, 0].cpu()
-    if rows > n:
-        out[0, 0, n:, :past] = True
-        pad = torch.arange(n, rows)
-        out[0, 0, pad, past + pad] = True
-    return out.pin_memory() if torch.cuda.is_available() else out
+    The target's tree verify sees everything committed plus each node's ancestors; a draft
+    level sees the committed entries plus its own drafted ancestors, which sit in the cache
+    after them. Both masks are built where `pattern` lives, so a drafter that keeps its tree
+    on the GPU builds them there without a host round trip."""
+
+    visible: int
+    pattern: torch.Tensor | None = None
+
+    def dense(self, n: int, past: int) -> torch.Tensor:
+        """[1, 1, n, past + n]: the mask a forward over a dynamic cache takes."""
+        device = self.pattern.device if self.pattern is not None else None
+        out = torch.ones(1, 1, n, past + n, dtype=torch.bool, device=device)
+        out[0, 0, :, self.visible :] = self._pattern(n, past, device)
+        return out
+
+    def padded(self, n: int, past: int, rows: int, capacity: int, device: torch.device) -> torch.Tensor:
+        """[1, 1, rows, capacity] on `device`: the static shape of a graphed forward.
+
+        Rows past n are padding: they see the entries in use and their own slot, so that no
+        row is empty (an all-masked row would put NaNs in the scratch slots, and NaN times a
+        zero attention weight is still NaN)."""
+        out = torch.zeros(1, 1, rows, capacity, dtype=torch.bool, device=device)
+        out[0, 0, :n, : self.visible] = True
+        pattern = self._pattern(n, past, device)
+        out[0, 0, :n, self.visible : past + n] = pattern.to(device, non_blocking=True)
+        if rows > n:
+            out[0, 0, n:, :past] = True
+            pad = torch.arange(n, rows, device=device)
+            out[0, 0, pad, past + pad] = True
+        return out
+
+    def _pattern(self, n: int, past: int, device) -> torch.Tensor:
+        if self.pattern is not None:
+            if self.pattern.shape != (n, past + n - self.visible):
+                raise ValueError(f"attention pattern {tuple(self.pattern.shape)} does not fit {n} rows over "
+                                 f"{past + n - self.visible} entries")
+            return self.pattern
+        if self.visible != past:
+            raise ValueError("a causal pattern must see every entry in use")
+        return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -197,16 +226,15 @@ def static_forward(
     cache: SlotCache,
     kind: Hashable,
     rows: dict[str, torch.Tensor],
-    mask: torch.Tensor | None,
+    attend: Attend | None,
     fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ...]],
     largest_graph: int,
 ) -> tuple[torch.Tensor, ...]:
     """One forward of n new rows on `cache`, as a graph when n fits a bucket.
 
-    `rows` are the inputs with the rows in dim 1 ([1, n, ...]), `mask` the forward's own
-    [1, 1, n, past + n] mask (None: causal). `fn` gets them padded, plus "mask" at the static
-    shape, and returns outputs with the rows in dim 0; they come back cut to n rows. The n
-    new entries are then in use in the cache."""
+    `rows` are the inputs with the rows in dim 1 ([1, n, ...]), `attend` what they see (None:
+    causal). `fn` gets them padded, plus "mask" at the static shape, and returns outputs with
+    the rows in dim 0; they come back cut to n rows. The n new entries are then in use."""
     n = next(iter(rows.values())).shape[1]
     past = cache.length
     bucket = bucket_for(n, largest_graph)
@@ -214,7 +242,8 @@ def static_forward(
     cache.reserve(past + width)
     cache.set_write_slots(past, width)
     inputs = {name: pad_rows(t, width) for name, t in rows.items()}
-    inputs["mask"] = slot_mask(mask, n, past, width, cache.capacity)
+    attend = attend or Attend(past)
+    inputs["mask"] = attend.padded(n, past, width, cache.capacity, cache.device)
     outputs = cache.run((kind, width), inputs, fn, graphed=bucket is not None)
     cache.length = past + n
     return tuple(o[:n] for o in outputs)

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from aerie.kvcache import CachePool, SlotCache, static_forward
+from aerie.kvcache import Attend, CachePool, SlotCache, static_forward
 from aerie.tree import ancestor_mask, node_depths
 
 FeatureKind = Literal["eagle1", "eagle3"]
@@ -123,20 +123,20 @@ class Target:
         n = input_ids.shape[0]
         if tree_parents is None:
             positions = torch.arange(past, past + n)
-            mask = None if past == 0 else _chain_mask(past, n)
+            attend = Attend(past)
         else:
             positions = past + node_depths(tree_parents.cpu())
-            mask = torch.ones(1, 1, n, past + n, dtype=torch.bool)
-            mask[0, 0, :, past:] = ancestor_mask(tree_parents.cpu())
+            attend = Attend(past, ancestor_mask(tree_parents.cpu()))
         if isinstance(cache, SlotCache):
             rows = {"ids": input_ids.cpu()[None], "pos": positions[None]}
             logits, feats = static_forward(
-                cache, "target", rows, mask, lambda b: self._run(cache, b["ids"], b["pos"], b["mask"]),
+                cache, "target", rows, attend, lambda b: self._run(cache, b["ids"], b["pos"], b["mask"]),
                 self.static.largest_graph,
             )
             return TargetOutput(logits=logits, features=feats)
         device = self.device
-        mask = None if mask is None else mask.to(device)
+        # Prefill needs no mask: causal with nothing before it is SDPA's own is_causal.
+        mask = None if past == 0 and tree_parents is None else attend.dense(n, past).to(device)
         logits, feats = self._run(cache, input_ids.to(device)[None], positions.to(device)[None], mask)
         return TargetOutput(logits=logits, features=feats)
 
@@ -184,9 +184,3 @@ def truncate_cache(cache: DynamicCache | SlotCache, length: int) -> None:
             continue
         layer.keys = layer.keys[..., :length, :]
         layer.values = layer.values[..., :length, :]
-
-
-def _chain_mask(past: int, n: int) -> torch.Tensor:
-    mask = torch.ones(1, 1, n, past + n, dtype=torch.bool)
-    mask[0, 0, :, past:] = torch.ones(n, n, dtype=torch.bool).tril()
-    return mask

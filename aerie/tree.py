@@ -82,16 +82,18 @@ def validate_tree(tokens: torch.Tensor, parents: torch.Tensor, vocab_size: int, 
         raise ValueError("tree must hold at least the root")
     if n > max_nodes:
         raise ValueError(f"tree has {n} nodes, more than the limit of {max_nodes}")
-    if int(parents[0]) != -1:
+    # Plain lists: this runs on the host every round, where per-element tensor ops cost
+    # microseconds each.
+    par = parents.tolist()
+    if par[0] != -1:
         raise ValueError("node 0 is the root and must have parent -1")
-    idx = torch.arange(n)
-    if n > 1 and not bool(((parents[1:] >= 0) & (parents[1:] < idx[1:])).all()):
-        bad = int(idx[1:][~((parents[1:] >= 0) & (parents[1:] < idx[1:]))][0])
-        raise ValueError(
-            f"node {bad} has parent {int(parents[bad])}: each parent must be an earlier node "
-            "(parents out of range or cycles are not allowed)"
-        )
-    if bool(((tokens < 0) | (tokens >= vocab_size)).any()):
+    for i in range(1, n):
+        if not 0 <= par[i] < i:
+            raise ValueError(
+                f"node {i} has parent {par[i]}: each parent must be an earlier node "
+                "(parents out of range or cycles are not allowed)"
+            )
+    if int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size:
         raise ValueError(f"tree tokens must be in [0, {vocab_size})")
 
 
@@ -107,13 +109,16 @@ def node_depths(parents: torch.Tensor) -> torch.Tensor:
 
 def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     """mask[i, j] is True when node j is node i or one of its ancestors: tree attention."""
-    n = parents.shape[0]
-    mask = torch.eye(n, dtype=torch.bool, device=parents.device)
-    depths = node_depths(parents)
-    for d in range(1, int(depths.max()) + 1 if n > 1 else 1):  # a level at a time: parents are done
-        level = (depths == d).nonzero().flatten()
-        mask[level] |= mask[parents[level]]
-    return mask
+    par = parents.tolist()
+    chains: list[list[int]] = []  # each node's ancestors, root first, then itself
+    rows: list[int] = []
+    for i, parent in enumerate(par):
+        chain = (chains[parent] if i else []) + [i]
+        chains.append(chain)
+        rows += [i] * len(chain)
+    mask = torch.zeros(len(par), len(par), dtype=torch.bool)
+    mask[rows, [j for chain in chains for j in chain]] = True
+    return mask.to(parents.device)
 
 
 def retrieve_paths(parents: torch.Tensor) -> torch.Tensor:
@@ -200,11 +205,12 @@ def _expand_static(
     # of length `level` names its parent's slot and its sibling rank.
     parents_level = _static_paths(level - 1)
     paths = _static_paths(level)
-    slots = torch.tensor([parents_level.index(p[:-1]) for p in paths])
-    ranks = torch.tensor([p[-1] for p in paths])
+    device = child_logprobs.device
+    slots = torch.tensor([parents_level.index(p[:-1]) for p in paths], device=device)
+    ranks = torch.tensor([p[-1] for p in paths], device=device)
     top_lp, top_tok = torch.topk(child_logprobs, int(ranks.max()) + 1, dim=-1)
     cumulative = frontier_logprobs[slots] + top_lp[slots, ranks]
-    return slots, top_tok[slots, ranks], cumulative, torch.arange(len(paths))
+    return slots, top_tok[slots, ranks], cumulative, torch.arange(len(paths), device=device)
 
 
 def _static_paths(length: int) -> list[tuple[int, ...]]:

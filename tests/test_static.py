@@ -9,7 +9,7 @@ import torch
 
 from aerie.engine import Engine
 from aerie.graphs import GraphCache, bucket_for
-from aerie.kvcache import SlotCache, pad_rows, slot_mask
+from aerie.kvcache import Attend, SlotCache, pad_rows
 from aerie.sampling import SamplingParams
 from aerie.target import StaticKV, Target
 from aerie.tree import TreeConfig
@@ -111,16 +111,29 @@ def test_bucket_for():
     assert [bucket_for(n, 64) for n in (1, 2, 3, 5, 33, 64, 65)] == [1, 2, 4, 8, 64, 64, None]
 
 
-def test_slot_mask_pads_without_empty_rows():
+def test_attend_padded_mask_has_no_empty_rows():
     tree = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
-    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
-    mask[0, 0, :, 2:] = tree
-    out = slot_mask(mask, n=3, past=2, rows=4, capacity=8)[0, 0]
+    attend = Attend(2, tree)
+    dense = attend.dense(3, past=2)[0, 0]
+    assert dense[:, :2].all() and torch.equal(dense[:, 2:], tree)
+    out = attend.padded(3, past=2, rows=4, capacity=8, device=torch.device("cpu"))[0, 0]
     assert out.shape == (4, 8)
-    assert torch.equal(out[:3, :5], mask[0, 0]) and not out[:3, 5:].any()
+    assert torch.equal(out[:3, :5], dense) and not out[:3, 5:].any()
     assert out[3].tolist() == [True, True, False, False, False, True, False, False]  # padding: past + own slot
-    causal = slot_mask(None, n=2, past=0, rows=2, capacity=4)[0, 0]
+    causal = Attend(0).padded(2, past=0, rows=2, capacity=4, device=torch.device("cpu"))[0, 0]
     assert causal.tolist() == [[True, False, False, False], [True, True, False, False]]
+
+
+def test_attend_hides_drafted_entries_outside_the_pattern():
+    # A draft level: 4 committed entries, 2 drafted ones in the cache, 2 new rows; row 0
+    # descends from drafted entry 1 only, row 1 from entry 0 only.
+    pattern = torch.tensor([[0, 1, 1, 0], [1, 0, 0, 1]], dtype=torch.bool)
+    dense = Attend(4, pattern).dense(2, past=6)[0, 0]
+    assert dense.tolist() == [[True] * 4 + [False, True, True, False], [True] * 4 + [True, False, False, True]]
+    with pytest.raises(ValueError, match="does not fit"):
+        Attend(4, pattern).dense(2, past=5)
+    with pytest.raises(ValueError, match="causal"):
+        Attend(3).dense(2, past=5)
 
 
 def test_pad_rows_repeats_the_last_row():
