@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aerie.accept import accept_greedy, accept_sampling, path_from_mask
+from aerie.accept import accept_greedy, accept_sampled_path
 from aerie.errors import InputError
 from aerie.sampling import SamplingParams, position_uniforms, sample_from, warp_probs
 from aerie.target import Target
-from aerie.tree import DraftTree, children_table, node_depths, validate_tree
+from aerie.tree import DraftTree, validate_tree
 
 
 @dataclass(frozen=True)
@@ -129,23 +129,19 @@ class VerifySession:
         return RoundResult(new_tokens=kept, features=out.features[path], accepted_draft=len(path) - 1, done=self.done)
 
     def _accept_sampled(self, tree: DraftTree, logits: torch.Tensor, committed: int) -> tuple[list[int], int]:
-        depths = node_depths(tree.parents)
-        children = children_table(tree.parents)
-        n, depth_max = len(tree), int(depths.max())
         # Node c at depth d is the rank-th candidate for position committed + d; that
         # position's random numbers decide its test (see sampling.position_uniforms).
-        sibling_u = torch.zeros(1, n, dtype=torch.float64)
-        bonus_u = torch.zeros(1, depth_max + 1, dtype=torch.float64)
-        for d in range(depth_max + 1):
-            token_u, sib = position_uniforms(self.params.seed, committed + d + 1, children.shape[1])
-            bonus_u[0, d] = token_u
-            for parent in (depths == d).nonzero().flatten().tolist():
-                for rank, child in enumerate(children[parent].tolist()):
-                    if child >= 0:
-                        sibling_u[0, child] = sib[rank]
-        probs = warp_probs(logits, self.params)
-        accepted, _, bonus = accept_sampling(tree.tokens, tree.parents, probs, sibling_u, bonus_u)
-        return path_from_mask(accepted[0]), int(bonus[0])
+        parents = tree.parents.tolist()
+        depth, rank, width = [0] * len(parents), [0] * len(parents), [0] * len(parents)
+        for c in range(1, len(parents)):
+            depth[c] = depth[parents[c]] + 1
+            rank[c] = width[parents[c]]
+            width[parents[c]] += 1
+        draws = [position_uniforms(self.params.seed, committed + d + 1, max(width)) for d in range(max(depth) + 1)]
+        sibling_u = [0.0] + [draws[depth[c] - 1][1][rank[c]] for c in range(1, len(parents))]
+        bonus_u = [token_u for token_u, _ in draws]
+        acc = accept_sampled_path(tree.tokens, tree.parents, warp_probs(logits, self.params), sibling_u, bonus_u)
+        return acc.path, acc.bonus_token
 
     def _sample(self, logits: torch.Tensor, position: int) -> int:
         if self.params.greedy:

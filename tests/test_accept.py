@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from aerie.accept import accept_greedy, accept_sampling
+from aerie.accept import accept_greedy, accept_sampled_path, accept_sampling
 from aerie.drafter import DraftSession
 from aerie.sampling import SamplingParams, warp_probs
 from aerie.tree import TreeConfig, children_table, node_depths
@@ -120,6 +120,26 @@ def test_sampling_acceptance_chi_squared(seed):
     keep = expected > 0
     assert observed[~keep].sum() == 0  # impossible outcomes never happen
     assert chi2_pvalue(observed[keep], expected[keep]) > 0.01
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_host_walk_takes_the_same_decisions_as_the_vectorised_walk(seed):
+    # Repeated sibling tokens included (node 4 and 3 both propose token 1), so a token
+    # rejected once has no mass left for its twin.
+    gen = torch.Generator().manual_seed(seed)
+    tokens, parents = torch.tensor(TOKENS), torch.tensor(PARENTS)
+    probs = torch.softmax(0.5 * torch.randn(len(TOKENS), V, generator=gen, dtype=torch.float64), -1)
+    draws = 400
+    sibling_u = torch.rand(draws, len(TOKENS), generator=gen, dtype=torch.float64)
+    bonus_u = torch.rand(draws, int(node_depths(parents).max()) + 1, generator=gen, dtype=torch.float64)
+    accepted, _, bonus = accept_sampling(tokens, parents, probs, sibling_u, bonus_u)
+    paths = set()
+    for d in range(draws):
+        acc = accept_sampled_path(tokens, parents, probs, sibling_u[d].tolist(), bonus_u[d].tolist())
+        assert acc.path == torch.nonzero(accepted[d]).flatten().tolist()
+        assert acc.bonus_token == int(bonus[d])
+        paths.add(tuple(acc.path))
+    assert len(paths) >= 4  # the draws reach several branches, not one path
 
 
 def test_sampled_proposals_recover_target():
