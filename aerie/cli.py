@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--out", required=True)
     cost.set_defaults(handler=cmd_verify_cost)
 
+    prof = sub.add_parser("profile", help="one generation per mode under the torch profiler: trace and per-round counts")
+    prof.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'turns' per line (the first is used)")
+    prof.add_argument("--modes", default="eagle,vanilla")
+    prof.add_argument("--out", required=True, help="directory for the traces and profile.json")
+    _add_model_args(prof)
+    prof.add_argument("--max-new-tokens", type=int, default=64)
+    prof.set_defaults(handler=cmd_profile)
+
     demo = sub.add_parser("demo", help="one answer on the demo model, with tokens/s and tau")
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--max-new-tokens", type=int, default=96)
@@ -201,6 +209,19 @@ def cmd_verify_cost(args) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(format_verify_cost(result))
+    return 0
+
+
+def cmd_profile(args) -> int:
+    from aerie.bench.profile import format_profile, profile_modes
+    from aerie.bench.prompts import read_prompts
+    from aerie.stack import load_stack
+
+    prompt = read_prompts(args.prompts, 1)[0]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    stack = load_stack(args.model, args.head, args.device, args.dtype, need_head="eagle" in modes, kv_cache=args.kv_cache)
+    summary = profile_modes(stack, stack.encode_prompt(prompt.text), modes, args.max_new_tokens, Path(args.out))
+    print(format_profile(summary))
     return 0
 
 

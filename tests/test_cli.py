@@ -113,3 +113,19 @@ def test_bench_static_cache_modes_are_identical(demo_model_dir, tmp_path):
     assert result["summary"]["all_identical"] is True
     assert all(r["identical_to_vanilla"] for r in result["rows"] if r["mode"] != "vanilla")
     assert {"speedup_vs_hf_static", "auto_vs_best_fixed"} <= set(result["summary"])
+
+
+def test_profile_writes_traces_and_per_round_counts(demo_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Name a color.", "id": 0}) + "\n")
+    out = tmp_path / "prof"
+    assert main(["profile", "--prompts", str(prompts), "--model", str(demo_model_dir), "--max-new-tokens", "8",
+                 "--out", str(out)]) == 0
+    summary = json.loads((out / "profile.json").read_text())
+    eagle, vanilla = summary["modes"]["eagle"], summary["modes"]["vanilla"]
+    assert eagle["rounds"] >= 1 and eagle["tau"] >= 1.0
+    assert vanilla["rounds"] == vanilla["new_tokens"] - 1  # the first token comes from prefill
+    # The named phases were recorded: drafting and verifying each took host time every round.
+    assert eagle["phases"]["draft"]["host_ms_per_round"] > 0 and eagle["phases"]["verify"]["host_ms_per_round"] > 0
+    assert (out / "trace_eagle.json.gz").stat().st_size > 0 and (out / "trace_vanilla.json.gz").is_file()
+    assert "| eagle |" in capsys.readouterr().out
