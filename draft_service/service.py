@@ -341,44 +341,47 @@ class _Run:
         done = result.done
         if not done:
             drafter = DraftSession(owner.head, owner.tree)
-            next_tokens = (self.prompt + self.generated)[1:]
-            self.call = owner.pool.stub(self.verifier).Verify(
-                self._request_stream(), timeout=self._deadline(self.config.request_timeout_s),
-                metadata=metadata(trace.set_span_in_context(parent)))
-            feature_dim = int(result.feature_dim)
-            while not done:
-                rounds += 1
-                with tracer().start_as_current_span("drafter.round", context=trace.set_span_in_context(parent)) as span:
-                    t0 = time.perf_counter()
-                    with owner.compute:
-                        tree = drafter.draft(features, next_tokens)
-                    t1 = time.perf_counter()
-                    req = verifier_pb2.VerifyRequest(
-                        session_id=self.vsid, round=rounds, tokens=wire.encode(tree.tokens),
-                        parents=wire.encode(tree.parents), logprobs=wire.encode(tree.logprobs.float()),
-                        trace_context=inject(),
-                    )
-                    resp = self._round_trip(req)
-                    t2 = time.perf_counter()
-                    features = wire.decode(resp.features, "features", shape=(resp.accepted_draft + 1, feature_dim))
-                    next_tokens = _next_tokens(resp)
-                    done = resp.done
-                    rtt_ms = (t2 - t1) * 1e3
-                    stats = common_pb2.RoundStats(
-                        round=rounds, tree_size=len(tree) - 1, accepted_draft=resp.accepted_draft,
-                        committed=len(resp.new_tokens), draft_ms=(t1 - t0) * 1e3, verify_ms=resp.verify_ms,
-                        wire_ms=max(0.0, rtt_ms - resp.verify_ms), request_bytes=req.ByteSize(),
-                        response_bytes=resp.ByteSize(),
-                    )
-                    for key, value in (("round", rounds), ("tree_size", stats.tree_size),
-                                       ("accepted", stats.accepted_draft), ("committed", stats.committed),
-                                       ("draft_ms", stats.draft_ms), ("verify_ms", stats.verify_ms),
-                                       ("wire_ms", stats.wire_ms), ("request_bytes", stats.request_bytes),
-                                       ("response_bytes", stats.response_bytes)):
-                        span.set_attribute(f"aerie.{key}", value)
-                self.generated += list(resp.new_tokens)
-                yield drafter_pb2.DraftGenerateResponse(
-                    round=drafter_pb2.DraftRound(tokens=resp.new_tokens, stats=stats, done=done))
+            try:
+                next_tokens = (self.prompt + self.generated)[1:]
+                self.call = owner.pool.stub(self.verifier).Verify(
+                    self._request_stream(), timeout=self._deadline(self.config.request_timeout_s),
+                    metadata=metadata(trace.set_span_in_context(parent)))
+                feature_dim = int(result.feature_dim)
+                while not done:
+                    rounds += 1
+                    with tracer().start_as_current_span("drafter.round", context=trace.set_span_in_context(parent)) as span:
+                        t0 = time.perf_counter()
+                        with owner.compute:
+                            tree = drafter.draft(features, next_tokens)
+                        t1 = time.perf_counter()
+                        req = verifier_pb2.VerifyRequest(
+                            session_id=self.vsid, round=rounds, tokens=wire.encode(tree.tokens),
+                            parents=wire.encode(tree.parents), logprobs=wire.encode(tree.logprobs.float()),
+                            trace_context=inject(),
+                        )
+                        resp = self._round_trip(req)
+                        t2 = time.perf_counter()
+                        features = wire.decode(resp.features, "features", shape=(resp.accepted_draft + 1, feature_dim))
+                        next_tokens = _next_tokens(resp)
+                        done = resp.done
+                        rtt_ms = (t2 - t1) * 1e3
+                        stats = common_pb2.RoundStats(
+                            round=rounds, tree_size=len(tree) - 1, accepted_draft=resp.accepted_draft,
+                            committed=len(resp.new_tokens), draft_ms=(t1 - t0) * 1e3, verify_ms=resp.verify_ms,
+                            wire_ms=max(0.0, rtt_ms - resp.verify_ms), request_bytes=req.ByteSize(),
+                            response_bytes=resp.ByteSize(),
+                        )
+                        for key, value in (("round", rounds), ("tree_size", stats.tree_size),
+                                           ("accepted", stats.accepted_draft), ("committed", stats.committed),
+                                           ("draft_ms", stats.draft_ms), ("verify_ms", stats.verify_ms),
+                                           ("wire_ms", stats.wire_ms), ("request_bytes", stats.request_bytes),
+                                           ("response_bytes", stats.response_bytes)):
+                            span.set_attribute(f"aerie.{key}", value)
+                    self.generated += list(resp.new_tokens)
+                    yield drafter_pb2.DraftGenerateResponse(
+                        round=drafter_pb2.DraftRound(tokens=resp.new_tokens, stats=stats, done=done))
+            finally:
+                drafter.close()  # its KV cache (and graphs) go back to the head's pool
         self.finished = True
         last = self.generated[-1] if self.generated else None
         reason = "length" if len(self.generated) >= request.stop.max_new_tokens else "stop"

@@ -958,3 +958,24 @@ def test_each_generated_module_imports_alone(module):
     proc = subprocess.run([sys.executable, "-c", f"from aerie_rpc.v1 import {module}, {module}_grpc"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_released_and_expired_sessions_give_their_kv_caches_back():
+    from verify_service.service import SessionTable
+
+    class Session:
+        closed = 0
+
+        def close(self):
+            self.closed += 1
+
+    table = SessionTable(max_sessions=4, max_tokens=1000, ttl_s=60.0)
+    released, expired, kept = Session(), Session(), Session()
+    for sid, session in (("a", released), ("b", expired), ("c", kept)):
+        table.reserve(sid, 10)
+        table.commit(sid, session)
+    assert table.remove("a") and not table.remove("a")
+    table.get("b").last_used -= 120  # idle past the TTL
+    assert table.reap() == 1
+    assert (released.closed, expired.closed, kept.closed) == (1, 1, 0)
+    assert len(table) == 1 and table.reserved == 10

@@ -105,7 +105,12 @@ class SessionTable:
 
     def remove(self, session_id: str) -> bool:
         with self._lock:
-            return self._entries.pop(session_id, None) is not None
+            entry = self._entries.pop(session_id, None)
+        if entry is None:
+            return False
+        with entry.lock:  # after a round in flight, never under it
+            entry.session.close()
+        return True
 
     def reap(self) -> int:
         with self._lock:
@@ -115,7 +120,8 @@ class SessionTable:
         now = time.monotonic()
         stale = [k for k, e in self._entries.items() if now - e.last_used > self.ttl_s and not e.lock.locked()]
         for k in stale:
-            del self._entries[k]
+            # Unlocked, so no round is using it: its KV cache goes back to the target's pool.
+            self._entries.pop(k).session.close()
         return len(stale)
 
     @property
