@@ -160,5 +160,6 @@ def test_verify_cost_curve_and_floor_on_a_tiny_target():
     assert all(p["ms_p10"] <= p["ms_median"] <= p["ms_p90"] for p in result["curve"])
     assert result["bandwidth_floor_ms"] == pytest.approx(1e3 * weight_bytes(model) / 1e9)
     assert "| tiny |" in format_verify_cost({"shapes": [result]})
+    assert result["kernels"] == [] and all(p["device_ms"] is None for p in result["curve"])  # CUDA-only parts
     parents = random_tree(20, torch.Generator().manual_seed(1))
     assert parents[0] == -1 and all(0 <= int(p) < i for i, p in enumerate(parents.tolist()) if i)

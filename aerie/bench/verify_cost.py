@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from aerie.graphs import bucket_for
 from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers, truncate_cache
 
 TREE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -35,9 +36,10 @@ def llama_8b_config() -> LlamaConfig:
 @dataclass
 class CostPoint:
     tree_size: int
-    ms_median: float
+    ms_median: float  # the whole verify call: host work, graph replay, read-back
     ms_p10: float
     ms_p90: float
+    device_ms: float | None = None  # the graph replay alone, timed on the device (CUDA only)
 
 
 def copy_bandwidth(device: torch.device, gib: float = 2.0, repeats: int = 10) -> float:
@@ -87,9 +89,66 @@ def verify_cost_curve(
             if i >= 3:  # the first runs capture the graph
                 times.append(elapsed * 1e3)
         times.sort()
-        points.append(CostPoint(k, statistics.median(times), times[len(times) // 10], times[(9 * len(times)) // 10]))
+        points.append(CostPoint(k, statistics.median(times), times[len(times) // 10], times[(9 * len(times)) // 10],
+                                replay_ms(cache, ("target", bucket_for(k, target.static.largest_graph)))))
     target.release_cache(cache)
     return points
+
+
+def replay_ms(cache, key, repeats: int = 50) -> float | None:
+    """Device time of one replay of the graph captured under `key`, without the host work
+    around it: what the forward itself costs the GPU."""
+    entry = getattr(cache, "graphs", None) and cache.graphs.graphs.get(key)
+    if not entry:
+        return None
+    graph = entry[0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+# Kernel names by what they compute, for the breakdown of one forward.
+_KERNEL_KINDS = (("matmul", ("gemm", "gemv", "cutlass", "xmma", "cublas", "splitk")),
+                 ("attention", ("flash", "fmha", "attention", "efficient")))
+
+
+def kernel_breakdown(target: Target, k: int, prefix: int = 512) -> dict | None:
+    """Kernels in one k-token verify forward, and their device time by kind (matmul,
+    attention, everything else), from the torch profiler over a few graph replays."""
+    if target.device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(1)
+    cache = target.new_cache()
+    target.forward(cache, torch.randint(0, target.vocab_size, (prefix,), generator=gen))
+    tokens = torch.randint(0, target.vocab_size, (k,), generator=gen)
+    parents = None if k == 1 else random_tree(k - 1, gen)
+    for _ in range(3):  # capture outside the profile
+        target.forward(cache, tokens, tree_parents=parents)
+        truncate_cache(cache, prefix)
+    graph = cache.graphs.graphs[("target", bucket_for(k, target.static.largest_graph))][0]
+    replays = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    target.release_cache(cache)
+    by_kind: dict[str, float] = {}
+    count = 0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        count += 1
+        name = e.name.lower()
+        kind = next((kind for kind, keys in _KERNEL_KINDS if any(key in name for key in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.device_time_total / 1e3 / replays
+    return {"tree_size": k, "kernels": count / replays, "ms_by_kind": by_kind}
 
 
 def llama_8b_shaped(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:
@@ -122,7 +181,9 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
         "bandwidth_floor_ms": floor_ms,
         "one_token_ms": one,
         "one_token_vs_floor": floor_ms / one,
+        "one_token_device_vs_floor": floor_ms / curve[0].device_ms if curve[0].device_ms else None,
         "curve": [vars(p) for p in curve],
+        "kernels": [b for b in (kernel_breakdown(target, 1), kernel_breakdown(target, 64)) if b],
     }
 
 
@@ -160,4 +221,8 @@ def format_verify_cost(result: dict) -> str:
     for s in result["shapes"]:
         cells = " | ".join(f"{p['ms_median']:.2f}" for p in s["curve"])
         lines.append(f"| {s['shape']} | {cells} | {s['bandwidth_floor_ms']:.2f} | {100 * s['one_token_vs_floor']:.0f}% |")
+        if s["curve"][0].get("device_ms") is not None:
+            cells = " | ".join(f"{p['device_ms']:.2f}" for p in s["curve"])
+            share = 100 * s["one_token_device_vs_floor"]
+            lines.append(f"| {s['shape']} (graph replay only) | {cells} | {s['bandwidth_floor_ms']:.2f} | {share:.0f}% |")
     return "\n".join(lines)
