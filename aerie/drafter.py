@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from aerie.heads import DraftHead
-from aerie.kvcache import Attend
+from aerie.kvcache import Attend, SlotCache
 from aerie.target import truncate_cache
 from aerie.tree import CandidatePool, DraftTree, TreeConfig, expand_level, full_tree, rerank
 
@@ -57,20 +57,41 @@ class DraftSession:
         positions = torch.arange(start, start + len(next_tokens), device=device)[None]
         hidden = head(features.to(device, head.fc.weight.dtype)[None], ids, positions, Attend(start), self.cache)[0]
         committed = self.length
-        self._pool = self._grow(next_tokens[-1], hidden[-1:], committed)
+        if isinstance(self.cache, SlotCache) and self.tree.kind != "static":
+            tokens, parents, scores = self._grow_static(hidden[-1:], committed)
+        else:
+            tokens, parents, scores = self._grow(hidden[-1:], committed)
         truncate_cache(self.cache, committed)
+        # The round's one read; float64 holds every token id exactly.
+        flat = torch.cat([tokens.double(), parents.double(), scores.double()]).tolist()
+        n = tokens.shape[0]
+        self._pool = CandidatePool(
+            tokens=[next_tokens[-1]] + [int(t) for t in flat[:n]],
+            parents=[-1] + [int(p) for p in flat[n : 2 * n]],
+            logprobs=[0.0] + flat[2 * n :],
+        )
         if self.tree.kind == "dynamic":
             return rerank(self._pool, self.tree.total_tokens)
         return full_tree(self._pool)
 
-    def _grow(self, root_token: int, root_hidden: torch.Tensor, committed: int) -> CandidatePool:
-        """Every candidate of one round, level by level from the root.
+    def _grow_static(self, root_hidden: torch.Tensor, committed: int) -> tuple[torch.Tensor, ...]:
+        """`_grow` on the static cache as one CUDA graph per tree shape: the committed length
+        is an input on the device, so the same graph serves every round. (Static trees feed
+        a different number of nodes per level and take the per-forward path instead.)"""
+        cache, config = self.cache, self.tree
+        cache.reserve(committed + (config.depth - 1) * config.top_k)
+        inputs = {"root": root_hidden, "committed": torch.full((), committed, device=root_hidden.device)}
+        return cache.run(("grow", config.kind, config.depth, config.top_k), inputs,
+                         lambda b: self._grow(b["root"], b["committed"]), graphed=cache.graphs.enabled)
+
+    def _grow(self, root_hidden: torch.Tensor, committed: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every candidate of one round, level by level from the root: (tokens, parents,
+        path scores), root excluded, in drafting order (a parent before its children).
 
         The level's candidates are chosen from the head's next-token scores at the frontier;
         the ones chosen for the next frontier are fed back through the head, each seeing the
         committed entries and its own drafted ancestors (which sit in the cache after them).
-        Everything stays on the head's device, so the host only queues work: it waits once,
-        when it reads the candidates at the end, rather than once per level."""
+        Everything stays on the head's device: the host only queues work."""
         head, config, device = self.head, self.tree, root_hidden.device
         tokens, parents, scores = [], [], []  # per level
         frontier_nodes = torch.zeros(1, dtype=torch.long, device=device)  # candidate indices, root = 0
@@ -94,17 +115,25 @@ class DraftSession:
             ancestry = torch.cat(
                 [ancestry[slots[chosen]], torch.eye(fed, dtype=torch.bool, device=device)], dim=1
             )
-            positions = torch.full((1, fed), committed + level - 1, device=device)
-            frontier_hidden = head(
-                frontier_hidden[slots[chosen]][None], level_tokens[chosen][None], positions,
-                Attend(committed, ancestry), self.cache,
-            )[0]
+            frontier_hidden = self._feed(frontier_hidden[slots[chosen]], level_tokens[chosen], ancestry, committed, level)
             frontier_nodes, frontier_scores = level_nodes[chosen], cumulative[chosen]
-        # One read for the whole round; float64 holds every token id exactly.
-        flat = torch.cat([torch.cat(t).double() for t in (tokens, parents, scores)]).tolist()
-        n = size - 1
-        return CandidatePool(
-            tokens=[root_token] + [int(t) for t in flat[:n]],
-            parents=[-1] + [int(p) for p in flat[n : 2 * n]],
-            logprobs=[0.0] + flat[2 * n :],
-        )
+        return torch.cat(tokens), torch.cat(parents), torch.cat(scores)
+
+    def _feed(self, x: torch.Tensor, ids: torch.Tensor, ancestry: torch.Tensor, committed: int | torch.Tensor,
+              level: int) -> torch.Tensor:
+        """Run the head on a new frontier ([n, F] features, [n] tokens) at position
+        committed + level - 1; row i sees the committed entries and the drafted entries
+        that ancestry[i] marks (the last n are the rows themselves)."""
+        n, device = ids.shape[0], x.device
+        if isinstance(committed, int):
+            positions = torch.full((1, n), committed + level - 1, device=device)
+            return self.head(x[None], ids[None], positions, Attend(committed, ancestry), self.cache)[0]
+        # Inside the graphed expansion: where the rows are written and what they see follow
+        # from the committed length on the device. The cache's length stays `committed`.
+        cache = self.cache
+        drafted = committed + torch.arange(ancestry.shape[1], device=device)  # slots of the drafted entries
+        cache.write_at[:n] = drafted[-n:]
+        mask = (torch.arange(cache.capacity, device=device) < committed).expand(n, -1).clone()
+        mask.scatter_(1, drafted.expand(n, -1), ancestry)
+        positions = (committed + level - 1).expand(1, n)
+        return self.head.step(x[None], ids[None], positions, mask[None, None], cache)[0]

@@ -121,7 +121,7 @@ class DraftHead(nn.Module):
             rows = {"x": features, "ids": input_ids, "pos": position_ids}
             (hidden,) = static_forward(
                 cache, ("head", features.shape[-1]), rows, attention_mask,
-                lambda b: (self._dense(b["x"], b["ids"], b["pos"], b["mask"], cache)[0],), self.static.largest_graph,
+                lambda b: (self.step(b["x"], b["ids"], b["pos"], b["mask"], cache)[0],), self.static.largest_graph,
             )
             return hidden[None]
         if isinstance(attention_mask, Attend):
@@ -129,9 +129,11 @@ class DraftHead(nn.Module):
             attention_mask = attention_mask.dense(input_ids.shape[1], past)
         if attention_mask is not None:
             attention_mask = attention_mask.to(features.device)
-        return self._dense(features, input_ids, position_ids, attention_mask, cache)
+        return self.step(features, input_ids, position_ids, attention_mask, cache)
 
-    def _dense(self, features, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
+    def step(self, features, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
+        """The forward itself, with a ready 4-D mask and the cache's write slots already set:
+        what a CUDA graph captures."""
         emb = self.embed(input_ids).to(features.dtype)
         return self.layer(features, emb, position_ids, attention_mask, cache)
 

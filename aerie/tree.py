@@ -191,7 +191,8 @@ def expand_level(
     k = config.top_k
     top_lp, top_tok = torch.topk(child_logprobs, k, dim=-1)  # [f, k]
     cumulative = (frontier_logprobs[:, None] + top_lp).reshape(-1)
-    parent_slot = torch.arange(f, device=child_logprobs.device).repeat_interleave(k)
+    # expand, not repeat_interleave: no output size to compute, so nothing syncs under capture
+    parent_slot = torch.arange(f, device=child_logprobs.device)[:, None].expand(f, k).reshape(-1)
     tokens = top_tok.reshape(-1)
     # EAGLE-2: the next frontier is the best top_k candidates of this level by path score.
     next_frontier = _stable_top(cumulative, min(k, cumulative.shape[0]))
