@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from aerie.heads import DraftHead
-from aerie.kvcache import Attend, SlotCache
+from aerie.kvcache import Attend, SlotCache, pinned_tensor
 from aerie.target import truncate_cache
 from aerie.tree import CandidatePool, DraftTree, TreeConfig, expand_level, full_tree, rerank
 
@@ -53,7 +53,7 @@ class DraftSession:
         next_tokens[-1], the last committed token."""
         head, device = self.head, self.head.fc.weight.device
         start = self.length
-        ids = torch.tensor(next_tokens, device=device)[None]
+        ids = pinned_tensor(next_tokens).to(device, non_blocking=True)[None]
         positions = torch.arange(start, start + len(next_tokens), device=device)[None]
         hidden = head(features.to(device, head.fc.weight.dtype)[None], ids, positions, Attend(start), self.cache)[0]
         committed = self.length

@@ -12,6 +12,7 @@ import torch
 
 from aerie.accept import accept_greedy, accept_sampled_path
 from aerie.errors import InputError
+from aerie.kvcache import pinned_tensor
 from aerie.sampling import SamplingParams, position_uniforms, sample_from, warp_probs
 from aerie.target import Target
 from aerie.tree import DraftTree, validate_tree
@@ -126,7 +127,8 @@ class VerifySession:
         proposed = tree.tokens[path[1:]].tolist() + [bonus]
         kept, self.done = self.stop.cut(len(self.generated), proposed)
         self.generated += kept
-        return RoundResult(new_tokens=kept, features=out.features[path], accepted_draft=len(path) - 1, done=self.done)
+        features = out.features[pinned_tensor(path).to(out.features.device, non_blocking=True)]
+        return RoundResult(new_tokens=kept, features=features, accepted_draft=len(path) - 1, done=self.done)
 
     def _accept_sampled(self, tree: DraftTree, logits: torch.Tensor, committed: int) -> tuple[list[int], int]:
         # Node c at depth d is the rank-th candidate for position committed + d; that
