@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from aerie.errors import AerieError
+from aerie.errors import AerieError, InputError
 
 DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
 
@@ -135,6 +135,14 @@ def cmd_generate(args) -> int:
     params, stop = _sampling(args)
     if args.gateway:
         from gateway.cli import generate_via_gateway
+
+        # The services chose these when they started; silently ignoring them would mislead.
+        local = {"--mode": args.mode != "eagle", "--model": args.model is not None, "--head": args.head is not None,
+                 "--device": args.device != "cpu", "--dtype": args.dtype != "float32",
+                 "--kv-cache": args.kv_cache != "auto", "--tree-budget": args.tree_budget != "fixed"}
+        if any(local.values()):
+            given = ", ".join(flag for flag, set_ in local.items() if set_)
+            raise InputError(f"{given} cannot apply with --gateway: the services' own settings decide them")
 
         result = generate_via_gateway(
             args.gateway, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -129,3 +129,9 @@ def test_profile_writes_traces_and_per_round_counts(demo_model_dir, tmp_path, ca
     assert eagle["phases"]["draft"]["host_ms_per_round"] > 0 and eagle["phases"]["verify"]["host_ms_per_round"] > 0
     assert (out / "trace_eagle.json.gz").stat().st_size > 0 and (out / "trace_vanilla.json.gz").is_file()
     assert "| eagle |" in capsys.readouterr().out
+
+
+def test_gateway_generation_refuses_settings_only_the_services_decide(capsys):
+    code = main(["generate", "--prompt", "hi", "--gateway", "127.0.0.1:1", "--mode", "vanilla", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--mode, --device cannot apply with --gateway" in err
