@@ -236,7 +236,7 @@ def test_cache_writes_compaction_and_row_moves_against_brute_force():
 def test_rerank_rows_equals_rerank_per_row():
     gen = torch.Generator().manual_seed(7)
     b, k, depth = 5, 3, 4
-    parents, dep, scores = [-1], [0], [0.0]
+    parents, dep = [-1], [0]
     frontier = [0]
     for level in range(1, depth + 1):  # the dynamic pool's shape: k, then k * k per level
         new = [p for p in frontier for _ in range(k)]

@@ -134,7 +134,9 @@ class BatchDrafter:
         n = cache.in_use
         batch = bucket_for(n, cache.rows) or n
         widest = max((len(t) for t in next_tokens), default=0)
-        commit_width = (bucket_for(widest, self.largest_graph) or widest) if widest else 0
+        # Commits hold 1 .. depth + 1 pairs per row; padding them all to one width keeps one
+        # graph per batch size (the head is one layer: the padding costs little).
+        commit_width = (bucket_for(max(widest, config.depth + 1), self.largest_graph) or widest) if widest else 0
         # Room for the commit and every drafted level, reserved once: growing drops graphs.
         cache.reserve(max(cache.lengths[:batch]) + commit_width + config.depth * max(config.top_k, config.total_tokens))
         if widest:
@@ -173,8 +175,7 @@ class BatchDrafter:
             ], dim=2)
             inputs = self._level_inputs(committed, fed, ancestry, tokens.gather(1, next_frontier), level)
             x = frontier_hidden.gather(1, parent_slot[:, :, None].expand(batch, m, frontier_hidden.shape[-1]))
-            width = bucket_for(m, self.largest_graph)
-            key = ("level", batch, m) if width == m else None
+            key = ("level", batch, m) if m <= self.largest_graph else None  # m is fixed per level
             frontier_hidden = self._head(key, batch, inputs, x)
             frontier_lp = cumulative.gather(1, next_frontier)
             frontier_nodes = base + next_frontier
