@@ -282,3 +282,20 @@ def test_generate_many_refuses_bad_settings(pair):
     with pytest.raises(InputError, match="2 sampling settings for 1 prompts"):
         engine.generate_many([[1]], [SamplingParams()] * 2, StopCriteria(4), "vanilla")
     assert engine.generate_many([], SamplingParams(), StopCriteria(4), "vanilla").results == []
+
+
+def test_bench_batch_reports_every_mode_and_concurrency(pair):
+    from aerie.bench.batch import BatchBenchSetup, format_batch_table, run_bench_batch
+
+    target, head = pair
+    setup = BatchBenchSetup(target, head, TREE, BATCH_PROMPTS[:5], [f"p{i}" for i in range(5)], frozenset(), "tiny")
+    result = run_bench_batch(setup, ["eagle", "vanilla", "eagle-d2-k2-n3"], [1, 4], 10, SamplingParams(), "cpu")
+    runs = [(r["mode"], r["concurrency"]) for r in result["runs"]]
+    assert runs == [("vanilla", 1), ("vanilla", 4), ("eagle", 1), ("eagle", 4), ("eagle-d2-k2-n3", 1),
+                    ("eagle-d2-k2-n3", 4)]
+    assert all(r["new_tokens"] == 50 and r["tokens_per_s"] > 0 for r in result["runs"])
+    assert result["summary"]["all_identical"] is True
+    assert set(result["summary"]["eagle_vs_vanilla"]) == {"1", "4"}
+    assert "| eagle | 4 |" in format_batch_table(result)
+    with pytest.raises(InputError, match="bench-batch mode"):
+        run_bench_batch(setup, ["eagle-x"], [1], 4, SamplingParams(), "cpu")

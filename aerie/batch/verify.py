@@ -190,7 +190,7 @@ class BatchVerifier:
         committed = list(self.cache.lengths[: len(self.rows)])
         out, feats = self._forward([t.tokens.tolist() for t in trees], [t.parents.tolist() for t in trees], greedy)
         best = out.cpu() if greedy else None  # the round's one sync
-        moves, results = [], []
+        moves, paths, bonuses = [], [], []
         for i, (row, tree) in enumerate(zip(self.rows, trees)):
             params = row.session.params
             if params.greedy:
@@ -199,12 +199,19 @@ class BatchVerifier:
                 path, bonus = acc.path, acc.bonus_token
             else:
                 path, bonus = accept_sampled(tree, out[i, : len(tree)], committed[i], params)
+            bonuses.append(bonus)
             moves.append(RowCompaction(i, committed[i], tuple(path)))
+            paths.append(path)
+        # Every row's accepted features in one gather (copied out of the graph's output).
+        width = feats.shape[1]
+        flat = torch.tensor([i * width + p for i, path in enumerate(paths) for p in path], device=feats.device)
+        accepted = feats.reshape(-1, feats.shape[-1]).index_select(0, flat).split([len(p) for p in paths])
+        results = []
+        for row, tree, path, bonus, features in zip(self.rows, trees, paths, bonuses, accepted):
             proposed = tree.tokens[path[1:]].tolist() + [bonus]
             kept, row.done = row.session.stop.cut(len(row.generated), proposed)
             row.generated += kept
-            index = torch.tensor(path, device=feats.device)
-            results.append(RoundResult(kept, feats[i].index_select(0, index), len(path) - 1, row.done))
+            results.append(RoundResult(kept, features, len(path) - 1, row.done))
         self.cache.compact(moves)
         return results
 
