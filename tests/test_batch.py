@@ -11,7 +11,7 @@ import torch
 
 from aerie.batch.cache import BatchKVCache, RowCompaction
 from aerie.batch.draft import rerank_rows
-from aerie.batch.engine import BatchEngine
+from aerie.batch.engine import BatchConfig, BatchEngine
 from aerie.batch.inputs import ancestor_closure, batch_inputs
 from aerie.batch.verify import BatchVerifier, NewSession, accept_sampled
 from aerie.engine import Engine
@@ -33,18 +33,14 @@ def pair(request):
     return target, tiny_head(target, request.param, 48 if request.param == "eagle3" else None)
 
 
-def _stops(n: int) -> list[StopCriteria]:
-    return [StopCriteria(max_new) for max_new in (30, 11, 24, 5, 30, 17, 9)][:n]
-
-
 @pytest.mark.parametrize("concurrency", [1, 3, 16])
 def test_batched_greedy_equals_plain_decoding(pair, concurrency):
-    """Different lengths (prompts and max_new_tokens alike) make sessions leave at different
-    rounds and queued ones join the running batch."""
+    """Sessions of different prompt lengths, stopping at different rounds (eagle), leave
+    the running batch and queued ones take their rows."""
     target, head = pair
     stop = StopCriteria(26)
     want = [Engine(target, None, TREE).generate(p, SamplingParams(), stop, "vanilla").token_ids for p in BATCH_PROMPTS]
-    engine = BatchEngine(target, head, TREE)
+    engine = BatchEngine(target, head, TREE, BatchConfig(prefill_tokens=40))  # joins split over forwards
     for mode in ("vanilla", "eagle"):
         run = engine.generate_many(BATCH_PROMPTS, SamplingParams(), stop, mode, concurrency)
         assert [r.token_ids for r in run.results] == want

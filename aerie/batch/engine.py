@@ -33,6 +33,7 @@ class BatchConfig:
     cuda_graphs: bool = True
     max_tree_nodes: int = 128
     capacity_multiple: int = 64  # KV rows are sized to the longest generation, rounded up to this
+    prefill_tokens: int = 8192  # sessions joining together are prefilled in forwards of about this many (padded) tokens
 
 
 @dataclass
@@ -146,7 +147,8 @@ class BatchEngine:
         while queue or live:
             if queue and len(live) < concurrency:
                 t0 = time.perf_counter()
-                self._join(verifier, drafter, prompts, per_prompt, stop, queue, live, concurrency, on_tokens)
+                self._join(verifier, drafter, prompts, per_prompt, stop, queue, live, concurrency, on_tokens,
+                           cfg.prefill_tokens)
                 sync()
                 run.prefill_s += time.perf_counter() - t0
             else:
@@ -176,9 +178,17 @@ class BatchEngine:
         return run
 
     @staticmethod
-    def _join(verifier, drafter, prompts, per_prompt, stop, queue, live, concurrency, on_tokens) -> None:
-        joining = []
+    def _join(verifier, drafter, prompts, per_prompt, stop, queue, live, concurrency, on_tokens, budget) -> None:
+        """Sessions from the queue join while rows are free, as many per prefill forward as fit
+        `budget` padded tokens (the forward keeps every layer's hidden states: its memory
+        grows with sessions x longest prompt)."""
+        joining: list[int] = []
+        longest = 0
         while queue and len(live) + len(joining) < concurrency:
+            n = len(prompts[queue[0]])
+            if joining and (len(joining) + 1) * max(longest, n) > budget:
+                break
+            longest = max(longest, n)
             joining.append(queue.popleft())
         new = [NewSession(i, tuple(prompts[i]), per_prompt[i], stop) for i in joining]
         prefilled = verifier.join(new)
