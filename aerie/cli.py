@@ -104,11 +104,12 @@ def _add_optional_commands(sub) -> None:
         add_train_parser(sub)
     try:
         from gateway.cli import add_loadtest_parser, add_serve_parser
-    except ImportError:
-        pass
-    else:
+
+        # Both import the services' dependencies (grpc health, ...) as they register.
         add_serve_parser(sub)
         add_loadtest_parser(sub)
+    except ImportError:
+        pass
 
 
 def _add_gateway_tls_args(p: argparse.ArgumentParser) -> None:
