@@ -77,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--max-new-tokens", type=int, default=64)
     prof.set_defaults(handler=cmd_profile)
 
+    batch = sub.add_parser("bench-batch", help="tokens/s of many concurrent sessions: eagle vs plain batched decoding")
+    batch.add_argument("--prompts", required=True, help="JSONL with 'prompt' or 'turns' per line")
+    batch.add_argument("--limit", type=int, default=64)
+    batch.add_argument("--concurrency", default="1,4,16,64", help="comma-separated numbers of sessions at a time")
+    batch.add_argument("--modes", default="eagle,vanilla",
+                       help="eagle, vanilla and eagle-d<D>-k<K>-n<N> (a fixed tree of depth D, top-k K, N nodes)")
+    batch.add_argument("--shape", choices=("llama-8b",), default=None,
+                       help="a random-weight Llama-3-8B-shaped target and head instead of --model")
+    batch.add_argument("--no-graphs", action="store_true", help="run the forwards eagerly")
+    batch.add_argument("--out", required=True)
+    _add_model_args(batch)
+    _add_sampling_args(batch)
+    batch.set_defaults(handler=cmd_bench_batch)
+
     demo = sub.add_parser("demo", help="one answer on the demo model, with tokens/s and tau")
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--max-new-tokens", type=int, default=96)
@@ -98,11 +112,12 @@ def _add_optional_commands(sub) -> None:
         add_train_parser(sub)
     try:
         from gateway.cli import add_loadtest_parser, add_serve_parser
-    except ImportError:
-        pass
-    else:
+
+        # Both import the services' dependencies (grpc health, ...) as they register.
         add_serve_parser(sub)
         add_loadtest_parser(sub)
+    except ImportError:
+        pass
 
 
 def _add_gateway_tls_args(p: argparse.ArgumentParser) -> None:
@@ -230,6 +245,47 @@ def cmd_profile(args) -> int:
     stack = load_stack(args.model, args.head, args.device, args.dtype, need_head="eagle" in modes, kv_cache=args.kv_cache)
     summary = profile_modes(stack, stack.encode_prompt(prompt.text), modes, args.max_new_tokens, Path(args.out))
     print(format_profile(summary))
+    return 0
+
+
+def cmd_bench_batch(args) -> int:
+    from aerie.batch.engine import BatchConfig
+    from aerie.bench.batch import BatchBenchSetup, format_batch_table, llama_8b_setup, run_bench_batch, tree_for_mode
+    from aerie.bench.prompts import read_prompts
+    from aerie.errors import InputError
+    from aerie.models import parse_dtype
+    from aerie.stack import CPU_TREE, GPU_TREE, load_stack
+
+    params, stop = _sampling(args)
+    prompts = read_prompts(args.prompts, args.limit)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    try:
+        levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise InputError(f"--concurrency takes comma-separated integers, got {args.concurrency!r}") from None
+    tree = GPU_TREE if args.device == "cuda" else CPU_TREE
+    speculative = any(tree_for_mode(m, tree) is not None for m in modes)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda was asked for, but torch sees no CUDA device")
+    if args.shape == "llama-8b":
+        if args.model is not None:
+            raise InputError("--shape and --model exclude each other")
+        setup = llama_8b_setup(args.device, parse_dtype(args.dtype), [p.text for p in prompts],
+                               [p.id for p in prompts], tree, speculative)
+    else:
+        stack = load_stack(args.model, args.head, args.device, args.dtype, need_head=speculative, tree=tree,
+                           kv_cache="dynamic")
+        setup = BatchBenchSetup(stack.target, stack.head, stack.tree, [stack.encode_prompt(p.text) for p in prompts],
+                                [p.id for p in prompts], stack.stop_token_ids(), str(stack.model_dir))
+    result = run_bench_batch(setup, modes, levels, stop.max_new_tokens, params, args.device,
+                             BatchConfig(cuda_graphs=not args.no_graphs))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_batch_table(result))
     return 0
 
 

@@ -1,0 +1,227 @@
+"""Continuous batching: many generations, up to `concurrency` at a time, each round one draft
+pass and one verify forward for every session in flight (or one plain forward, vanilla).
+
+Sessions join between rounds (prefilled together, in one forward) as soon as a row is free,
+and leave as soon as they finish; every session's output is the one it would have had alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from aerie.batch.cache import BatchKVCache
+from aerie.batch.draft import BatchDrafter
+from aerie.batch.verify import BatchVerifier, NewSession
+from aerie.engine import Mode
+from aerie.errors import InputError
+from aerie.graphs import bucket_for
+from aerie.heads import DraftHead
+from aerie.sampling import SamplingParams
+from aerie.target import Target
+from aerie.tree import TreeConfig
+from aerie.verifier import StopCriteria
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    largest_graph: int = 128  # widest forward replayed as a CUDA graph; wider ones run eagerly
+    cuda_graphs: bool = True
+    max_tree_nodes: int = 128
+    capacity_multiple: int = 64  # KV rows are sized to the longest generation, rounded up to this
+    prefill_tokens: int = 8192  # sessions joining together are prefilled in forwards of about this many (padded) tokens
+
+
+@dataclass
+class SessionResult:
+    token_ids: list[int]
+    accepted: list[int] = field(default_factory=list)  # draft tokens accepted, per round
+    seconds: float = 0.0  # from joining the batch to leaving it
+
+    @property
+    def tau(self) -> float:
+        """Tokens committed per target forward after prefill (bonus included), as
+        GenerationResult.tau."""
+        return sum(a + 1 for a in self.accepted) / len(self.accepted) if self.accepted else 1.0
+
+
+@dataclass
+class BatchRun:
+    results: list[SessionResult]  # in prompt order
+    seconds: float
+    forwards: int  # target forwards after prefill (rounds)
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.results)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tau(self) -> float:
+        rounds = [a for r in self.results for a in r.accepted]
+        return sum(a + 1 for a in rounds) / len(rounds) if rounds else 1.0
+
+
+@dataclass
+class _Live:
+    index: int  # the prompt's position
+    result: SessionResult
+    started: float
+    features: torch.Tensor | None = None  # pairs for the drafter to commit next round
+    next_tokens: list[int] = field(default_factory=list)
+
+
+class BatchEngine:
+    """A target and (for eagle) a draft head, generating for many prompts at once."""
+
+    def __init__(self, target: Target, head: DraftHead | None, tree: TreeConfig, config: BatchConfig = BatchConfig()):
+        if head is not None and head.feature_spec != target.features:
+            raise ValueError(f"target exposes {target.features} but the head reads {head.feature_spec}")
+        self.target, self.head, self.tree, self.config = target, head, tree, config
+        self._caches: dict[str, BatchKVCache] = {}  # kept across calls, with their graphs
+
+    def _cache(self, name: str, layers: int, rows: int, capacity: int) -> BatchKVCache:
+        cache = self._caches.get(name)
+        if cache is None or cache.rows < rows:
+            device = self.target.device
+            cache = BatchKVCache(layers, rows, capacity, device, self.config.cuda_graphs)
+            self._caches[name] = cache
+        cache.reserve(capacity)
+        while cache.in_use:
+            cache.remove_row(cache.in_use - 1)
+        return cache
+
+    def generate_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        stop: StopCriteria,
+        mode: Mode = "eagle",
+        concurrency: int = 16,
+        on_tokens: Callable[[int], None] | None = None,
+    ) -> BatchRun:
+        """Generate for every prompt, `concurrency` sessions at a time. `params` is one
+        setting for all or one per prompt; `on_tokens(n)` is told of each round's new tokens
+        (progress bars)."""
+        if mode not in ("eagle", "vanilla"):
+            raise InputError(f"unknown mode {mode!r}: use eagle or vanilla")
+        if mode == "eagle" and self.head is None:
+            raise InputError("eagle mode needs a draft head")
+        if concurrency < 1:
+            raise InputError(f"concurrency must be >= 1, got {concurrency}")
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise InputError(f"got {len(per_prompt)} sampling settings for {len(prompts)} prompts")
+        if not prompts:
+            return BatchRun([], 0.0, 0)
+        rows = bucket_for(concurrency, 1 << 30)
+        tree_width = max(self.tree.total_tokens + 1, self.tree.depth * max(self.tree.top_k, self.tree.total_tokens))
+        need = max(len(p) for p in prompts) + stop.max_new_tokens + tree_width + 1
+        m = self.config.capacity_multiple
+        capacity = -(-need // m) * m
+        cfg = self.config
+        verifier = BatchVerifier(
+            self.target, self._cache("target", self.target.config.num_hidden_layers, rows, capacity),
+            cfg.largest_graph, cfg.max_tree_nodes,
+        )
+        drafter = None
+        if mode == "eagle":
+            drafter = BatchDrafter(self.head, self.tree, self._cache("head", 1, rows, capacity), cfg.largest_graph)
+
+        results: list[SessionResult | None] = [None] * len(prompts)
+        queue = deque(range(len(prompts)))
+        live: list[_Live] = []
+        run = BatchRun([], 0.0, 0)
+        sync = _syncer(self.target.device)
+        t_start = time.perf_counter()
+        while queue or live:
+            if queue and len(live) < concurrency:
+                t0 = time.perf_counter()
+                self._join(verifier, drafter, prompts, per_prompt, stop, queue, live, concurrency, on_tokens,
+                           cfg.prefill_tokens)
+                sync()
+                run.prefill_s += time.perf_counter() - t0
+            else:
+                t0 = time.perf_counter()
+                if drafter is None:
+                    verifier.step_plain()
+                    new = [1] * len(live)
+                    run.verify_s += time.perf_counter() - t0
+                else:
+                    trees = drafter.draft([s.features for s in live], [s.next_tokens for s in live])
+                    t1 = time.perf_counter()
+                    outcome = verifier.verify(trees)
+                    run.draft_s += t1 - t0
+                    run.verify_s += time.perf_counter() - t1
+                    new = []
+                    for s, res in zip(live, outcome):
+                        s.result.accepted.append(res.accepted_draft)
+                        s.features, s.next_tokens = res.features, list(res.new_tokens)
+                        new.append(len(res.new_tokens))
+                run.forwards += 1
+                if on_tokens is not None:
+                    on_tokens(sum(new))
+            self._leave(verifier, drafter, live, results)
+        sync()
+        run.seconds = time.perf_counter() - t_start
+        run.results = results
+        return run
+
+    @staticmethod
+    def _join(verifier, drafter, prompts, per_prompt, stop, queue, live, concurrency, on_tokens, budget) -> None:
+        """Sessions from the queue join while rows are free, as many per prefill forward as fit
+        `budget` padded tokens (the forward keeps every layer's hidden states: its memory
+        grows with sessions x longest prompt)."""
+        joining: list[int] = []
+        longest = 0
+        while queue and len(live) + len(joining) < concurrency:
+            n = len(prompts[queue[0]])
+            if joining and (len(joining) + 1) * max(longest, n) > budget:
+                break
+            longest = max(longest, n)
+            joining.append(queue.popleft())
+        new = [NewSession(i, tuple(prompts[i]), per_prompt[i], stop) for i in joining]
+        prefilled = verifier.join(new)
+        now = time.perf_counter()
+        for i, p in zip(joining, prefilled):
+            live.append(_Live(i, SessionResult([]), now))
+        if drafter is not None:
+            # The prompt's pairs (feature_i, token_{i+1}), the first generated token last.
+            drafter.join([p.features for p in prefilled], [list(prompts[i][1:]) + [p.token] for i, p in zip(joining, prefilled)])
+        if on_tokens is not None:
+            on_tokens(len(joining))
+
+    @staticmethod
+    def _leave(verifier, drafter, live, results) -> None:
+        """Finished sessions leave, from the last row down: each leaving row takes the last
+        row's session, which (rows above having left first) is still running."""
+        now = time.perf_counter()
+        for row in range(len(live) - 1, -1, -1):
+            if not verifier.rows[row].done:
+                continue
+            s = live[row]
+            s.result.token_ids = list(verifier.rows[row].generated)
+            s.result.seconds = now - s.started
+            results[s.index] = s.result
+            verifier.leave(row)
+            if drafter is not None:
+                drafter.leave(row)
+            last = live.pop()
+            if row < len(live):
+                live[row] = last
+
+
+def _syncer(device: torch.device) -> Callable[[], None]:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None

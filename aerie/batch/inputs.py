@@ -1,0 +1,104 @@
+"""The padded inputs of one batched forward: ids, positions, attention mask and write slots.
+
+Each row of the batch is one session's segment of new tokens, a tree in topological order
+(root at 0, parent -1; a causal chain is the tree whose node j has parent j - 1) placed after
+the row's `length` committed entries. Rows are padded to a common width and the batch to a
+common row count. Node j of row r is written at slot length[r] + j of cache row
+first_row + r, sits at position length[r] + depth(j), and sees the row's committed entries and
+its own ancestors. Padding nodes see the committed entries and their own slot only: a fully
+masked row would put NaNs into the scratch slots (see kvcache.Attend.padded).
+
+Pure functions over CPU tensors, vectorised over rows, so that host work per round does not
+grow with the number of sessions in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardInputs:
+    ids: torch.Tensor  # [b, w] int64
+    positions: torch.Tensor  # [b, w] int64
+    mask: torch.Tensor  # [b, 1, w, capacity] bool
+    rows: torch.Tensor  # [b, w] int64: cache row of each new token
+    slots: torch.Tensor  # [b, w] int64: cache slot of each new token
+    sizes: list[int]  # real (unpadded) tokens per row
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {"ids": self.ids, "pos": self.positions, "mask": self.mask, "rows": self.rows, "slots": self.slots}
+
+
+def ancestor_closure(parents: torch.Tensor) -> torch.Tensor:
+    """[b, w] parents (-1 for roots) -> [b, w, w] bool, [r, i, j] True when node j is node i
+    or one of its ancestors. Repeated squaring of the parent relation: log2(w) batched matrix
+    products instead of a Python walk per node."""
+    b, w = parents.shape
+    eye = torch.eye(w, dtype=torch.bool).expand(b, w, w)
+    reach = eye | (torch.arange(w)[None, None, :] == parents[:, :, None])
+    steps = 1
+    while steps < w:
+        r = reach.float()
+        reach = torch.bmm(r, r) > 0
+        steps *= 2
+    return reach
+
+
+def pad_trees(parents: Sequence[Sequence[int]], width: int, batch: int) -> torch.Tensor:
+    """[batch, width] parents; padding nodes (and rows) are roots of their own (-1)."""
+    out = torch.full((batch, width), -1, dtype=torch.long)
+    for r, p in enumerate(parents):
+        out[r, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+    return out
+
+
+def batch_inputs(
+    tokens: Sequence[Sequence[int]],
+    parents: Sequence[Sequence[int]] | None,
+    lengths: Sequence[int],
+    width: int,
+    batch: int,
+    capacity: int,
+    first_row: int = 0,
+) -> ForwardInputs:
+    """Inputs for rows first_row .. first_row + batch - 1 of a batched cache.
+
+    tokens[r] (and parents[r], None meaning causal chains) are the new tokens of row r, for
+    r < len(tokens); the rows after have none (all padding). lengths[r] is row r's committed
+    length, for every r < batch. Needs lengths[r] + width <= capacity.
+    """
+    sizes = [len(t) for t in tokens] + [0] * (batch - len(tokens))
+    if max(sizes, default=0) > width:
+        raise ValueError(f"a row has {max(sizes)} new tokens, more than the width {width}")
+    length = torch.as_tensor(list(lengths[:batch]), dtype=torch.long)
+    if int(length.max()) + width > capacity:
+        raise ValueError(f"rows need {int(length.max()) + width} slots, the cache has {capacity}")
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    for r, t in enumerate(tokens):
+        ids[r, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+    col = torch.arange(width)
+    real = col[None, :] < torch.as_tensor(sizes)[:, None]  # [b, w]
+    if parents is None:
+        tril = torch.tril(torch.ones(width, width, dtype=torch.bool))
+        reach = (tril & real[:, None, :] & real[:, :, None]) | torch.eye(width, dtype=torch.bool)
+        depth = torch.where(real, col, 0).expand(batch, width)
+    else:
+        par = pad_trees(parents, width, batch)
+        reach = ancestor_closure(par)
+        depth = reach.sum(-1) - 1
+    mask = torch.zeros(batch, 1, width, capacity, dtype=torch.bool)
+    mask[:, 0] = torch.arange(capacity)[None, None, :] < length[:, None, None]
+    columns = (length[:, None] + col[None, :])[:, None, :].expand(batch, width, width)
+    mask[:, 0].scatter_(2, columns, reach)
+    return ForwardInputs(
+        ids=ids,
+        positions=length[:, None] + depth,
+        mask=mask,
+        rows=(first_row + torch.arange(batch))[:, None].expand(batch, width).contiguous(),
+        slots=(length[:, None] + col[None, :]).contiguous(),
+        sizes=sizes,
+    )

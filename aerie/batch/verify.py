@@ -1,0 +1,244 @@
+"""The verifier side of a batch of sessions: one target forward over every session's tree.
+
+Each session owns a row of a `BatchKVCache`. A round takes one tree per session (ragged:
+any size and shape), pads them into one [batch, width] forward (both dimensions rounded up to
+a power of two, so that a few CUDA graphs cover every round), and then, per session, accepts a
+path exactly as `VerifySession.verify` does: greedy with `accept_greedy`, sampled with the same
+per-position random numbers. Accepted nodes of every row are compacted in one gather.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from aerie.accept import accept_greedy, accept_sampling, path_from_mask
+from aerie.batch.cache import BatchKVCache, RowCompaction
+from aerie.batch.inputs import ForwardInputs, batch_inputs
+from aerie.errors import InputError
+from aerie.graphs import bucket_for
+from aerie.sampling import SamplingParams, position_uniforms, sample_from, warp_probs
+from aerie.target import Target
+from aerie.tree import DraftTree, children_table, node_depths, validate_tree
+from aerie.verifier import RoundResult, StopCriteria
+
+
+@dataclass(frozen=True)
+class NewSession:
+    """A session joining the batch."""
+
+    key: Hashable  # the caller's name for it (errors name it)
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    stop: StopCriteria
+
+
+@dataclass
+class VerifyRow:
+    session: NewSession
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class Prefilled:
+    features: torch.Tensor  # [prompt length, F]: the target's features of the prompt
+    token: int  # the first generated token (pending: not yet in the cache)
+    done: bool
+
+
+def sample_token(logits: torch.Tensor, position: int, params: SamplingParams) -> int:
+    """The token at `position` drawn from `logits`, as VerifySession._sample draws it."""
+    if params.greedy:
+        return int(logits.argmax())
+    token_u, _ = position_uniforms(params.seed, position, 0)
+    return int(sample_from(warp_probs(logits, params), torch.tensor(token_u)))
+
+
+def accept_sampled(tree: DraftTree, logits: torch.Tensor, committed: int, params: SamplingParams) -> tuple[list[int], int]:
+    """Sampled acceptance of one session's tree with the random numbers of its positions,
+    exactly as VerifySession._accept_sampled (a test holds them equal)."""
+    depths = node_depths(tree.parents)
+    children = children_table(tree.parents)
+    n, depth_max = len(tree), int(depths.max())
+    sibling_u = torch.zeros(1, n, dtype=torch.float64)
+    bonus_u = torch.zeros(1, depth_max + 1, dtype=torch.float64)
+    for d in range(depth_max + 1):
+        token_u, sib = position_uniforms(params.seed, committed + d + 1, children.shape[1])
+        bonus_u[0, d] = token_u
+        for parent in (depths == d).nonzero().flatten().tolist():
+            for rank, child in enumerate(children[parent].tolist()):
+                if child >= 0:
+                    sibling_u[0, child] = sib[rank]
+    accepted, _, bonus = accept_sampling(tree.tokens, tree.parents, warp_probs(logits, params), sibling_u, bonus_u)
+    return path_from_mask(accepted[0]), int(bonus[0])
+
+
+class BatchVerifier:
+    """The target over a batch of sessions; row i of the cache is session `rows[i]`."""
+
+    def __init__(self, target: Target, cache: BatchKVCache, largest_graph: int = 128, max_tree_nodes: int = 128):
+        self.target = target
+        self.cache = cache
+        self.largest_graph = largest_graph
+        self.max_tree_nodes = max_tree_nodes
+        self.rows: list[VerifyRow] = []
+        self.base = target.model.base_model
+        self.lm_head = target.model.get_output_embeddings()
+
+    # --- the model -------------------------------------------------------------------------
+
+    def _model(self, b: dict[str, torch.Tensor], argmax: bool, logits_at: torch.Tensor | None = None):
+        out = self.base(
+            input_ids=b["ids"], position_ids=b["pos"], attention_mask=b["mask"],
+            past_key_values=self.cache, use_cache=True, output_hidden_states=True,
+        )
+        hidden = out.hidden_states
+        spec = self.target.features
+        feats = torch.cat([hidden[i] for i in spec.layers], dim=-1) if spec.kind == "eagle3" else hidden[-1]
+        last = out.last_hidden_state
+        if logits_at is not None:  # one position per row (prefill): skip the others' LM head
+            last = last[torch.arange(last.shape[0], device=last.device), logits_at]
+        logits = self.lm_head(last)
+        return (logits.argmax(-1) if argmax else logits.float()), feats
+
+    def _forward(self, tokens: list[list[int]], parents: list[list[int]], argmax: bool):
+        """One graphed forward of every row in use: row r's new tokens `tokens[r]` (a tree)."""
+        cache = self.cache
+        n = cache.in_use
+        widest = max(len(t) for t in tokens)
+        width = bucket_for(widest, self.largest_graph) or widest
+        batch = bucket_for(n, cache.rows) or n
+        cache.reserve(max(cache.lengths[:batch]) + width)
+        inputs = batch_inputs(tokens, parents, cache.lengths, width, batch, cache.capacity)
+        graphed = widest <= self.largest_graph
+        key = ("tree", batch, width, argmax) if graphed else None
+        out, feats = cache.run(key, (0, batch), _pinned(inputs), lambda b: self._model(b, argmax))
+        return out, feats
+
+    # --- sessions join and leave -----------------------------------------------------------
+
+    def join(self, sessions: Sequence[NewSession]) -> list[Prefilled]:
+        """Prefill new sessions in one eager forward (ragged prompts, padded), each into a
+        fresh row after the rows in use, and sample their first tokens. Checks every
+        session before touching the cache, so a bad one leaves the batch as it was."""
+        context = self.target.max_positions
+        for s in sessions:
+            if not s.prompt_ids:
+                raise InputError(f"session {s.key}: prompt is empty")
+            if len(s.prompt_ids) + s.stop.max_new_tokens > context:
+                raise InputError(
+                    f"session {s.key}: prompt of {len(s.prompt_ids)} tokens plus max_new_tokens "
+                    f"{s.stop.max_new_tokens} exceeds the model's context of {context} tokens"
+                )
+            if any(t < 0 or t >= self.target.vocab_size for t in s.prompt_ids):
+                raise InputError(f"session {s.key}: prompt tokens must be in [0, {self.target.vocab_size})")
+        if not sessions:
+            return []
+        cache = self.cache
+        rows = cache.add_rows(len(sessions))
+        prompts = [list(s.prompt_ids) for s in sessions]
+        width = max(len(p) for p in prompts)
+        cache.reserve(width)
+        inputs = batch_inputs(prompts, None, [0] * len(prompts), width, len(prompts), cache.capacity, rows.start)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=cache.device)
+        logits, feats = cache.run(None, (rows.start, rows.stop), _pinned(inputs),
+                                  lambda b: self._model(b, argmax=False, logits_at=last))
+        out = []
+        for i, (s, row) in enumerate(zip(sessions, rows)):
+            cache.lengths[row] = len(prompts[i])
+            token = sample_token(logits[i], len(prompts[i]), s.params)
+            kept, done = s.stop.cut(0, [token])
+            self.rows.append(VerifyRow(s, kept, done))
+            out.append(Prefilled(feats[i, : len(prompts[i])], token, done))
+        return out
+
+    def leave(self, row: int) -> None:
+        """Drop session `row`; the last row's session takes its place (as in the cache)."""
+        moved = self.cache.remove_row(row)
+        last = self.rows.pop()
+        if moved is not None:
+            self.rows[row] = last
+
+    # --- rounds ----------------------------------------------------------------------------
+
+    def check(self, trees: Sequence[DraftTree]) -> None:
+        """Raise InputError naming the first session whose tree is unfit; nothing changes."""
+        if len(trees) != len(self.rows):
+            raise InputError(f"got {len(trees)} trees for {len(self.rows)} sessions")
+        for row, tree in zip(self.rows, trees):
+            key = row.session.key
+            try:
+                validate_tree(tree.tokens, tree.parents, self.target.vocab_size, self.max_tree_nodes)
+            except ValueError as e:
+                raise InputError(f"session {key}: {e}") from None
+            if row.done:
+                raise InputError(f"session {key}: generation is already finished")
+            if int(tree.tokens[0]) != row.generated[-1]:
+                raise InputError(
+                    f"session {key}: tree root {int(tree.tokens[0])} is not the last generated token {row.generated[-1]}"
+                )
+
+    @torch.inference_mode()
+    def verify(self, trees: Sequence[DraftTree]) -> list[RoundResult]:
+        """One target forward over every session's tree (trees[i] for row i), then per
+        session acceptance, compaction and stopping, as VerifySession.verify does."""
+        self.check(trees)
+        greedy = all(r.session.params.greedy for r in self.rows)
+        committed = list(self.cache.lengths[: len(self.rows)])
+        out, feats = self._forward([t.tokens.tolist() for t in trees], [t.parents.tolist() for t in trees], greedy)
+        best = out.cpu() if greedy else None  # the round's one sync
+        moves, paths, bonuses = [], [], []
+        for i, (row, tree) in enumerate(zip(self.rows, trees)):
+            params = row.session.params
+            if params.greedy:
+                argmax = best[i, : len(tree)] if best is not None else out[i, : len(tree)].argmax(-1).cpu()
+                acc = accept_greedy(tree.tokens, tree.parents, argmax)
+                path, bonus = acc.path, acc.bonus_token
+            else:
+                path, bonus = accept_sampled(tree, out[i, : len(tree)], committed[i], params)
+            bonuses.append(bonus)
+            moves.append(RowCompaction(i, committed[i], tuple(path)))
+            paths.append(path)
+        # Every row's accepted features in one gather (copied out of the graph's output).
+        width = feats.shape[1]
+        flat = torch.tensor([i * width + p for i, path in enumerate(paths) for p in path], device=feats.device)
+        accepted = feats.reshape(-1, feats.shape[-1]).index_select(0, flat).split([len(p) for p in paths])
+        results = []
+        for row, tree, path, bonus, features in zip(self.rows, trees, paths, bonuses, accepted):
+            proposed = tree.tokens[path[1:]].tolist() + [bonus]
+            kept, row.done = row.session.stop.cut(len(row.generated), proposed)
+            row.generated += kept
+            results.append(RoundResult(kept, features, len(path) - 1, row.done))
+        self.cache.compact(moves)
+        return results
+
+    @torch.inference_mode()
+    def step_plain(self) -> list[int]:
+        """Plain batched decoding: every session feeds its pending token and samples the next
+        one (one forward for all). Returns the sampled tokens, row by row."""
+        rows = self.rows
+        if any(r.done for r in rows):
+            raise InputError("a session in the batch has already finished")
+        greedy = all(r.session.params.greedy for r in rows)
+        out, _ = self._forward([[r.generated[-1]] for r in rows], [[-1]] * len(rows), greedy)
+        best = out[:, 0].cpu() if greedy else None
+        tokens = []
+        for i, row in enumerate(rows):
+            self.cache.lengths[i] += 1
+            position = self.cache.lengths[i]
+            token = int(best[i]) if best is not None else sample_token(out[i, 0], position, row.session.params)
+            kept, row.done = row.session.stop.cut(len(row.generated), [token])
+            row.generated += kept
+            tokens.append(token)
+        return tokens
+
+
+def _pinned(inputs: ForwardInputs) -> dict[str, torch.Tensor]:
+    """The inputs as a dict, in pinned host memory where CUDA is there (async copies)."""
+    d = inputs.as_dict()
+    if torch.cuda.is_available():
+        d = {k: v.pin_memory() for k, v in d.items()}
+    return d

@@ -1,0 +1,297 @@
+"""Batched verification across sessions, on tiny targets on the CPU: outputs equal each
+session's own (plain decoding greedy, the single-session eagle path sampled) while sessions of
+different prompt lengths join and leave; the batched cache's per-row writes, compaction and
+row moves against a brute-force reference; one row's forward against the unbatched tree
+forward; a bad tree in one session is refused without disturbing the others."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aerie.batch.cache import BatchKVCache, RowCompaction
+from aerie.batch.draft import rerank_rows
+from aerie.batch.engine import BatchConfig, BatchEngine
+from aerie.batch.inputs import ancestor_closure, batch_inputs
+from aerie.batch.verify import BatchVerifier, NewSession, accept_sampled
+from aerie.engine import Engine
+from aerie.errors import InputError
+from aerie.sampling import SamplingParams
+from aerie.tree import CandidatePool, DraftTree, TreeConfig, ancestor_mask, node_depths, rerank
+from aerie.verifier import StopCriteria, VerifySession
+from tests.test_engine import PROMPTS, OracleDrafter
+from tests.tiny import tiny_head, tiny_target
+
+# Ragged: 1 to 20 prompt tokens, so rows differ in length and join at different times.
+BATCH_PROMPTS = PROMPTS + [[5, 6, 7, 8], [9] * 20, [11], [30, 31, 32, 33, 34, 35, 36]]
+TREE = TreeConfig(depth=4, top_k=3, total_tokens=9)
+
+
+@pytest.fixture(scope="module", params=["eagle3", "eagle1"])
+def pair(request):
+    target = tiny_target(request.param)
+    return target, tiny_head(target, request.param, 48 if request.param == "eagle3" else None)
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 16])
+def test_batched_greedy_equals_plain_decoding(pair, concurrency):
+    """Sessions of different prompt lengths, stopping at different rounds (eagle), leave
+    the running batch and queued ones take their rows."""
+    target, head = pair
+    stop = StopCriteria(26)
+    want = [Engine(target, None, TREE).generate(p, SamplingParams(), stop, "vanilla").token_ids for p in BATCH_PROMPTS]
+    engine = BatchEngine(target, head, TREE, BatchConfig(prefill_tokens=40))  # joins split over forwards
+    for mode in ("vanilla", "eagle"):
+        run = engine.generate_many(BATCH_PROMPTS, SamplingParams(), stop, mode, concurrency)
+        assert [r.token_ids for r in run.results] == want
+        assert run.new_tokens == 26 * len(BATCH_PROMPTS)
+
+
+@pytest.mark.parametrize("tree", [TREE, TreeConfig.chain(3), TreeConfig.eagle1_static()], ids=lambda t: t.kind)
+def test_batched_sampling_equals_the_single_session_path(pair, tree):
+    """Same seeds, same trees (the batched drafter drafts what DraftSession drafts), same
+    random numbers per position: the same tokens and the same acceptances, round by round."""
+    target, head = pair
+    params = [SamplingParams(temperature=1.0, seed=s) for s in range(len(BATCH_PROMPTS))]
+    params[2] = SamplingParams()  # greedy and sampled sessions mix in one batch
+    params[3] = SamplingParams(0.7, 0.9, 20, 11)
+    stop = StopCriteria(24)
+    single = Engine(target, head, tree)
+    want = [single.generate(p, s, stop, "eagle") for p, s in zip(BATCH_PROMPTS, params)]
+    run = BatchEngine(target, head, tree).generate_many(BATCH_PROMPTS, params, stop, "eagle", concurrency=4)
+    assert [r.token_ids for r in run.results] == [w.token_ids for w in want]
+    assert [r.accepted for r in run.results] == [[x.accepted for x in w.rounds] for w in want]
+    assert run.results[0].tau == pytest.approx(want[0].tau)
+
+
+def test_stop_tokens_end_sessions_like_plain_decoding(pair):
+    target, head = pair
+    engine = Engine(target, None, TREE)
+    free = [engine.generate(p, SamplingParams(), StopCriteria(30), "vanilla").token_ids for p in BATCH_PROMPTS]
+    stop = StopCriteria(30, frozenset({free[0][6], free[4][2]}))
+    want = [engine.generate(p, SamplingParams(), stop, "vanilla").token_ids for p in BATCH_PROMPTS]
+    assert len(want[0]) <= 7 and len(want[4]) <= 3
+    for mode in ("vanilla", "eagle"):
+        run = BatchEngine(target, head, TREE).generate_many(BATCH_PROMPTS, SamplingParams(), stop, mode, 4)
+        assert [r.token_ids for r in run.results] == want
+
+
+def test_oracle_trees_accept_long_paths_in_every_row():
+    """Trees that are mostly right (and ragged: depths 6, 3 and 1) make compaction move
+    entries in several rows at once; the output is still each session's plain decoding."""
+    target = tiny_target("eagle3")
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[1]]
+    max_new = 40
+    refs = [Engine(target, None, TREE).generate(p, SamplingParams(), StopCriteria(max_new), "vanilla").token_ids
+            for p in prompts]
+    oracles = [OracleDrafter(len(p), r + [0] * 10, depth=d, error_every=e, vocab=64)
+               for p, r, d, e in zip(prompts, refs, (6, 3, 1), (1000, 4, 1000))]
+    verifier = BatchVerifier(target, BatchKVCache(6, 4, 16, torch.device("cpu")))
+    prefilled = verifier.join([NewSession(i, tuple(p), SamplingParams(), StopCriteria(max_new))
+                               for i, p in enumerate(prompts)])
+    pending = [(p.features, list(prompt[1:]) + [p.token]) for p, prompt in zip(prefilled, prompts)]
+    accepted = []
+    while not all(r.done for r in verifier.rows):
+        trees = [o.draft(f, t) if not r.done else _root(r.generated[-1]) for o, (f, t), r in
+                 zip(oracles, pending, verifier.rows)]
+        live = [not r.done for r in verifier.rows]
+        if not all(live):  # finished rows leave; this test keeps rows fixed, so stop there
+            break
+        results = verifier.verify(trees)
+        accepted += [r.accepted_draft for r in results]
+        pending = [(r.features, r.new_tokens) for r in results]
+    for row, ref in zip(verifier.rows, refs):
+        assert row.generated == ref[: len(row.generated)]
+    assert max(accepted) >= 5 and verifier.cache.capacity > 16  # long paths; the cache grew
+
+
+def _root(token: int) -> DraftTree:
+    return DraftTree(torch.tensor([token]), torch.tensor([-1]), torch.zeros(1))
+
+
+def test_bad_tree_in_one_session_is_refused_and_the_others_go_on(pair):
+    target, _ = pair
+    stop = StopCriteria(12)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    want = [Engine(target, None, TREE).generate(p, SamplingParams(), stop, "vanilla").token_ids for p in prompts]
+    verifier = BatchVerifier(target, BatchKVCache(target.config.num_hidden_layers, 4, 64, torch.device("cpu")))
+    verifier.join([NewSession(f"s{i}", tuple(p), SamplingParams(), stop) for i, p in enumerate(prompts)])
+
+    def chains(bad_row=None):
+        trees = []
+        for i, row in enumerate(verifier.rows):
+            tokens = torch.tensor([row.generated[-1], 1, 2, 3])
+            parents = torch.tensor([-1, 0, 1, 5 if i == bad_row else 2])
+            trees.append(DraftTree(tokens, parents, torch.zeros(4)))
+        return trees
+
+    before = ([list(r.generated) for r in verifier.rows], list(verifier.cache.lengths))
+    with pytest.raises(InputError, match="session s1: node 3 has parent 5"):
+        verifier.verify(chains(bad_row=1))
+    assert ([list(r.generated) for r in verifier.rows], list(verifier.cache.lengths)) == before
+    bad_root = chains()
+    bad_root[2] = DraftTree(torch.tensor([63, 1]), torch.tensor([-1, 0]), torch.zeros(2))
+    with pytest.raises(InputError, match="session s2: tree root 63"):
+        verifier.verify(bad_root)
+    while not verifier.rows[0].done:
+        verifier.verify(chains())
+    assert [r.generated for r in verifier.rows] == want
+    with pytest.raises(InputError, match="session x: prompt is empty"):
+        verifier.join([NewSession("x", (), SamplingParams(), stop)])
+    assert verifier.cache.in_use == 3
+
+
+def test_each_row_of_a_batched_tree_forward_equals_the_unbatched_forward():
+    """Ragged trees over rows of different lengths, padded in both dimensions: every real
+    node's logits and features equal Target.forward's on that session alone."""
+    target = tiny_target("eagle3")
+    prompts = [PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    trees = [([7, 4, 5, 6, 7, 8, 10], [-1, 0, 0, 1, 1, 3, 2]), ([9], [-1]), ([3, 2, 2], [-1, 0, 1])]
+    verifier = BatchVerifier(target, BatchKVCache(6, 4, 32, torch.device("cpu")))
+    verifier.join([NewSession(i, tuple(p), SamplingParams(), StopCriteria(8)) for i, p in enumerate(prompts)])
+    logits, feats = verifier._forward([t for t, _ in trees], [p for _, p in trees], argmax=False)
+    assert logits.shape[:2] == (4, 8)  # 3 sessions -> 4 rows, 7 nodes -> 8 columns
+    for r, (prompt, (tokens, parents)) in enumerate(zip(prompts, trees)):
+        cache = target.new_cache()
+        target.forward(cache, torch.tensor(prompt))
+        want = target.forward(cache, torch.tensor(tokens), tree_parents=torch.tensor(parents))
+        n = len(tokens)
+        torch.testing.assert_close(logits[r, :n], want.logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(feats[r, :n], want.features, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(logits).all() and torch.isfinite(feats).all()  # padding rows too
+
+
+def test_batch_inputs_masks_and_positions():
+    trees = [[-1, 0, 0, 1, 1, 3, 2], [-1], [-1, 0, 1]]
+    out = batch_inputs([[1] * 7, [2], [3] * 3], trees, lengths=[5, 2, 0, 0], width=8, batch=4, capacity=16, first_row=0)
+    for r, parents in enumerate(trees):
+        n, length = len(parents), [5, 2, 0][r]
+        p = torch.tensor(parents)
+        assert out.positions[r, :n].tolist() == (length + node_depths(p)).tolist()
+        assert out.slots[r].tolist() == list(range(length, length + 8))
+        m = out.mask[r, 0]
+        assert m[:n, :length].all() and torch.equal(m[:n, length : length + n], ancestor_mask(p))
+        assert not m[:n, length + n :].any()
+        pad = torch.arange(n, 8)
+        assert m[pad].sum(-1).tolist() == [length + 1] * len(pad) and m[pad, length + pad].all()
+    assert out.mask[3, 0].sum(-1).tolist() == [1] * 8  # a free row: its own slot only
+    assert out.rows[:, 0].tolist() == [0, 1, 2, 3]
+    chain = batch_inputs([[4, 5, 6], [7]], None, lengths=[1, 3], width=4, batch=2, capacity=8, first_row=2)
+    assert chain.positions.tolist() == [[1, 2, 3, 1], [3, 3, 3, 3]] and chain.rows[:, 0].tolist() == [2, 3]
+    assert chain.mask[0, 0, :3, :4].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="slots"):
+        batch_inputs([[1]], None, lengths=[15], width=2, batch=1, capacity=16)
+
+
+def test_ancestor_closure_matches_tree_ancestor_mask():
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 33):
+        parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]
+        got = ancestor_closure(torch.tensor([parents]))[0]
+        assert torch.equal(got, ancestor_mask(torch.tensor(parents)))
+
+
+def _reference_writes(storage: torch.Tensor, rows, slots, keys, values, layer: int) -> None:
+    for i in range(rows.shape[0]):
+        for j in range(rows.shape[1]):
+            storage[layer, 0, rows[i, j], :, slots[i, j]] = keys[i, :, j]
+            storage[layer, 1, rows[i, j], :, slots[i, j]] = values[i, :, j]
+
+
+def test_cache_writes_compaction_and_row_moves_against_brute_force():
+    gen = torch.Generator().manual_seed(3)
+    cache = BatchKVCache(num_layers=2, rows=4, capacity=8, device=torch.device("cpu"))
+    ref = torch.zeros(2, 2, 4, 2, 8, 3)
+    cache.add_rows(3)
+    rows = torch.tensor([[0, 0, 0], [1, 1, 1], [2, 2, 2]])
+    slots = torch.tensor([[0, 1, 2], [4, 5, 6], [1, 2, 3]])
+    cache.write_rows, cache.write_slots, cache.window = rows, slots, (0, 3)
+    for layer in range(2):
+        k, v = torch.randn(3, 2, 3, 3, generator=gen), torch.randn(3, 2, 3, 3, generator=gen)
+        keys, values = cache.layers[layer].update(k, v)
+        assert keys.shape == (3, 2, 8, 3)  # the window's rows, every slot
+        _reference_writes(ref, rows, slots, k, v, layer)
+    assert torch.equal(cache.storage, ref)
+    # Row 0 keeps nodes 0, 2 after 0 committed; row 1 keeps 1, 2 after 4; row 2 keeps 0, 1.
+    cache.compact([RowCompaction(0, 0, (0, 2)), RowCompaction(1, 4, (1, 2)), RowCompaction(2, 1, (0, 1))])
+    for row, committed, keep in ((0, 0, (0, 2)), (1, 4, (1, 2)), (2, 1, (0, 1))):
+        moved = ref[:, :, row, :, [committed + k for k in keep]].clone()
+        ref[:, :, row, :, committed : committed + len(keep)] = moved
+    assert cache.lengths[:3] == [2, 6, 3]
+    assert torch.equal(cache.storage, ref)
+    # Row 0 leaves: row 2 (the last) moves into it; a new session then gets row 2, empty.
+    assert cache.remove_row(0) == 2 and cache.in_use == 2 and cache.lengths[:3] == [3, 6, 0]
+    assert torch.equal(cache.storage[:, :, 0, :, :3], ref[:, :, 2, :, :3])
+    assert cache.add_rows(1) == range(2, 3) and cache.lengths[2] == 0
+    cache.reserve(20)
+    assert cache.capacity == 32 and torch.equal(cache.storage[:, :, 1, :, :8], ref[:, :, 1])
+    with pytest.raises(ValueError, match="rows"):
+        cache.add_rows(2)
+
+
+def test_rerank_rows_equals_rerank_per_row():
+    gen = torch.Generator().manual_seed(7)
+    b, k, depth = 5, 3, 4
+    parents, dep = [-1], [0]
+    frontier = [0]
+    for level in range(1, depth + 1):  # the dynamic pool's shape: k, then k * k per level
+        new = [p for p in frontier for _ in range(k)]
+        parents += new
+        dep += [level] * len(new)
+        frontier = list(range(len(parents) - k, len(parents)))
+    n = len(parents)
+    par = torch.tensor(parents).expand(b, n)
+    tokens = torch.randint(0, 50, (b, n), generator=gen)
+    # Path scores decrease down each path; rows 3 and 4 tie on purpose.
+    step = -torch.rand(b, n, generator=gen)
+    step[3:] = -0.5
+    sc = torch.zeros(b, n)
+    for i in range(1, n):
+        sc[:, i] = sc[:, parents[i]] + step[:, i]
+    for total in (1, 9, n - 1, None):
+        got = rerank_rows(tokens, par, sc, torch.tensor(dep), total)
+        for r in range(b):
+            pool = CandidatePool(tokens[r].tolist(), parents, sc[r].tolist())
+            want = rerank(pool, total if total is not None else n)
+            assert got[r].tokens.tolist() == want.tokens.tolist()
+            assert got[r].parents.tolist() == want.parents.tolist()
+            assert torch.allclose(got[r].logprobs, want.logprobs)
+
+
+def test_accept_sampled_equals_the_verify_session():
+    target = tiny_target("eagle3")
+    params = SamplingParams(temperature=0.9, seed=4)
+    tree = DraftTree(torch.tensor([3, 4, 5, 6, 7, 8]), torch.tensor([-1, 0, 0, 1, 1, 2]), torch.zeros(6))
+    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(1)) * 3
+    session = VerifySession(target, params, StopCriteria(8), [1, 2, 3])
+    for committed in (3, 10, 11, 40):
+        assert accept_sampled(tree, logits, committed, params) == session._accept_sampled(tree, logits, committed)
+
+
+def test_generate_many_refuses_bad_settings(pair):
+    target, head = pair
+    engine = BatchEngine(target, None, TREE)
+    with pytest.raises(InputError, match="draft head"):
+        engine.generate_many([[1]], SamplingParams(), StopCriteria(4), "eagle")
+    with pytest.raises(InputError, match="concurrency"):
+        engine.generate_many([[1]], SamplingParams(), StopCriteria(4), "vanilla", concurrency=0)
+    with pytest.raises(InputError, match="2 sampling settings for 1 prompts"):
+        engine.generate_many([[1]], [SamplingParams()] * 2, StopCriteria(4), "vanilla")
+    assert engine.generate_many([], SamplingParams(), StopCriteria(4), "vanilla").results == []
+
+
+def test_bench_batch_reports_every_mode_and_concurrency(pair):
+    from aerie.bench.batch import BatchBenchSetup, format_batch_table, run_bench_batch
+
+    target, head = pair
+    setup = BatchBenchSetup(target, head, TREE, BATCH_PROMPTS[:5], [f"p{i}" for i in range(5)], frozenset(), "tiny")
+    result = run_bench_batch(setup, ["eagle", "vanilla", "eagle-d2-k2-n3"], [1, 4], 10, SamplingParams(), "cpu")
+    runs = [(r["mode"], r["concurrency"]) for r in result["runs"]]
+    assert runs == [("vanilla", 1), ("vanilla", 4), ("eagle", 1), ("eagle", 4), ("eagle-d2-k2-n3", 1),
+                    ("eagle-d2-k2-n3", 4)]
+    assert all(r["new_tokens"] == 50 and r["tokens_per_s"] > 0 for r in result["runs"])
+    assert result["summary"]["all_identical"] is True
+    assert set(result["summary"]["eagle_vs_vanilla"]) == {"1", "4"}
+    assert "| eagle | 4 |" in format_batch_table(result)
+    with pytest.raises(InputError, match="bench-batch mode"):
+        run_bench_batch(setup, ["eagle-x"], [1], 4, SamplingParams(), "cpu")
