@@ -98,14 +98,14 @@ class VerifySession:
             self.done = bool(set(self.resume_tokens) & self.stop.stop_token_ids)
             return out.features, self.generated[-1]
         out = self.target.forward(self.cache, torch.tensor(self.prompt_ids))
-        token = self._sample(out.logits[-1], position=len(self.prompt_ids))
+        token = sample_token(out.logits[-1], len(self.prompt_ids), self.params)
         self.generated, self.done = self.stop.cut(0, [token])
         return out.features, token
 
     def step_plain(self) -> int:
         """Plain decoding: feed the pending token, sample the next one."""
         out = self.target.forward(self.cache, torch.tensor(self.generated[-1:]))
-        token = self._sample(out.logits[-1], position=self.committed)
+        token = sample_token(out.logits[-1], self.committed, self.params)
         kept, self.done = self.stop.cut(len(self.generated), [token])
         self.generated += kept
         return token
@@ -122,7 +122,7 @@ class VerifySession:
             acc = accept_greedy(tree.tokens, tree.parents, out.logits.argmax(-1))
             path, bonus = acc.path, acc.bonus_token
         else:
-            path, bonus = self._accept_sampled(tree, out.logits, committed)
+            path, bonus = accept_sampled(tree, out.logits, committed, self.params)
         self.target.compact(self.cache, committed, path)
         proposed = tree.tokens[path[1:]].tolist() + [bonus]
         kept, self.done = self.stop.cut(len(self.generated), proposed)
@@ -130,23 +130,29 @@ class VerifySession:
         features = out.features[pinned_tensor(path).to(out.features.device, non_blocking=True)]
         return RoundResult(new_tokens=kept, features=features, accepted_draft=len(path) - 1, done=self.done)
 
-    def _accept_sampled(self, tree: DraftTree, logits: torch.Tensor, committed: int) -> tuple[list[int], int]:
-        # Node c at depth d is the rank-th candidate for position committed + d; that
-        # position's random numbers decide its test (see sampling.position_uniforms).
-        parents = tree.parents.tolist()
-        depth, rank, width = [0] * len(parents), [0] * len(parents), [0] * len(parents)
-        for c in range(1, len(parents)):
-            depth[c] = depth[parents[c]] + 1
-            rank[c] = width[parents[c]]
-            width[parents[c]] += 1
-        draws = [position_uniforms(self.params.seed, committed + d + 1, max(width)) for d in range(max(depth) + 1)]
-        sibling_u = [0.0] + [draws[depth[c] - 1][1][rank[c]] for c in range(1, len(parents))]
-        bonus_u = [token_u for token_u, _ in draws]
-        acc = accept_sampled_path(tree.tokens, tree.parents, warp_probs(logits, self.params), sibling_u, bonus_u)
-        return acc.path, acc.bonus_token
 
-    def _sample(self, logits: torch.Tensor, position: int) -> int:
-        if self.params.greedy:
-            return int(logits.argmax())
-        token_u, _ = position_uniforms(self.params.seed, position, 0)
-        return int(sample_from(warp_probs(logits, self.params), torch.tensor(token_u)))
+def sample_token(logits: torch.Tensor, position: int, params: SamplingParams) -> int:
+    """The token at `position`, drawn from `logits` with that position's random number."""
+    if params.greedy:
+        return int(logits.argmax())
+    token_u, _ = position_uniforms(params.seed, position, 0)
+    return int(sample_from(warp_probs(logits, params), torch.tensor(token_u)))
+
+
+def accept_sampled(tree: DraftTree, logits: torch.Tensor, committed: int, params: SamplingParams) -> tuple[list[int], int]:
+    """Sampled acceptance of a tree verified after `committed` tokens: (path, bonus token).
+
+    Node c at depth d is the rank-th candidate for position committed + d; that position's
+    random numbers decide its test (see sampling.position_uniforms), so the same tree gets the
+    same decisions wherever it is verified, alone or in a batch."""
+    parents = tree.parents.tolist()
+    depth, rank, width = [0] * len(parents), [0] * len(parents), [0] * len(parents)
+    for c in range(1, len(parents)):
+        depth[c] = depth[parents[c]] + 1
+        rank[c] = width[parents[c]]
+        width[parents[c]] += 1
+    draws = [position_uniforms(params.seed, committed + d + 1, max(width)) for d in range(max(depth) + 1)]
+    sibling_u = [0.0] + [draws[depth[c] - 1][1][rank[c]] for c in range(1, len(parents))]
+    bonus_u = [token_u for token_u, _ in draws]
+    acc = accept_sampled_path(tree.tokens, tree.parents, warp_probs(logits, params), sibling_u, bonus_u)
+    return acc.path, acc.bonus_token

@@ -142,6 +142,37 @@ def test_host_walk_takes_the_same_decisions_as_the_vectorised_walk(seed):
     assert len(paths) >= 4  # the draws reach several branches, not one path
 
 
+def test_each_position_decides_its_own_candidates():
+    """accept_sampled hands each node the random numbers of its own sequence position (its
+    rank among its siblings), as a reference built with the vectorised walk does."""
+    from aerie.sampling import position_uniforms
+    from aerie.tree import DraftTree
+    from aerie.verifier import accept_sampled
+
+    params = SamplingParams(temperature=0.9, seed=4)
+    tokens, parents = torch.tensor(TOKENS), torch.tensor(PARENTS)
+    tree = DraftTree(tokens, parents, torch.zeros(len(TOKENS)))
+    logits = torch.randn(len(TOKENS), V, generator=torch.Generator().manual_seed(1)) * 2
+    depths, children = node_depths(parents), children_table(parents)
+    outcomes = set()
+    for committed in range(3, 60):
+        sibling_u = torch.zeros(1, len(TOKENS), dtype=torch.float64)
+        bonus_u = torch.zeros(1, int(depths.max()) + 1, dtype=torch.float64)
+        for d in range(int(depths.max()) + 1):
+            token_u, sib = position_uniforms(params.seed, committed + d + 1, children.shape[1])
+            bonus_u[0, d] = token_u
+            for parent in (depths == d).nonzero().flatten().tolist():
+                for rank, child in enumerate(children[parent].tolist()):
+                    if child >= 0:
+                        sibling_u[0, child] = sib[rank]
+        accepted, _, bonus = accept_sampling(tokens, parents, warp_probs(logits, params), sibling_u, bonus_u)
+        want = (torch.nonzero(accepted[0]).flatten().tolist(), int(bonus[0]))
+        got = accept_sampled(tree, logits, committed, params)
+        assert got == want
+        outcomes.add(tuple(got[0]))
+    assert len(outcomes) >= 3
+
+
 def test_sampled_proposals_recover_target():
     """With children drawn i.i.d. from a draft q, the residual rule max(p - q, 0) applies."""
     gen = torch.Generator().manual_seed(7)

@@ -13,12 +13,12 @@ from aerie.batch.cache import BatchKVCache, RowCompaction
 from aerie.batch.draft import rerank_rows
 from aerie.batch.engine import BatchConfig, BatchEngine
 from aerie.batch.inputs import ancestor_closure, batch_inputs
-from aerie.batch.verify import BatchVerifier, NewSession, accept_sampled
+from aerie.batch.verify import BatchVerifier, NewSession
 from aerie.engine import Engine
 from aerie.errors import InputError
 from aerie.sampling import SamplingParams
 from aerie.tree import CandidatePool, DraftTree, TreeConfig, ancestor_mask, node_depths, rerank
-from aerie.verifier import StopCriteria, VerifySession
+from aerie.verifier import StopCriteria
 from tests.test_engine import PROMPTS, OracleDrafter
 from tests.tiny import tiny_head, tiny_target
 
@@ -256,16 +256,6 @@ def test_rerank_rows_equals_rerank_per_row():
             assert got[r].tokens.tolist() == want.tokens.tolist()
             assert got[r].parents.tolist() == want.parents.tolist()
             assert torch.allclose(got[r].logprobs, want.logprobs)
-
-
-def test_accept_sampled_equals_the_verify_session():
-    target = tiny_target("eagle3")
-    params = SamplingParams(temperature=0.9, seed=4)
-    tree = DraftTree(torch.tensor([3, 4, 5, 6, 7, 8]), torch.tensor([-1, 0, 0, 1, 1, 2]), torch.zeros(6))
-    logits = torch.randn(6, 64, generator=torch.Generator().manual_seed(1)) * 3
-    session = VerifySession(target, params, StopCriteria(8), [1, 2, 3])
-    for committed in (3, 10, 11, 40):
-        assert accept_sampled(tree, logits, committed, params) == session._accept_sampled(tree, logits, committed)
 
 
 def test_generate_many_refuses_bad_settings(pair):

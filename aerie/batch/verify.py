@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aerie.accept import accept_greedy, accept_sampling, path_from_mask
+from aerie.accept import accept_greedy
 from aerie.batch.cache import BatchKVCache, RowCompaction
 from aerie.batch.inputs import ForwardInputs, batch_inputs
 from aerie.errors import InputError
 from aerie.graphs import bucket_for
-from aerie.sampling import SamplingParams, position_uniforms, sample_from, warp_probs
+from aerie.sampling import SamplingParams
 from aerie.target import Target
-from aerie.tree import DraftTree, children_table, node_depths, validate_tree
-from aerie.verifier import RoundResult, StopCriteria
+from aerie.tree import DraftTree, validate_tree
+from aerie.verifier import RoundResult, StopCriteria, accept_sampled, sample_token
 
 
 @dataclass(frozen=True)
@@ -47,33 +47,6 @@ class Prefilled:
     features: torch.Tensor  # [prompt length, F]: the target's features of the prompt
     token: int  # the first generated token (pending: not yet in the cache)
     done: bool
-
-
-def sample_token(logits: torch.Tensor, position: int, params: SamplingParams) -> int:
-    """The token at `position` drawn from `logits`, as VerifySession._sample draws it."""
-    if params.greedy:
-        return int(logits.argmax())
-    token_u, _ = position_uniforms(params.seed, position, 0)
-    return int(sample_from(warp_probs(logits, params), torch.tensor(token_u)))
-
-
-def accept_sampled(tree: DraftTree, logits: torch.Tensor, committed: int, params: SamplingParams) -> tuple[list[int], int]:
-    """Sampled acceptance of one session's tree with the random numbers of its positions,
-    exactly as VerifySession._accept_sampled (a test holds them equal)."""
-    depths = node_depths(tree.parents)
-    children = children_table(tree.parents)
-    n, depth_max = len(tree), int(depths.max())
-    sibling_u = torch.zeros(1, n, dtype=torch.float64)
-    bonus_u = torch.zeros(1, depth_max + 1, dtype=torch.float64)
-    for d in range(depth_max + 1):
-        token_u, sib = position_uniforms(params.seed, committed + d + 1, children.shape[1])
-        bonus_u[0, d] = token_u
-        for parent in (depths == d).nonzero().flatten().tolist():
-            for rank, child in enumerate(children[parent].tolist()):
-                if child >= 0:
-                    sibling_u[0, child] = sib[rank]
-    accepted, _, bonus = accept_sampling(tree.tokens, tree.parents, warp_probs(logits, params), sibling_u, bonus_u)
-    return path_from_mask(accepted[0]), int(bonus[0])
 
 
 class BatchVerifier:
