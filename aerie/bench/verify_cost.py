@@ -113,7 +113,7 @@ def replay_ms(cache, key, repeats: int = 50) -> float | None:
 
 
 # Kernel names by what they compute, for the breakdown of one forward.
-_KERNEL_KINDS = (("matmul", ("gemm", "gemv", "cutlass", "xmma", "cublas", "splitk")),
+_KERNEL_KINDS = (("matmul", ("gemm", "gemv", "cutlass", "xmma", "cublas", "splitk", "nvjet")),
                  ("attention", ("flash", "fmha", "attention", "efficient")))
 
 
