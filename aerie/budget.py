@@ -13,7 +13,8 @@ prompts (code is easier to guess than prose). So both sides are measured while s
   under sampling it is the same estimate, with the path the sampler chose.
 - cost: the measured verify time of each tree-size bucket (the verifier runs padded buckets,
   so cost is a step function of size) and the measured draft time per depth, plus the round
-  trip for a networked verifier. Sizes not yet measured are visited once during warm-up.
+  trip for a networked verifier. Sizes not yet measured are visited during warm-up; the first round at any size or depth
+  captures its CUDA graphs and is not taken as a measurement.
 
 The choice is then the candidate (N, d) with the largest (E[accepted(N, d)] + 1) / cost.
 """
@@ -80,17 +81,25 @@ class CostModel:
     draft_ms: dict[int, float] = field(default_factory=dict)
     rtt_ms: float = 0.0
     smoothing: float = 0.2  # weight of a new measurement in the running means
+    # Buckets and depths run once: their first round captured CUDA graphs (tens of ms), so
+    # it is not a measurement. Recorded, a size would look too dear ever to be tried again.
+    _seen: set = field(default_factory=set)
 
     def observe(self, bucket: int, depth: int, verify_ms: float, draft_ms: float, rtt_ms: float = 0.0) -> None:
-        self.verify_ms[bucket] = _ema(self.verify_ms.get(bucket), verify_ms, self.smoothing)
-        self.draft_ms[depth] = _ema(self.draft_ms.get(depth), draft_ms, self.smoothing)
+        if ("verify", bucket) in self._seen:
+            self.verify_ms[bucket] = _ema(self.verify_ms.get(bucket), verify_ms, self.smoothing)
+        if ("draft", depth) in self._seen:
+            self.draft_ms[depth] = _ema(self.draft_ms.get(depth), draft_ms, self.smoothing)
+        self._seen |= {("verify", bucket), ("draft", depth)}
         self.rtt_ms = _ema(self.rtt_ms or None, rtt_ms, self.smoothing)
 
     def draft(self, depth: int) -> float:
-        """Measured, or scaled from the nearest measured depth: a round runs one head
-        forward to commit and one per level below the first."""
+        """Measured, or scaled from the nearest measured depth (0 before any): a round runs
+        one head forward to commit and one per level below the first."""
         if depth in self.draft_ms:
             return self.draft_ms[depth]
+        if not self.draft_ms:
+            return 0.0
         near = min(self.draft_ms, key=lambda d: abs(d - depth))
         return self.draft_ms[near] * depth / near
 
@@ -121,7 +130,8 @@ class TreeBudget:
         self.rounds = 0
         # Tree sizes that fill a verify bucket exactly (root included), up to the largest.
         self.sizes = sorted({min(b, largest.total_tokens + 1) - 1 for b in _powers(2, largest_graph)} - {0})
-        self._warmup = [s for s in self.sizes if s != largest.total_tokens]
+        # Each size twice: its first round captures graphs and does not count (CostModel).
+        self._warmup = [s for s in self.sizes if s != largest.total_tokens] * 2
 
     def next_tree(self) -> TreeConfig:
         self.rounds += 1

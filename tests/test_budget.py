@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from aerie.budget import ExploredRound, TreeBudget, accepted_if, path_nodes
+from aerie.budget import CostModel, ExploredRound, TreeBudget, accepted_if, path_nodes
 from aerie.engine import Engine
 from aerie.sampling import SamplingParams
 from aerie.target import StaticKV, Target
@@ -158,3 +158,21 @@ def test_running_means_follow_the_window():
     for n, d in ((1, 1), (7, 3), (63, DEPTH)):
         direct = sum(accepted_if(r, n, d) for r in budget.log) / 3
         assert budget.expected_accepted(n, d) == pytest.approx(direct)
+
+
+def test_graph_capture_rounds_do_not_count_as_costs():
+    """The first round at each size and depth captures graphs and is far slower: the choice
+    must still be the brute-force best of the steady costs, and every size stays eligible."""
+    verify = lambda tokens: 4.0 + 0.02 * tokens  # noqa: E731
+    budget = synthetic_budget(verify, draft_ms_per_level=0.3)
+    steady = budget.choice()
+    budget.costs = CostModel()
+    captured = set()
+    for bucket in (2, 4, 8, 16, 32, 64):
+        for depth in range(1, DEPTH + 1):
+            verify_ms = verify(bucket) * (1.0 if ("verify", bucket) in captured else 50.0)
+            draft_ms = 0.3 * depth * (1.0 if ("draft", depth) in captured else 50.0)
+            captured |= {("verify", bucket), ("draft", depth)}
+            budget.costs.observe(bucket, depth, verify_ms, draft_ms)
+    assert budget.choice() == steady
+    assert budget.costs.verify_ms[2] == pytest.approx(verify(2)) and budget.costs.draft_ms[1] == pytest.approx(0.3)
