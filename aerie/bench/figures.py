@@ -1,5 +1,6 @@
 """Plots and tables from a GPU benchmark run (`scripts/gpu_bench.sh`): tokens/s per mode,
-the verify cost curve against the bandwidth floor, and the histogram of accepted lengths.
+the verify cost curve against the bandwidth floor, the histogram of accepted lengths and the
+tree-budget sweep.
 
     python -m aerie.bench.figures RUN_DIR OUT_DIR
 
@@ -88,8 +89,10 @@ def plot_all(run: Path, out: Path) -> list[Path]:
         axes = axes if len(shapes) > 1 else [axes]
         for ax, s in zip(axes, shapes):
             sizes = [p["tree_size"] for p in s["curve"]]
-            ax.plot(sizes, [p["ms_median"] for p in s["curve"]], "o-", label="verify forward (graph)")
+            ax.plot(sizes, [p["ms_median"] for p in s["curve"]], "o-", label="verify call (host work included)")
             ax.fill_between(sizes, [p["ms_p10"] for p in s["curve"]], [p["ms_p90"] for p in s["curve"]], alpha=0.2)
+            if s["curve"][0].get("device_ms") is not None:
+                ax.plot(sizes, [p["device_ms"] for p in s["curve"]], "s-", label="graph replay alone (device)")
             ax.axhline(s["bandwidth_floor_ms"], color="r", ls="--", label="weights / copy bandwidth")
             ax.set_xscale("log", base=2)
             ax.set_ylim(bottom=0)
@@ -99,6 +102,18 @@ def plot_all(run: Path, out: Path) -> list[Path]:
             ax.legend(fontsize=7)
         fig.suptitle(f"Verify cost against tree size - {cost['machine'].get('gpu', '')}", fontsize=9)
         written.append(_save(fig, out / "gpu_verify_cost.png"))
+
+    sweep = load(run, "budget_sweep")
+    if sweep:
+        rates = sweep["summary"]["tokens_per_s"]
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        ax.barh(list(rates), list(rates.values()), color=["#c05621" if m == "eagle-auto" else "#2b6cb0" for m in rates])
+        for i, v in enumerate(rates.values()):
+            ax.text(v, i, f" {v:.0f}", va="center", fontsize=8)
+        ax.set_xlabel("tokens/s")
+        ax.set_title(f"Tree budget, MT-bench first {sweep['config']['prompts']} - "
+                     f"{sweep['machine'].get('gpu', sweep['machine']['cpu'])}", fontsize=9)
+        written.append(_save(fig, out / "gpu_budget_sweep.png"))
     return written
 
 
