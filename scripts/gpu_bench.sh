@@ -2,12 +2,14 @@
 # The GPU benchmark, in one go on one GPU, most important first (each step writes its own
 # JSON under RUN_DIR, so an interrupted run keeps what it finished):
 #   1. MT-bench, T=0, bf16: eagle, vanilla (ours: static cache + CUDA graphs) and hf-static
-#   2. the tau report of the shipped heads (EAGLE-1 vs EAGLE-3, T=0 and T=1, chain vs tree)
-#   3. the verify cost curve (SmolLM2 and a Llama-3-8B shape) and the bandwidth floor
-#   4. a short run with hf-dynamic beside eagle and vanilla (hf-dynamic is slow)
-#   5. the tree-budget sweep: fixed trees against eagle-auto, side by side
-#   6. the networked split against in-process
-#   7. HumanEval and MT-bench at T=1; a float32 losslessness check
+#   2. a torch profiler trace of one generation per mode, with kernels per round
+#   3. the tau report of the shipped heads (EAGLE-1 vs EAGLE-3, T=0 and T=1, chain vs tree)
+#   4. the verify cost curve (SmolLM2 and a Llama-3-8B shape) and the bandwidth floor
+#   5. a short run with hf-dynamic beside eagle and vanilla (hf-dynamic is slow)
+#   6. the tree-budget sweep: fixed trees against eagle-auto, side by side
+#   7. batched verification: 1 to 64 concurrent sessions, eagle against plain batched decoding
+#   8. the networked split against in-process
+#   9. HumanEval and MT-bench at T=1; a float32 losslessness check
 #
 #   scripts/gpu_bench.sh RUN_DIR DATA_DIR
 #
@@ -35,6 +37,9 @@ if ! aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" --modes eagle,vanilla
     gpu+=(--kv-cache dynamic)
 fi
 
+stamp "profile"
+aerie profile --prompts "$mt" --device cuda --dtype bfloat16 --max-new-tokens 128 --out "$run/profile"
+
 stamp "tau report"
 aerie train report --device cuda --head eagle3=heads/smollm2-135m-eagle3 --head eagle1=heads/smollm2-135m-eagle1 \
     --prompts "mt_bench=$mt" --prompts "humaneval=$he" --limit "${REPORT_LIMIT:-40}" --max-new-tokens "$tokens" \
@@ -52,6 +57,12 @@ for depth in 5 8; do
     for nodes in 15 31 63 127; do sweep+=",eagle-d$depth-k10-n$nodes"; done
 done
 aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-10}" "${gpu[@]}" --modes "$sweep" --out "$run/budget_sweep.json"
+
+stamp "batched verification"
+aerie bench-batch --prompts "$mt" --limit 64 --concurrency 1,4,16,64 --modes eagle,vanilla,eagle-d4-k8-n15 \
+    --device cuda --dtype bfloat16 --max-new-tokens 128 --out "$run/batch_demo.json"
+aerie bench-batch --prompts "$mt" --limit 16 --concurrency 1,4,16 --modes eagle,vanilla --shape llama-8b \
+    --device cuda --dtype bfloat16 --max-new-tokens 64 --out "$run/batch_8b.json"
 
 stamp "networked"
 aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-10}" "${gpu[@]}" --modes eagle,networked --out "$run/networked.json"
