@@ -525,3 +525,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(cli_dirs, tmp_path, capsys):
     for args, needle in cases:
         assert cli(*args) == 2, args
         one_line_error(capsys, needle)
+
+
+def test_report_grid_puts_every_prompt_sets_headline_cells_first():
+    from aerie.train.report import report_cells
+    from aerie.tree import TreeConfig
+
+    cells = report_cells({"e3": "h3", "e1": "h1"}, ["mt", "he"], TreeConfig(depth=4), 16)
+    names = [c.name for c in cells]
+    assert names[:4] == ["e3/mt/T0/dynamic", "e3/he/T0/dynamic", "e1/mt/T0/dynamic", "e1/he/T0/dynamic"]
+    assert names[4:6] == ["e3/mt/T0/chain", "e3/he/T0/chain"]
+    assert len(names) == len(set(names)) == 10

@@ -18,8 +18,9 @@ from aerie.tree import TreeConfig
 
 
 def report_cells(heads: dict[str, str], prompt_sets: list[str], tree: TreeConfig, max_new_tokens: int) -> list[EvalCell]:
-    """The grid, one prompt set after the other, each headline first: every head at T=0,
-    then the first head with a chain of the same depth, then every head at T=1."""
+    """The grid, headline cells first across every prompt set: every head at T=0, then the
+    first head with a chain of the same depth, then every head at T=1. A time limit then
+    cuts the least important cells of every set, not a whole set."""
     chain = TreeConfig.chain(tree.depth)
     cells: list[EvalCell] = []
 
@@ -28,11 +29,13 @@ def report_cells(heads: dict[str, str], prompt_sets: list[str], tree: TreeConfig
         cells.append(EvalCell(name, heads[head], prompts, temperature, shape, max_new_tokens))
 
     names = list(heads)
-    for prompts in prompt_sets:
-        for head in names:
+    for head in names:
+        for prompts in prompt_sets:
             add(head, prompts, 0.0, tree)
+    for prompts in prompt_sets:
         add(names[0], prompts, 0.0, chain)
-        for head in names:
+    for head in names:
+        for prompts in prompt_sets:
             add(head, prompts, 1.0, tree)
     return cells
 
