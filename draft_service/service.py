@@ -28,6 +28,7 @@ from aerie.sampling import SamplingParams
 from aerie.tree import TreeConfig
 from aerie_rpc import wire
 from aerie_rpc.config import service_main
+from aerie_rpc.deadlines import Deadlines
 from aerie_rpc.server import ServiceHost, channel
 from aerie_rpc.status import Exhausted, ServiceError, Unavailable, rpc_code, rpc_details, status_of
 from aerie_rpc.telemetry import extract_grpc, inject, metadata, setup_tracing, tracer
@@ -135,6 +136,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.admission = Admission(config.max_sessions, config.max_tokens)
         self.compute = threading.Lock()
         self.draining = threading.Event()
+        self.deadlines = Deadlines("drafter-round-timeouts")
 
     def drain(self) -> None:
         self.draining.set()
@@ -302,10 +304,8 @@ class _Run:
             fired.set()
             self.call.cancel()
 
-        timer = threading.Timer(self.config.round_timeout_s, expire)
-        timer.daemon = True
         self.requests.put(req)
-        timer.start()
+        timer = self.owner.deadlines.schedule(self.config.round_timeout_s, expire)
         try:
             return next(self.call)
         except StopIteration:

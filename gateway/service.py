@@ -34,6 +34,7 @@ from opentelemetry.trace import SpanKind
 from aerie.errors import InputError
 from aerie.sampling import SamplingParams
 from aerie_rpc.config import service_main
+from aerie_rpc.deadlines import Deadline, Deadlines
 from aerie_rpc.server import ServiceHost, channel
 from aerie_rpc.status import (
     Conflict,
@@ -152,10 +153,11 @@ class DrafterPool:
 class _Watchdog:
     """Cancels a call that stays silent longer than its current timeout."""
 
-    def __init__(self, call, timeout_s: float):
+    def __init__(self, deadlines: Deadlines, call, timeout_s: float):
+        self.deadlines = deadlines
         self.call = call
         self.fired = False
-        self._timer: threading.Timer | None = None
+        self._pending: Deadline | None = None
         self.reset(timeout_s)
 
     def _fire(self) -> None:
@@ -164,13 +166,11 @@ class _Watchdog:
 
     def reset(self, timeout_s: float) -> None:
         self.stop()
-        self._timer = threading.Timer(timeout_s, self._fire)
-        self._timer.daemon = True
-        self._timer.start()
+        self._pending = self.deadlines.schedule(timeout_s, self._fire)
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._pending is not None:
+            self._pending.cancel()
 
 
 @dataclass
@@ -191,6 +191,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.instance = f"gw-{uuid.uuid4().hex[:12]}"
         self.pool = DrafterPool(config.draft, config.drafter_cooldown_s, load_tls(config))
         self.draining = threading.Event()
+        self.deadlines = Deadlines("gateway-watchdog")
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self.metrics.watch_active(lambda: len(self._active))
@@ -495,7 +496,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 active.call = call
                 if active.cancelled.is_set():
                     call.cancel()
-                watchdog = _Watchdog(call, cfg.first_event_timeout_s)
+                watchdog = _Watchdog(self.deadlines, call, cfg.first_event_timeout_s)
                 round_done = False
                 try:
                     for ev in call:
