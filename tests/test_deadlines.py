@@ -50,3 +50,23 @@ def test_a_failing_callback_does_not_stop_the_others():
     deadlines.schedule(0.01, lambda: 1 / 0)
     deadlines.schedule(0.02, fired.set)
     assert fired.wait(5.0)
+
+
+def test_gateway_watchdog_cancels_a_silent_call_and_each_event_rearms_it():
+    from gateway.service import _Watchdog
+
+    class Call:
+        cancelled = 0
+
+        def cancel(self):
+            self.cancelled += 1
+
+    deadlines, call = Deadlines(), Call()
+    watchdog = _Watchdog(deadlines, call, timeout_s=0.3)
+    for _ in range(5):  # events keep arriving in time: it never fires
+        time.sleep(0.1)
+        watchdog.reset(0.3)
+    assert not watchdog.fired and call.cancelled == 0
+    assert wait_for(lambda: watchdog.fired)  # then silence
+    assert call.cancelled == 1
+    watchdog.stop()
