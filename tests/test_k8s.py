@@ -210,6 +210,10 @@ def test_services_accept_their_arguments_and_settings(rendered, monkeypatch):
         service = container["args"][1]
         config = from_args(configs[service], args)
         assert config.listen == container["args"][-1]
+        # Each open stream holds a server thread for its whole life: with fewer threads than
+        # sessions, the streams past the thread count would wait in a queue.
+        if hasattr(config, "max_sessions"):
+            assert config.workers >= config.max_sessions, f"{name}: {config.workers} workers for {config.max_sessions} sessions"
 
 
 def test_pools_list_exactly_the_pods_that_exist(rendered):
