@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,16 @@ from aerie.models import eos_token_ids, is_demo_model, load_causal_lm, parse_dty
 from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers
 from aerie.tree import TreeConfig
 
-SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "heads"
+
+def shipped_heads() -> Path:
+    """The shipped draft heads: `heads/` beside the package in a checkout or an editable
+    install, else where a wheel installs them (<prefix>/share/aerie/heads)."""
+    beside = Path(__file__).resolve().parent.parent / "heads"
+    installed = Path(sys.prefix) / "share" / "aerie" / "heads"
+    return installed if not beside.is_dir() and installed.is_dir() else beside
+
+
+SHIPPED_HEADS = shipped_heads()
 # The shipped head with the higher measured tau on the demo target (heads/README.md).
 DEMO_HEAD = SHIPPED_HEADS / "smollm2-135m-eagle1"
 

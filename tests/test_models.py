@@ -112,3 +112,32 @@ def test_demo_model_loads_and_answers(demo_model_dir):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_a_wheel_install_carries_the_shipped_heads(tmp_path):
+    """`pip install .` (not editable) has no checkout beside the package: the heads travel in
+    the wheel's data and `aerie.stack` finds them under the environment's prefix."""
+    import subprocess
+    import sysconfig
+    import venv
+
+    pytest.importorskip("setuptools")  # the wheel is built without fetching a build backend
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(root)], check=True, capture_output=True, timeout=600)
+    env = tmp_path / "env"
+    venv.create(env, with_pip=False)
+    python = env / "bin" / "python"
+    # torch and the rest come from this environment, after the new one's own packages.
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    (Path(purelib) / "parent.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    wheel = next((tmp_path / "dist").glob("aerie-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    out = subprocess.run([str(python), "-c", "import aerie.stack as s; print(s.__file__); print(s.DEMO_HEAD)"],
+                         check=True, capture_output=True, text=True, cwd=tmp_path, timeout=120).stdout.split()
+    module, head = Path(out[0]), Path(out[1])
+    assert str(module).startswith(str(env)), "the wheel's package, not the checkout, was imported"
+    assert head == env / "share" / "aerie" / "heads" / "smollm2-135m-eagle1"
+    assert (head / "config.json").is_file() and (head / "model.safetensors").is_file()
