@@ -8,41 +8,10 @@ and resumed from any round boundary, identically.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from aerie.errors import InputError
-
-# Splits the seed space so that (seed, position) pairs never collide for realistic lengths.
-_POSITION_STRIDE = 1_000_003
-# The largest seed whose per-position generator seeds stay within int64.
-MAX_SEED = (2**63 - 1) // _POSITION_STRIDE - 1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen. temperature == 0 means greedy (argmax)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no top-k filter
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InputError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0 <= self.seed <= MAX_SEED:
-            raise InputError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+# SamplingParams and MAX_SEED live in aerie.params (no torch there) and are re-exported here.
+from aerie.params import MAX_SEED, POSITION_STRIDE, SamplingParams  # noqa: F401
 
 
 def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -84,7 +53,7 @@ def position_uniforms(seed: int, position: int, siblings: int) -> tuple[float, l
     decoding, or the bonus token), sibling_us[j] decides the rejection test of the j-th draft
     candidate for that position. Drawing token_u first keeps it independent of `siblings`.
     """
-    gen = torch.Generator().manual_seed(seed * _POSITION_STRIDE + position)
+    gen = torch.Generator().manual_seed(seed * POSITION_STRIDE + position)
     token_u = torch.rand((), generator=gen, dtype=torch.float64).item()
     sibling_us = torch.rand(siblings, generator=gen, dtype=torch.float64).tolist() if siblings else []
     return token_u, sibling_us

@@ -11,6 +11,11 @@ import grpc
 
 from aerie.errors import AerieError
 
+# Trailing metadata a drafter sets on a failed generation: which peer was lost (the gateway
+# then retries elsewhere, avoiding it).
+LOST_VERIFIER = "aerie-lost-verifier"
+LOST_DRAFTER = "aerie-lost-drafter"
+
 
 class ServiceError(Exception):
     """An error with the status it should be sent as."""

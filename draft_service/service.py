@@ -30,7 +30,16 @@ from aerie_rpc import wire
 from aerie_rpc.config import service_main
 from aerie_rpc.deadlines import Deadlines
 from aerie_rpc.server import ServiceHost, channel
-from aerie_rpc.status import Exhausted, ServiceError, Unavailable, rpc_code, rpc_details, status_of
+from aerie_rpc.status import (
+    LOST_DRAFTER,
+    LOST_VERIFIER,
+    Exhausted,
+    ServiceError,
+    Unavailable,
+    rpc_code,
+    rpc_details,
+    status_of,
+)
 from aerie_rpc.telemetry import extract_grpc, inject, metadata, setup_tracing, tracer
 from aerie_rpc.tls import TlsSettings, load_tls
 from aerie_rpc.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, verifier_pb2, verifier_pb2_grpc
@@ -38,8 +47,6 @@ from draft_service.config import DraftConfig
 
 log = logging.getLogger("aerie.draft")
 SERVICE_NAME = drafter_pb2.DESCRIPTOR.services_by_name["Drafter"].full_name
-LOST_VERIFIER = "aerie-lost-verifier"
-LOST_DRAFTER = "aerie-lost-drafter"
 # Errors of a verifier call that mean the verifier (not the request) is at fault.
 _PEER_LOST = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
               grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.NOT_FOUND)

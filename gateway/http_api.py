@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from aerie.errors import InputError
-from aerie.sampling import MAX_SEED
+from aerie.params import MAX_SEED
 from aerie_rpc.status import status_of
 from aerie_rpc.telemetry import extract
 from aerie_rpc.v1 import common_pb2, gateway_pb2

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aerie.sampling import MAX_SEED
+from aerie.params import MAX_SEED
 
 MAX_STOP_STRINGS = 4
 

@@ -32,11 +32,13 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from aerie.errors import InputError
-from aerie.sampling import SamplingParams
+from aerie.params import SamplingParams
 from aerie_rpc.config import service_main
 from aerie_rpc.deadlines import Deadline, Deadlines
 from aerie_rpc.server import ServiceHost, channel
 from aerie_rpc.status import (
+    LOST_DRAFTER,
+    LOST_VERIFIER,
     Conflict,
     Exhausted,
     ServiceError,
@@ -50,7 +52,6 @@ from aerie_rpc.status import (
 from aerie_rpc.telemetry import extract_grpc, metadata, setup_tracing, trace_id_hex, tracer
 from aerie_rpc.tls import TlsSettings, load_tls
 from aerie_rpc.v1 import common_pb2, drafter_pb2, drafter_pb2_grpc, gateway_pb2, gateway_pb2_grpc
-from draft_service.service import LOST_DRAFTER, LOST_VERIFIER
 from gateway.auth import ANONYMOUS, ApiKeys, Principal, bearer_token, load_keys
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics, otlp_readers

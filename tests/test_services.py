@@ -979,3 +979,14 @@ def test_released_and_expired_sessions_give_their_kv_caches_back():
     assert table.reap() == 1
     assert (released.closed, expired.closed, kept.closed) == (1, 1, 0)
     assert len(table) == 1 and table.reserved == 10
+
+
+def test_the_gateway_module_loads_without_torch():
+    """Request checks (sampling parameters, limits) and the lost-peer signals are torch-free:
+    only a gateway that tokenizes text needs the model stack."""
+    import subprocess
+    import sys
+
+    code = "import sys, gateway.service, gateway.http_api; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "False"
