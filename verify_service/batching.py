@@ -73,10 +73,6 @@ class SessionBatch:
     def rows(self) -> int:
         return self.verifier.cache.rows
 
-    def __len__(self) -> int:
-        with self.compute:
-            return len(self._rows)
-
     # --- sessions join and leave ---------------------------------------------------------
 
     def join(self, key: str, prompt: Sequence[int], resume: Sequence[int], params: SamplingParams,
