@@ -243,8 +243,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             reserved_id = sid
             t0 = time.perf_counter()
             if self.config.batch_sessions:
-                joined = self._batch(target).join(sid, prompt, resume, params, stop)
-                session = BatchedSession(self._batch(target), sid)
+                batch = self._batch(target)
+                joined = batch.join(sid, prompt, resume, params, stop)
+                session = BatchedSession(batch, sid)
                 features, pending, done = joined.features, joined.token, joined.done
             else:
                 session = VerifySession(target, params, stop, prompt, max_tree_nodes=self.config.max_tree_nodes,
