@@ -334,3 +334,23 @@ def test_resume_batched_equals_unbatched(batched, unbatched, engine):
             pending = [out[0][0][-1]] * 2
         for stub, sid in zip((bstub, ustub), sids):
             stub.Release(verifier_pb2.ReleaseRequest(session_id=sid), timeout=5)
+
+
+# --- 5. settings ---------------------------------------------------------------------------
+
+
+def test_batch_settings_from_flags_and_environment():
+    from aerie.errors import InputError
+    from aerie_rpc.config import from_args, parser_for
+    from verify_service.config import VerifyConfig
+
+    args = parser_for(VerifyConfig, "verify", "").parse_args(["--batch-sessions", "8", "--max-sessions", "64"])
+    config = from_args(VerifyConfig, args, environ={"AERIE_BATCH_WINDOW_MS": "0.5", "AERIE_BATCH_SESSIONS": "2"})
+    assert (config.batch_sessions, config.batch_window_ms) == (8, 0.5)  # the flag beats the variable
+    assert config.session_limit == (8, "--batch-sessions")
+    assert VerifyConfig().session_limit == (64, "--max-sessions")  # unbatched by default
+    assert VerifyConfig(batch_sessions=128, max_sessions=16).session_limit == (16, "--max-sessions")
+    with pytest.raises(InputError, match="--tensor-parallel 1"):
+        VerifyConfig(batch_sessions=4, tensor_parallel=2)
+    with pytest.raises(InputError, match="--batch-sessions"):
+        VerifyConfig(batch_sessions=-1)
