@@ -20,7 +20,7 @@ from aerie.sampling import SamplingParams
 from aerie.tree import CandidatePool, DraftTree, TreeConfig, ancestor_mask, node_depths, rerank
 from aerie.verifier import StopCriteria
 from tests.test_engine import PROMPTS, OracleDrafter
-from tests.tiny import tiny_head, tiny_target
+from tests.tiny import VOCAB, tiny_head, tiny_target
 
 # Ragged: 1 to 20 prompt tokens, so rows differ in length and join at different times.
 BATCH_PROMPTS = PROMPTS + [[5, 6, 7, 8], [9] * 20, [11], [30, 31, 32, 33, 34, 35, 36]]
@@ -139,6 +139,39 @@ def test_bad_tree_in_one_session_is_refused_and_the_others_go_on(pair):
     with pytest.raises(InputError, match="session x: prompt is empty"):
         verifier.join([NewSession("x", (), SamplingParams(), stop)])
     assert verifier.cache.in_use == 3
+
+
+def test_rows_without_a_tree_sit_the_round_out_and_resumed_sessions_continue(pair):
+    """The verify service batches only the sessions with a round pending: the others are
+    padding (None) and stay as they were. A session joining with resumed tokens continues
+    exactly where plain decoding was."""
+    target, _ = pair
+    stop = StopCriteria(12)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+    want = [Engine(target, None, TREE).generate(p, SamplingParams(), stop, "vanilla").token_ids for p in prompts]
+    verifier = BatchVerifier(target, BatchKVCache(target.config.num_hidden_layers, 4, 64, torch.device("cpu")))
+    verifier.join([NewSession(f"s{i}", tuple(p), SamplingParams(), stop) for i, p in enumerate(prompts[:2])])
+    (resumed,) = verifier.join([NewSession("s2", tuple(prompts[2]), SamplingParams(), stop, tuple(want[2][:4]))])
+    assert resumed.token == want[2][3] and resumed.features.shape[0] == len(prompts[2]) + 3
+    assert verifier.rows[2].generated == want[2][:4]
+
+    def chain(row: int) -> DraftTree:  # the right next token, then a wrong one
+        g = verifier.rows[row].generated
+        nxt = want[row][len(g)]
+        return DraftTree(torch.tensor([g[-1], nxt, (nxt + 1) % VOCAB]), torch.tensor([-1, 0, 1]), torch.zeros(3))
+
+    for pattern in ([0, 2], [1], [2], [0, 1, 2], [0]):
+        before = {i: (list(verifier.rows[i].generated), verifier.cache.lengths[i]) for i in range(3) if i not in pattern}
+        results = verifier.verify([chain(i) if i in pattern else None for i in range(3)])
+        assert [r is not None for r in results] == [i in pattern for i in range(3)]
+        assert all(r.accepted_draft == 1 for r in results if r is not None)
+        assert {i: (list(verifier.rows[i].generated), verifier.cache.lengths[i]) for i in before} == before
+    for row, w in zip(verifier.rows, want):
+        assert row.generated == w[: len(row.generated)]
+    with pytest.raises(InputError, match="cannot resume after 12 tokens"):
+        verifier.join([NewSession("late", (1,), SamplingParams(), stop, tuple(want[0]))])
+    with pytest.raises(InputError, match="3 of 4 rows are in use"):
+        verifier.join([NewSession(f"n{i}", (1,), SamplingParams(), stop) for i in range(2)])
 
 
 def test_each_row_of_a_batched_tree_forward_equals_the_unbatched_forward():

@@ -24,6 +24,14 @@ class VerifyConfig(TlsServerOptions):
     max_prompt_tokens: int = option(16384, "longest prompt (plus resumed tokens) one session may bring")
     max_tree_nodes: int = option(128, "largest draft tree accepted, root included")
     session_ttl_s: float = option(300.0, "drop a session idle for this long (its drafter is gone)")
+    batch_sessions: int = option(
+        0, "verify the rounds of up to this many concurrent sessions in one target forward (rows of one "
+        "batched KV cache, which also caps the sessions held); 0: one forward per session and round"
+    )
+    batch_window_ms: float = option(
+        2.0, "with --batch-sessions: how long a round waits for other sessions' rounds to join its forward "
+        "(it starts sooner once every generating session has one pending)"
+    )
     workers: int = option(64, "server threads (each open stream holds one)")
     grace_s: float = option(20.0, "on SIGTERM, how long in-flight rounds may take to finish")
 
@@ -35,3 +43,15 @@ class VerifyConfig(TlsServerOptions):
             raise InputError("--max-tree-nodes must be >= 2 (the root and one draft node)")
         if self.session_ttl_s <= 0 or self.grace_s < 0:
             raise InputError("--session-ttl-s must be > 0 and --grace-s >= 0")
+        if self.batch_sessions < 0 or self.batch_window_ms < 0:
+            raise InputError("--batch-sessions and --batch-window-ms must be >= 0 (--batch-sessions 0: no batching)")
+        if self.batch_sessions and self.tensor_parallel > 1:
+            # The batched forward runs the model directly, not through the sharded target's mirroring.
+            raise InputError("--batch-sessions needs --tensor-parallel 1: batched verification is not sharded yet")
+
+    @property
+    def session_limit(self) -> tuple[int, str]:
+        """Sessions held at once, and the flag that sets it (a batch holds one per row)."""
+        if self.batch_sessions and self.batch_sessions <= self.max_sessions:
+            return self.batch_sessions, "--batch-sessions"
+        return self.max_sessions, "--max-sessions"

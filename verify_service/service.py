@@ -1,9 +1,11 @@
-"""The verify service: a thin gRPC adapter around `aerie.verifier.VerifySession`.
+"""The verify service: a thin gRPC adapter around `aerie.verifier.VerifySession`, or, with
+`--batch-sessions`, around `aerie.batch.BatchVerifier` (verify_service.batching).
 
 Sessions are opened by `Prefill` and driven by `Verify`, one draft tree per round. Every
 request is checked before it touches a KV cache, so a malformed tree is answered with
 INVALID_ARGUMENT and the session it named goes on unharmed. Forwards are serialised on the
-one model (a GPU runs them one after another anyway).
+one model (a GPU runs them one after another anyway); batched, the rounds of concurrent
+sessions share one forward.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import grpc
 import torch
 from opentelemetry.trace import SpanKind
 
+from aerie.batch.cache import BatchKVCache
+from aerie.batch.verify import BatchVerifier
 from aerie.errors import AerieError, InputError
 from aerie.sampling import SamplingParams
 from aerie.target import FeatureSpec, StaticKV, Target
@@ -30,16 +34,18 @@ from aerie_rpc.status import Exhausted, NotFound, ServiceError, abort
 from aerie_rpc.telemetry import extract, extract_grpc, setup_tracing, tracer
 from aerie_rpc.tls import load_tls
 from aerie_rpc.v1 import common_pb2, verifier_pb2, verifier_pb2_grpc
+from verify_service.batching import BatchedSession, SessionBatch
 from verify_service.config import VerifyConfig
 
 log = logging.getLogger("aerie.verify")
 SERVICE_NAME = verifier_pb2.DESCRIPTOR.services_by_name["Verifier"].full_name
 MAX_SESSION_ID = 200
+BATCH_INITIAL_CAPACITY = 256  # KV slots per row of a batch at first; doubled as sessions grow
 
 
 @dataclass
 class _Entry:
-    session: VerifySession
+    session: VerifySession | BatchedSession
     reserved: int  # KV tokens counted against max_tokens
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_used: float = field(default_factory=time.monotonic)
@@ -48,8 +54,9 @@ class _Entry:
 class SessionTable:
     """Bounded sessions: count, reserved KV tokens and idle TTL. Thread-safe."""
 
-    def __init__(self, max_sessions: int, max_tokens: int, ttl_s: float):
+    def __init__(self, max_sessions: int, max_tokens: int, ttl_s: float, limit_flag: str = "--max-sessions"):
         self.max_sessions, self.max_tokens, self.ttl_s = max_sessions, max_tokens, ttl_s
+        self.limit_flag = limit_flag  # the setting to name when the session limit is reached
         self._entries: dict[str, _Entry] = {}
         self._pending: dict[str, int] = {}  # reservations of sessions still in prefill
         self._lock = threading.Lock()
@@ -70,7 +77,7 @@ class SessionTable:
             if len(self._entries) + len(self._pending) >= self.max_sessions:
                 raise Exhausted(
                     f"verifier holds its maximum of {self.max_sessions} sessions: retry later, "
-                    "use another verifier, or raise --max-sessions"
+                    f"use another verifier, or raise {self.limit_flag}"
                 )
             if tokens > self.max_tokens:
                 raise Exhausted(
@@ -84,7 +91,7 @@ class SessionTable:
                 )
             self._pending[session_id] = tokens
 
-    def commit(self, session_id: str, session: VerifySession) -> None:
+    def commit(self, session_id: str, session: VerifySession | BatchedSession) -> None:
         with self._lock:
             tokens = self._pending.pop(session_id)
             self._entries[session_id] = _Entry(session=session, reserved=tokens)
@@ -111,6 +118,14 @@ class SessionTable:
         with entry.lock:  # after a round in flight, never under it
             entry.session.close()
         return True
+
+    def drop(self, session_id: str) -> None:
+        """Remove a session whose round failed, by the stream holding its lock (`remove`
+        would wait for that lock)."""
+        with self._lock:
+            entry = self._entries.pop(session_id, None)
+        if entry is not None:
+            entry.session.close()
 
     def reap(self) -> int:
         with self._lock:
@@ -140,10 +155,14 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         self.config = config
         self.eos_ids = eos_ids
         self.model_name = model_name
-        self.sessions = SessionTable(config.max_sessions, config.max_tokens, config.session_ttl_s)
+        limit, limit_flag = config.session_limit
+        self.sessions = SessionTable(limit, config.max_tokens, config.session_ttl_s, limit_flag)
         self.compute = threading.Lock()
         self.draining = threading.Event()
         self._targets: dict[FeatureSpec, Target] = {}
+        # With --batch-sessions: one batch per feature spec (its features come out of the forward).
+        self._batches: dict[FeatureSpec, SessionBatch] = {}
+        self._batches_lock = threading.Lock()
         probe = Target(model, FeatureSpec("eagle1"))
         self.vocab_size = probe.vocab_size
         self.max_positions = probe.max_positions
@@ -176,8 +195,24 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             self._targets[key] = self._make_target(key)
         return self._targets[key]
 
+    def _batch(self, target: Target) -> SessionBatch:
+        with self._batches_lock:
+            batch = self._batches.get(target.features)
+            if batch is None:
+                rows = self.config.batch_sessions
+                cache = BatchKVCache(self.num_layers, rows, BATCH_INITIAL_CAPACITY, target.device)
+                verifier = BatchVerifier(target, cache, max_tree_nodes=self.config.max_tree_nodes)
+                batch = SessionBatch(verifier, self.compute, self.config.batch_window_ms / 1e3,
+                                     name=f"batch-{target.features.kind}")
+                self._batches[target.features] = batch
+            return batch
+
     def drain(self) -> None:
         self.draining.set()
+        with self._batches_lock:
+            batches = list(self._batches.values())
+        for batch in batches:  # the rounds queued finish; then the rows are freed
+            batch.close(self.config.grace_s)
 
     # --- RPCs ----------------------------------------------------------------------------
 
@@ -186,7 +221,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             model=self.model_name, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
             num_layers=self.num_layers, dtype=str(self.model.dtype).removeprefix("torch."),
             device=str(self.model.device), max_positions=self.max_positions,
-            max_tree_nodes=self.config.max_tree_nodes, max_sessions=self.config.max_sessions,
+            max_tree_nodes=self.config.max_tree_nodes, max_sessions=self.sessions.max_sessions,
             active_sessions=len(self.sessions), eos_token_ids=sorted(self.eos_ids),
         )
 
@@ -206,18 +241,25 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             target = self._target(header.features)
             self.sessions.reserve(sid, len(prompt) + len(resume) + stop.max_new_tokens + self.config.max_tree_nodes)
             reserved_id = sid
-            session = VerifySession(target, params, stop, prompt, max_tree_nodes=self.config.max_tree_nodes,
-                                    resume_tokens=resume)
             t0 = time.perf_counter()
-            with self.compute:
-                features, pending = session.prefill()
+            if self.config.batch_sessions:
+                batch = self._batch(target)
+                joined = batch.join(sid, prompt, resume, params, stop)
+                session = BatchedSession(batch, sid)
+                features, pending, done = joined.features, joined.token, joined.done
+            else:
+                session = VerifySession(target, params, stop, prompt, max_tree_nodes=self.config.max_tree_nodes,
+                                        resume_tokens=resume)
+                with self.compute:
+                    features, pending = session.prefill()
+                done = session.done
             prefill_ms = (time.perf_counter() - t0) * 1e3
             self.sessions.commit(sid, session)
             reserved_id = None
             span.set_attribute("aerie.verify_ms", prefill_ms)
             result = verifier_pb2.PrefillResult(
-                session_id=sid, pending_token=pending, generated_ids=[] if resume else session.generated,
-                done=session.done, feature_rows=features.shape[0], feature_dim=features.shape[1],
+                session_id=sid, pending_token=pending, generated_ids=[] if resume else [pending],
+                done=done, feature_rows=features.shape[0], feature_dim=features.shape[1],
                 prefill_ms=prefill_ms, max_tree_nodes=self.config.max_tree_nodes,
             )
             out = [verifier_pb2.PrefillResponse(result=result)]
@@ -310,24 +352,32 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                 span.set_attribute("aerie.round", req.round)
                 span.set_attribute("aerie.tree_size", len(tree) - 1)
                 t0 = time.perf_counter()
-                with self.compute:
-                    session = entry.session
-                    before = session.generated[:], session.done
-                    try:
-                        result = session.verify(tree)
-                    except (AerieError, ValueError):
-                        raise  # checked before the cache was touched: the session is intact
-                    except Exception:
-                        # Failed mid-forward: the cache may be half-written, so the session goes.
-                        self.sessions.remove(req.session_id)
-                        session.generated, session.done = before
-                        raise
+                session = entry.session
+                try:
+                    if isinstance(session, BatchedSession):
+                        batched = session.verify(tree)
+                        result, generated, batch_size = batched.result, batched.generated, batched.batch_size
+                        span.set_attribute("aerie.queue_ms", batched.queued_ms)
+                        span.set_attribute("aerie.forward_ms", batched.forward_ms)
+                    else:
+                        with self.compute:
+                            result = session.verify(tree)
+                        generated, batch_size = len(session.generated), 1
+                except (AerieError, ValueError, ServiceError):
+                    raise  # checked before the cache was touched (or refused while draining): intact
+                except Exception:
+                    # Failed mid-forward: the cache may be half-written, so the session goes.
+                    self.sessions.drop(req.session_id)
+                    raise
+                # Batched, this includes the wait for the other sessions' rounds: the time the
+                # round spent on the verifier, which is what the drafter's budget should see.
                 verify_ms = (time.perf_counter() - t0) * 1e3
                 resp = verifier_pb2.VerifyResponse(
                     session_id=req.session_id, round=req.round, new_tokens=result.new_tokens,
                     accepted_draft=result.accepted_draft, features=wire.encode(result.features),
-                    done=result.done, verify_ms=verify_ms, generated=len(session.generated),
+                    done=result.done, verify_ms=verify_ms, generated=generated,
                 )
+                span.set_attribute("aerie.batch_size", batch_size)
                 span.set_attribute("aerie.accepted", result.accepted_draft)
                 span.set_attribute("aerie.verify_ms", verify_ms)
                 span.set_attribute("aerie.request_bytes", req.ByteSize())

@@ -33,6 +33,8 @@ class NewSession:
     prompt_ids: tuple[int, ...]
     params: SamplingParams
     stop: StopCriteria
+    # Tokens generated before a resume; the last is pending again (see VerifySession.prefill).
+    resume: tuple[int, ...] = ()
 
 
 @dataclass
@@ -44,8 +46,8 @@ class VerifyRow:
 
 @dataclass
 class Prefilled:
-    features: torch.Tensor  # [prompt length, F]: the target's features of the prompt
-    token: int  # the first generated token (pending: not yet in the cache)
+    features: torch.Tensor  # [prompt length, F]: the target's features of the prompt (and resumed tokens)
+    token: int  # the first generated token, or the last resumed one (pending: not yet in the cache)
     done: bool
 
 
@@ -78,9 +80,10 @@ class BatchVerifier:
         return (logits.argmax(-1) if argmax else logits.float()), feats
 
     def _forward(self, tokens: list[list[int]], parents: list[list[int]], argmax: bool):
-        """One graphed forward of every row in use: row r's new tokens `tokens[r]` (a tree)."""
+        """One graphed forward of rows [0, len(tokens)): row r's new tokens `tokens[r]` (a
+        tree; empty for a row that sits the round out)."""
         cache = self.cache
-        n = cache.in_use
+        n = len(tokens)
         widest = max(len(t) for t in tokens)
         width = bucket_for(widest, self.largest_graph) or widest
         batch = bucket_for(n, cache.rows) or n
@@ -96,23 +99,36 @@ class BatchVerifier:
     def join(self, sessions: Sequence[NewSession]) -> list[Prefilled]:
         """Prefill new sessions in one eager forward (ragged prompts, padded), each into a
         fresh row after the rows in use, and sample their first tokens. Checks every
-        session before touching the cache, so a bad one leaves the batch as it was."""
+        session before touching the cache, so a bad one leaves the batch as it was.
+
+        A resumed session runs its prompt and every resumed token but the last, which is
+        pending again, as VerifySession.prefill does: its rounds then draw the same random
+        numbers, hence the same tokens, as the run it resumes."""
         context = self.target.max_positions
+        if self.cache.in_use + len(sessions) > self.cache.rows:
+            raise InputError(
+                f"{len(sessions)} sessions cannot join: {self.cache.in_use} of {self.cache.rows} rows are in use"
+            )
         for s in sessions:
             if not s.prompt_ids:
                 raise InputError(f"session {s.key}: prompt is empty")
+            if len(s.resume) >= s.stop.max_new_tokens:
+                raise InputError(
+                    f"session {s.key}: cannot resume after {len(s.resume)} tokens: "
+                    f"max_new_tokens is {s.stop.max_new_tokens}"
+                )
             if len(s.prompt_ids) + s.stop.max_new_tokens > context:
                 raise InputError(
                     f"session {s.key}: prompt of {len(s.prompt_ids)} tokens plus max_new_tokens "
                     f"{s.stop.max_new_tokens} exceeds the model's context of {context} tokens"
                 )
-            if any(t < 0 or t >= self.target.vocab_size for t in s.prompt_ids):
+            if any(t < 0 or t >= self.target.vocab_size for t in s.prompt_ids + s.resume):
                 raise InputError(f"session {s.key}: prompt tokens must be in [0, {self.target.vocab_size})")
         if not sessions:
             return []
         cache = self.cache
         rows = cache.add_rows(len(sessions))
-        prompts = [list(s.prompt_ids) for s in sessions]
+        prompts = [list(s.prompt_ids + s.resume[:-1]) for s in sessions]
         width = max(len(p) for p in prompts)
         cache.reserve(width)
         inputs = batch_inputs(prompts, None, [0] * len(prompts), width, len(prompts), cache.capacity, rows.start)
@@ -122,8 +138,12 @@ class BatchVerifier:
         out = []
         for i, (s, row) in enumerate(zip(sessions, rows)):
             cache.lengths[row] = len(prompts[i])
-            token = sample_token(logits[i], len(prompts[i]), s.params)
-            kept, done = s.stop.cut(0, [token])
+            if s.resume:
+                kept, token = list(s.resume), s.resume[-1]
+                done = bool(set(s.resume) & s.stop.stop_token_ids)
+            else:
+                token = sample_token(logits[i], len(prompts[i]), s.params)
+                kept, done = s.stop.cut(0, [token])
             self.rows.append(VerifyRow(s, kept, done))
             out.append(Prefilled(feats[i, : len(prompts[i])], token, done))
         return out
@@ -137,35 +157,55 @@ class BatchVerifier:
 
     # --- rounds ----------------------------------------------------------------------------
 
-    def check(self, trees: Sequence[DraftTree]) -> None:
-        """Raise InputError naming the first session whose tree is unfit; nothing changes."""
+    def check(self, trees: Sequence[DraftTree | None]) -> None:
+        """Raise InputError naming the first session whose tree is unfit; nothing changes.
+        trees[i] is row i's tree, or None for a row that sits the round out."""
         if len(trees) != len(self.rows):
             raise InputError(f"got {len(trees)} trees for {len(self.rows)} sessions")
-        for row, tree in zip(self.rows, trees):
-            key = row.session.key
-            try:
-                validate_tree(tree.tokens, tree.parents, self.target.vocab_size, self.max_tree_nodes)
-            except ValueError as e:
-                raise InputError(f"session {key}: {e}") from None
-            if row.done:
-                raise InputError(f"session {key}: generation is already finished")
-            if int(tree.tokens[0]) != row.generated[-1]:
-                raise InputError(
-                    f"session {key}: tree root {int(tree.tokens[0])} is not the last generated token {row.generated[-1]}"
-                )
+        for i, tree in enumerate(trees):
+            if tree is not None:
+                self.check_row(i, tree)
+
+    def check_row(self, row: int, tree: DraftTree) -> None:
+        """Raise InputError unless `tree` can be row `row`'s next round; nothing changes.
+        Callers batching trees from several clients check each alone first, so that one
+        bad tree is refused to its sender only."""
+        state = self.rows[row]
+        key = state.session.key
+        try:
+            validate_tree(tree.tokens, tree.parents, self.target.vocab_size, self.max_tree_nodes)
+        except ValueError as e:
+            raise InputError(f"session {key}: {e}") from None
+        if state.done:
+            raise InputError(f"session {key}: generation is already finished")
+        if int(tree.tokens[0]) != state.generated[-1]:
+            raise InputError(
+                f"session {key}: tree root {int(tree.tokens[0])} is not the last generated token {state.generated[-1]}"
+            )
 
     @torch.inference_mode()
-    def verify(self, trees: Sequence[DraftTree]) -> list[RoundResult]:
+    def verify(self, trees: Sequence[DraftTree | None]) -> list[RoundResult | None]:
         """One target forward over every session's tree (trees[i] for row i), then per
-        session acceptance, compaction and stopping, as VerifySession.verify does."""
+        session acceptance, compaction and stopping, as VerifySession.verify does.
+
+        A row whose tree is None sits the round out (its result is None): it is padding in
+        the forward, which writes only scratch slots past its committed entries, and its
+        cache and state stay as they were. Rows after the last tree are left out of the
+        forward altogether."""
         self.check(trees)
-        greedy = all(r.session.params.greedy for r in self.rows)
-        committed = list(self.cache.lengths[: len(self.rows)])
-        out, feats = self._forward([t.tokens.tolist() for t in trees], [t.parents.tolist() for t in trees], greedy)
+        live = [i for i, t in enumerate(trees) if t is not None]
+        if not live:
+            return [None] * len(trees)
+        n = live[-1] + 1
+        greedy = all(self.rows[i].session.params.greedy for i in live)
+        committed = list(self.cache.lengths[:n])
+        tokens = [t.tokens.tolist() if t is not None else [] for t in trees[:n]]
+        parents = [t.parents.tolist() if t is not None else [] for t in trees[:n]]
+        out, feats = self._forward(tokens, parents, greedy)
         best = out.cpu() if greedy else None  # the round's one sync
         moves, paths, bonuses = [], [], []
-        for i, (row, tree) in enumerate(zip(self.rows, trees)):
-            params = row.session.params
+        for i in live:
+            tree, params = trees[i], self.rows[i].session.params
             if params.greedy:
                 argmax = best[i, : len(tree)] if best is not None else out[i, : len(tree)].argmax(-1).cpu()
                 acc = accept_greedy(tree.tokens, tree.parents, argmax)
@@ -177,14 +217,15 @@ class BatchVerifier:
             paths.append(path)
         # Every row's accepted features in one gather (copied out of the graph's output).
         width = feats.shape[1]
-        flat = torch.tensor([i * width + p for i, path in enumerate(paths) for p in path], device=feats.device)
+        flat = torch.tensor([i * width + p for i, path in zip(live, paths) for p in path], device=feats.device)
         accepted = feats.reshape(-1, feats.shape[-1]).index_select(0, flat).split([len(p) for p in paths])
-        results = []
-        for row, tree, path, bonus, features in zip(self.rows, trees, paths, bonuses, accepted):
+        results: list[RoundResult | None] = [None] * len(trees)
+        for i, path, bonus, features in zip(live, paths, bonuses, accepted):
+            row, tree = self.rows[i], trees[i]
             proposed = tree.tokens[path[1:]].tolist() + [bonus]
             kept, row.done = row.session.stop.cut(len(row.generated), proposed)
             row.generated += kept
-            results.append(RoundResult(kept, features, len(path) - 1, row.done))
+            results[i] = RoundResult(kept, features, len(path) - 1, row.done)
         self.cache.compact(moves)
         return results
 
