@@ -40,7 +40,6 @@ from tests.services_support import (
     start_verifier,
     wait_all,
 )
-from tests.tiny import build_tiny_model
 
 PROMPT = [3, 14, 15, 9, 26, 5]
 MAX_NEW = 40
@@ -49,11 +48,6 @@ MAX_NEW = 40
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 def node_tls(pki: Pki) -> dict[str, str]:

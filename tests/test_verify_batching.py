@@ -16,15 +16,10 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from aerie.engine import Engine
 from aerie.sampling import SamplingParams
@@ -42,7 +37,7 @@ from tests.services_support import (
     start_gateway,
     start_verifier,
 )
-from tests.tiny import VOCAB, build_tiny_model
+from tests.tiny import VOCAB
 
 PROMPTS = [[3, 14, 15, 9, 26, 5], [1, 2, 3], [60, 61, 7, 8, 9, 10, 11, 12, 40, 41, 42], [20, 21]]
 MAX_TREE = 32
@@ -50,23 +45,6 @@ WINDOW_MS = 50.0  # generous on a loaded CI machine; a batch starts sooner once 
 
 
 # --- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    yield exporter
-    exporter.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
