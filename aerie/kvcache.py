@@ -50,37 +50,33 @@ class _SlotLayer(CacheLayerMixin):
         return self.owner.capacity
 
 
-class SlotCache(Cache):
-    """KV storage for one sequence: `capacity` slots per layer, `length` of them in use."""
+class StaticStorage(Cache):
+    """What every static KV cache shares: one storage tensor [layers, 2, rows, heads,
+    capacity, head_dim] whose slices are every layer's keys and values (so that compaction
+    moves all of them in one gather), grown by doubling, and the CUDA graphs captured over it
+    with the buffers their inputs are copied into."""
 
-    def __init__(self, num_layers: int, capacity: int, device: torch.device, cuda_graphs: bool = True):
+    def __init__(self, layers: list[CacheLayerMixin], capacity: int, device: torch.device, cuda_graphs: bool):
         self.capacity = capacity
-        self.length = 0
         self.device = torch.device(device)
-        self.write_at = torch.arange(capacity, device=self.device)
         # The graphs captured over this cache's buffers, which only it may replay.
         self.graphs = GraphCache(enabled=cuda_graphs and self.device.type == "cuda")
         self._inputs: dict = {}  # per graph key: the buffers its inputs are copied into
-        # Every layer's keys and values are views of one tensor [layers, 2, batch, heads,
-        # capacity, head_dim], so that compaction moves all of them in one gather.
         self.storage: torch.Tensor | None = None
-        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+        super().__init__(layers=layers)
 
-    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def _allocate(self, rows: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """The storage, shaped after the first layer's keys (every layer has the same)."""
         if key_states.shape != value_states.shape:
             raise ValueError("static KV caches need keys and values of one shape")
-        b, h, _, d = key_states.shape
-        self._bind(key_states.new_zeros(len(self.layers), 2, b, h, self.capacity, d))
+        _, h, _, d = key_states.shape
+        self._bind(key_states.new_zeros(len(self.layers), 2, rows, h, self.capacity, d))
 
     def _bind(self, storage: torch.Tensor) -> None:
         self.storage = storage
         for i, layer in enumerate(self.layers):
             layer.keys, layer.values = storage[i, 0], storage[i, 1]
             layer.is_initialized = True
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
 
     def reserve(self, needed: int) -> None:
         """Make room for `needed` slots, doubling the storage if it is too small. Growing
@@ -95,9 +91,46 @@ class SlotCache(Cache):
             grown[..., : self.capacity, :] = self.storage
             self._bind(grown)
         self.capacity = capacity
-        self.write_at = torch.arange(capacity, device=self.device)
         self.graphs.clear()
         self._inputs.clear()
+
+    def _replay(
+        self,
+        key: Hashable,
+        inputs: dict[str, torch.Tensor],
+        fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ...]],
+    ) -> tuple[torch.Tensor, ...]:
+        """Copy `inputs` into the buffers kept for `key` and replay the graph of `fn` over
+        them (captured on first use); the outputs are overwritten by the next replay. Inputs
+        of another shape under the same key get new buffers and a new capture."""
+        buffers = self._inputs.get(key)
+        if buffers is None or any(buffers[n].shape != t.shape for n, t in inputs.items()):
+            buffers = {name: torch.empty(t.shape, dtype=t.dtype, device=self.device) for name, t in inputs.items()}
+            self._inputs[key] = buffers
+            self.graphs.graphs.pop(key, None)
+        for name, t in inputs.items():
+            buffers[name].copy_(t, non_blocking=True)
+        return self.graphs.run(key, lambda: fn(buffers))
+
+
+class SlotCache(StaticStorage):
+    """KV storage for one sequence: `capacity` slots per layer, `length` of them in use."""
+
+    def __init__(self, num_layers: int, capacity: int, device: torch.device, cuda_graphs: bool = True):
+        self.length = 0
+        self.write_at = torch.arange(capacity, device=torch.device(device))
+        super().__init__([_SlotLayer(self) for _ in range(num_layers)], capacity, device, cuda_graphs)
+
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self._allocate(key_states.shape[0], key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def reserve(self, needed: int) -> None:
+        if needed > self.capacity:
+            super().reserve(needed)
+            self.write_at = torch.arange(self.capacity, device=self.device)
 
     def set_write_slots(self, start: int, count: int) -> None:
         """The next forward writes `count` rows at slots start, start + 1, ..."""
@@ -110,18 +143,11 @@ class SlotCache(Cache):
         fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ...]],
         graphed: bool,
     ) -> tuple[torch.Tensor, ...]:
-        """Run `fn` over `inputs` (already padded to the forward's static shape). Graphed,
-        the inputs are copied into buffers kept per `key`, and `fn` over those buffers is
-        captured once and replayed; the outputs are then overwritten by the next replay."""
+        """Run `fn` over `inputs` (already padded to the forward's static shape), replayed as
+        a graph when `graphed`."""
         if not graphed:
             return fn({name: t.to(self.device, non_blocking=True) for name, t in inputs.items()})
-        buffers = self._inputs.get(key)
-        if buffers is None:
-            buffers = {name: torch.empty(t.shape, dtype=t.dtype, device=self.device) for name, t in inputs.items()}
-            self._inputs[key] = buffers
-        for name, t in inputs.items():
-            buffers[name].copy_(t, non_blocking=True)
-        return self.graphs.run(key, lambda: fn(buffers))
+        return self._replay(key, inputs, fn)
 
     @torch.inference_mode()
     def compact(self, committed: int, keep: list[int]) -> None:

@@ -17,10 +17,9 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import CacheLayerMixin
 
-from aerie.graphs import GraphCache
-from aerie.kvcache import pinned_tensor
+from aerie.kvcache import StaticStorage, pinned_tensor
 
 
 @dataclass(frozen=True)
@@ -65,13 +64,11 @@ class _BatchLayer(CacheLayerMixin):
         return self.owner.capacity
 
 
-class BatchKVCache(Cache):
+class BatchKVCache(StaticStorage):
     """KV storage for up to `rows` sessions of up to `capacity` tokens each."""
 
     def __init__(self, num_layers: int, rows: int, capacity: int, device: torch.device, cuda_graphs: bool = True):
         self.rows = rows
-        self.capacity = capacity
-        self.device = torch.device(device)
         self.lengths = [0] * rows  # entries in use, per row
         self.in_use = 0  # rows [0, in_use) hold sessions
         # Set by each forward: which (row, slot) every new token goes to, and which rows
@@ -79,45 +76,17 @@ class BatchKVCache(Cache):
         self.write_rows: torch.Tensor | None = None
         self.write_slots: torch.Tensor | None = None
         self.window = (0, rows)
-        self.graphs = GraphCache(enabled=cuda_graphs and self.device.type == "cuda")
-        self._inputs: dict = {}  # per graph key: the buffers its inputs are copied into
-        self.storage: torch.Tensor | None = None
-        super().__init__(layers=[_BatchLayer(self) for _ in range(num_layers)])
+        super().__init__([_BatchLayer(self) for _ in range(num_layers)], capacity, device, cuda_graphs)
 
     # --- storage -------------------------------------------------------------------------
 
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if key_states.shape != value_states.shape:
-            raise ValueError("batched KV caches need keys and values of one shape")
-        _, h, _, d = key_states.shape
-        self._bind(key_states.new_zeros(len(self.layers), 2, self.rows, h, self.capacity, d))
-
-    def _bind(self, storage: torch.Tensor) -> None:
-        self.storage = storage
-        for i, layer in enumerate(self.layers):
-            layer.keys, layer.values = storage[i, 0], storage[i, 1]
-            layer.is_initialized = True
+        self._allocate(self.rows, key_states, value_states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # Rows differ; transformers only uses this for cache_position, which our explicit
         # position ids and 4-D masks make irrelevant.
         return 0
-
-    def reserve(self, needed: int) -> None:
-        """Make room for `needed` slots in every row, doubling the capacity if it is too
-        small. Growing moves the buffers, so every graph captured over them is dropped."""
-        if needed <= self.capacity:
-            return
-        capacity = self.capacity
-        while capacity < needed:
-            capacity *= 2
-        if self.storage is not None:
-            grown = self.storage.new_zeros(*self.storage.shape[:4], capacity, self.storage.shape[-1])
-            grown[..., : self.capacity, :] = self.storage
-            self._bind(grown)
-        self.capacity = capacity
-        self.graphs.clear()
-        self._inputs.clear()
 
     # --- rows: sessions join and leave between rounds ------------------------------------
 
@@ -202,11 +171,4 @@ class BatchKVCache(Cache):
 
         if key is None or not self.graphs.enabled:
             return call({name: t.to(self.device, non_blocking=True) for name, t in inputs.items()})
-        buffers = self._inputs.get(key)
-        if buffers is None or any(buffers[n].shape != t.shape for n, t in inputs.items()):
-            buffers = {name: torch.empty(t.shape, dtype=t.dtype, device=self.device) for name, t in inputs.items()}
-            self._inputs[key] = buffers
-            self.graphs.graphs.pop(key, None)
-        for name, t in inputs.items():
-            buffers[name].copy_(t, non_blocking=True)
-        return self.graphs.run(key, lambda: call(buffers))
+        return self._replay(key, inputs, call)
