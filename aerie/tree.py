@@ -162,17 +162,6 @@ class CandidatePool:
     parents: list[int]
     logprobs: list[float]
 
-    @staticmethod
-    def rooted_at(token: int) -> CandidatePool:
-        return CandidatePool(tokens=[token], parents=[-1], logprobs=[0.0])
-
-    def add(self, tokens: torch.Tensor, parents: torch.Tensor, logprobs: torch.Tensor) -> list[int]:
-        start = len(self.tokens)
-        self.tokens += tokens.tolist()
-        self.parents += parents.tolist()
-        self.logprobs += logprobs.tolist()
-        return list(range(start, len(self.tokens)))
-
 
 def expand_level(
     frontier_logprobs: torch.Tensor, child_logprobs: torch.Tensor, config: TreeConfig, level: int

@@ -23,13 +23,16 @@ def random_pool(seed: int) -> CandidatePool:
     """Candidates as the drafter expands them level by level, each with a unique token."""
     gen = torch.Generator().manual_seed(seed)
     config = TreeConfig("dynamic", DEPTH, TOP_K, 10)
-    pool = CandidatePool.rooted_at(0)
+    pool = CandidatePool(tokens=[0], parents=[-1], logprobs=[0.0])
     frontier, frontier_lp = [0], torch.zeros(1)
     for level in range(1, DEPTH + 1):
         child_lp = torch.log_softmax(2 * torch.randn(len(frontier), 50, generator=gen), dim=-1)
         slots, _, cumulative, nxt = expand_level(frontier_lp, child_lp, config, level)
         start = len(pool.tokens)
-        nodes = pool.add(torch.arange(start, start + len(slots)), torch.tensor(frontier)[slots], cumulative)
+        nodes = list(range(start, start + len(slots)))
+        pool.tokens += nodes
+        pool.parents += torch.tensor(frontier)[slots].tolist()
+        pool.logprobs += cumulative.tolist()
         frontier, frontier_lp = [nodes[i] for i in nxt.tolist()], cumulative[nxt]
     return pool
 
