@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from aerie.fused import fused_norms
 from aerie.heads import DraftHead
 from aerie.kvcache import Attend, SlotCache, pinned_tensor
 from aerie.target import truncate_cache
@@ -81,8 +82,9 @@ class DraftSession:
         cache, config = self.cache, self.tree
         cache.reserve(committed + (config.depth - 1) * config.top_k)
         inputs = {"root": root_hidden, "committed": torch.full((), committed, device=root_hidden.device)}
-        return cache.run(("grow", config.kind, config.depth, config.top_k), inputs,
-                         lambda b: self._grow(b["root"], b["committed"]), graphed=cache.graphs.enabled)
+        with fused_norms(self.head.fused):
+            return cache.run(("grow", config.kind, config.depth, config.top_k), inputs,
+                             lambda b: self._grow(b["root"], b["committed"]), graphed=cache.graphs.enabled)
 
     def _grow(self, root_hidden: torch.Tensor, committed: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every candidate of one round, level by level from the root: (tokens, parents,

@@ -24,7 +24,7 @@ from aerie.heads import build_draft_vocab, load_head, new_head
 from aerie.sampling import SamplingParams
 from aerie.target import Target
 from aerie.train.cli import DEFAULT_GSM8K
-from aerie.train.data import Sample, answer_token_counts, collate, load_samples
+from aerie.train.data import Sample, answer_token_counts, collate, load_datasets, load_samples, split_holdout
 from aerie.train.datagen import DatagenConfig, generate_batch, run_datagen
 from aerie.train.prompts import TrainPrompt
 from aerie.train.trainer import TrainConfig, compute_stats, init_eagle3_head, plot_history, read_history, train
@@ -432,11 +432,17 @@ def test_cli_datagen_train_eval_end_to_end(cli_dirs, tmp_path, capsys):
     assert cli(*datagen) == 0
     assert "10 samples" in capsys.readouterr().out  # the rerun only reads the manifest back
 
+    # Sampled answers to the same prompts, in a second directory, train beside the greedy ones.
+    sampled = tmp_path / "sampled"
+    assert cli(*[sampled if a == data else a for a in datagen], "--temperature", "1") == 0
+    both, _ = load_datasets([data, sampled])
+    assert len(both) == 20 and len({s.prompt_key for s in both}) == 10
+
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "How many hours does he have?"}\n{"turns": ["What is the total cost of it?"]}\n')
     for kind in KINDS:
         out = tmp_path / kind
-        assert cli(*train_args(kind, model_dir, data, out, "--holdout", "0.2")) == 0
+        assert cli(*train_args(kind, model_dir, data, out, "--holdout", "0.2"), "--data", data, sampled) == 0
         assert "head written to" in capsys.readouterr().out
         assert {"config.json", "model.safetensors", "checkpoint.pt", "train_log.jsonl", "train_summary.json"} <= {
             p.name for p in out.iterdir()}
@@ -448,6 +454,27 @@ def test_cli_datagen_train_eval_end_to_end(cli_dirs, tmp_path, capsys):
         assert summary["n_prompts"] == 2 and summary["new_tokens"] == 32
         assert summary["vanilla_checked"] == 2 and summary["vanilla_mismatches"] == 0
         assert summary["tau"] >= 1.0
+
+
+def test_holdout_keeps_every_answer_to_a_prompt_on_one_side():
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 50, size=int(rng.integers(2, 6))) for _ in range(40)]
+    samples = [Sample(np.concatenate([p, rng.integers(0, 50, size=4)]), len(p)) for p in prompts for _ in range(3)]
+    train_part, held = split_holdout(samples, 0.1, seed=3)
+    train_keys, held_keys = {s.prompt_key for s in train_part}, {s.prompt_key for s in held}
+    assert len(held_keys) == 4 and len(held) == 12 and not train_keys & held_keys
+    assert len(train_part) + len(held) == len(samples)
+    assert split_holdout(samples, 0.1, seed=3) == (train_part, held)
+    assert {s.prompt_key for s in split_holdout(samples, 0.1, seed=4)[1]} != held_keys
+    assert split_holdout(samples, 0.0) == (samples, [])
+
+
+def test_data_of_two_vocabularies_is_refused(tmp_path):
+    for name, vocab in (("a", VOCAB), ("b", VOCAB + 8)):
+        run_datagen(tiny_llama(vocab=vocab), encode, PROMPTS[:2], tmp_path / name,
+                    DatagenConfig(max_new_tokens=4, batch_size=2), frozenset(), 0, progress=False)
+    with pytest.raises(InputError, match="different vocabularies"):
+        load_datasets([tmp_path / "a", tmp_path / "b"])
 
 
 def test_cli_train_resumes_after_an_interruption(cli_dirs, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ import torch
 
 from aerie.batch.cache import BatchKVCache
 from aerie.batch.inputs import batch_inputs
+from aerie.fused import fused_norms, norms_to_fuse
 from aerie.graphs import bucket_for
 from aerie.heads import DraftHead
 from aerie.tree import CandidatePool, DraftTree, TreeConfig, expand_level, full_tree, rerank
@@ -95,13 +96,15 @@ class BatchDrafter:
         # The head's output at each row's last committed pair: the root of its next tree.
         self.root_hidden = torch.zeros(cache.rows, head.hidden_size, device=self.device, dtype=self.dtype)
         self.root_tokens = [0] * cache.rows  # and its token, the root itself
+        self.fused = norms_to_fuse(head, self.device)
 
     def _head(self, key, batch: int, inputs, x: torch.Tensor, first_row: int = 0) -> torch.Tensor:
         feed = {**inputs.as_dict(), "x": x}
-        (hidden,) = self.cache.run(
-            key, (first_row, first_row + batch), feed,
-            lambda b: (self.head.step(b["x"], b["ids"], b["pos"], b["mask"], self.cache),),
-        )
+        with fused_norms(self.fused):
+            (hidden,) = self.cache.run(
+                key, (first_row, first_row + batch), feed,
+                lambda b: (self.head.step(b["x"], b["ids"], b["pos"], b["mask"], self.cache),),
+            )
         return hidden
 
     @torch.inference_mode()

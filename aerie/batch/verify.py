@@ -18,6 +18,7 @@ from aerie.accept import accept_greedy
 from aerie.batch.cache import BatchKVCache, RowCompaction
 from aerie.batch.inputs import ForwardInputs, batch_inputs
 from aerie.errors import InputError
+from aerie.fused import fused_norms
 from aerie.graphs import bucket_for
 from aerie.sampling import SamplingParams
 from aerie.target import Target
@@ -66,10 +67,11 @@ class BatchVerifier:
     # --- the model -------------------------------------------------------------------------
 
     def _model(self, b: dict[str, torch.Tensor], argmax: bool, logits_at: torch.Tensor | None = None):
-        out = self.base(
-            input_ids=b["ids"], position_ids=b["pos"], attention_mask=b["mask"],
-            past_key_values=self.cache, use_cache=True, output_hidden_states=True,
-        )
+        with fused_norms(self.target.fused):
+            out = self.base(
+                input_ids=b["ids"], position_ids=b["pos"], attention_mask=b["mask"],
+                past_key_values=self.cache, use_cache=True, output_hidden_states=True,
+            )
         hidden = out.hidden_states
         spec = self.target.features
         feats = torch.cat([hidden[i] for i in spec.layers], dim=-1) if spec.kind == "eagle3" else hidden[-1]

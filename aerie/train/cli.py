@@ -33,7 +33,7 @@ def add_train_parser(subparsers) -> None:
     for kind in ("eagle3", "eagle1"):
         p = sub.add_parser(kind, help=f"train an {kind.upper().replace('EAGLE', 'EAGLE-')} head on datagen output")
         _model_args(p)
-        p.add_argument("--data", required=True, help="datagen output directory")
+        p.add_argument("--data", required=True, nargs="+", help="datagen output directories (greedy and sampled answers, say)")
         p.add_argument("--out", required=True, help="head directory (config.json, model.safetensors, logs, plot)")
         p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
         p.add_argument("--epochs", type=float, default=3.0)
@@ -135,7 +135,7 @@ def cmd_datagen(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from aerie.train.data import load_samples, split_holdout
+    from aerie.train.data import load_datasets, split_holdout
     from aerie.train.loading import load_target, pick_device, pick_dtype
     from aerie.train.trainer import CHECKPOINT, TrainConfig, train
 
@@ -155,12 +155,12 @@ def cmd_train(args) -> int:
         epochs=args.epochs, steps=args.steps, seed=args.seed, log_every=args.log_every,
         eval_every=args.eval_every, save_every=args.save_every, max_minutes=args.max_minutes, **extra,
     )
-    samples, manifest = load_samples(args.data, max_len=args.max_len)
+    samples, vocab_size = load_datasets(args.data, max_len=args.max_len)
     train_samples, heldout = split_holdout(samples, args.holdout, seed=args.seed)
     device = pick_device(args.device)
     target, _, _ = load_target(args.model, args.kind, device, pick_dtype(args.dtype, device))
-    if manifest.get("vocab_size") != target.vocab_size:
-        raise InputError(f"'{args.data}' was made for a vocabulary of {manifest.get('vocab_size')} tokens, "
+    if vocab_size != target.vocab_size:
+        raise InputError(f"the data was made for a vocabulary of {vocab_size} tokens, "
                          f"but the target's has {target.vocab_size}: make the data with this model")
     summary = train(target, train_samples, heldout, config, args.out, resume=args.resume)
     acc = summary["heldout"].get("acc", [])

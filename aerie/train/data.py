@@ -3,8 +3,10 @@ under a token budget, in a deterministic order per epoch."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,11 @@ class Sample:
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
+
+    @property
+    def prompt_key(self) -> str:
+        """Equal for every answer to the same prompt, in whichever data directory."""
+        return hashlib.sha1(self.tokens[: self.prompt_len].tobytes()).hexdigest()
 
 
 @dataclass
@@ -65,16 +72,33 @@ def load_samples(data_dir: str | Path, max_len: int = 2048, min_answer: int = 2)
     return samples, manifest
 
 
+def load_datasets(data_dirs: Sequence[str | Path], max_len: int = 2048) -> tuple[list[Sample], int]:
+    """The samples of several datagen directories (greedy and sampled answers, say), which
+    must come from one vocabulary; returns them and that vocabulary's size."""
+    samples: list[Sample] = []
+    vocab_sizes: dict[str, int | None] = {}
+    for data_dir in data_dirs:
+        found, manifest = load_samples(data_dir, max_len=max_len)
+        samples += found
+        vocab_sizes[str(data_dir)] = manifest.get("vocab_size")
+    if len(set(vocab_sizes.values())) != 1:
+        listed = ", ".join(f"'{d}': {v}" for d, v in vocab_sizes.items())
+        raise InputError(f"the data directories were made with different vocabularies ({listed}): use one target's data")
+    return samples, next(iter(vocab_sizes.values()))
+
+
 def split_holdout(samples: list[Sample], fraction: float, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """Deterministic train / held-out split."""
-    order = list(range(len(samples)))
-    random.Random(seed).shuffle(order)
-    n_hold = int(len(samples) * fraction) if fraction > 0 else 0
-    if fraction > 0 and len(samples) > 1:
+    """Deterministic train / held-out split by prompt: every answer to a held-out prompt is
+    held out, so that a second answer to it (sampled, from another directory) cannot leak
+    into training."""
+    keys = sorted({s.prompt_key for s in samples})
+    random.Random(seed).shuffle(keys)
+    n_hold = int(len(keys) * fraction) if fraction > 0 else 0
+    if fraction > 0 and len(keys) > 1:
         n_hold = max(1, n_hold)
-    hold = sorted(order[:n_hold])
-    train = sorted(order[n_hold:])
-    return [samples[i] for i in train], [samples[i] for i in hold]
+    held = set(keys[:n_hold])
+    train = [s for s in samples if s.prompt_key not in held]
+    return train, [s for s in samples if s.prompt_key in held]
 
 
 def answer_token_counts(samples: list[Sample], vocab_size: int) -> torch.Tensor:
