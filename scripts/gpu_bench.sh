@@ -15,7 +15,8 @@
 #
 # DATA_DIR holds mt_bench_questions.jsonl and HumanEval.jsonl.gz. Sizes from the environment:
 #   LIMIT (all MT-bench prompts)  SIDE_LIMIT (10)  HUMANEVAL_LIMIT (40)  T1_LIMIT (40)
-#   TOKENS (256)  REPORT_MINUTES (3)  REPORT_LIMIT (40)
+#   TOKENS (256)  REPORT_MINUTES (3; 0 skips the tau report)  REPORT_LIMIT (40)
+#   HEAD (a head directory to draft with on the demo target instead of the shipped default)
 # If the static-cache/CUDA-graph path fails in step 1, the rest runs with dynamic caches.
 set -uo pipefail
 
@@ -30,6 +31,9 @@ he="$data/HumanEval.jsonl.gz"
 gpu=(--device cuda --dtype bfloat16 --max-new-tokens "$tokens")
 limit=()
 [ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
+head=()
+[ -n "${HEAD:-}" ] && head=(--head "$HEAD")
+gpu+=("${head[@]}")
 
 stamp "mt-bench T=0"
 if ! aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" --modes eagle,vanilla,hf-static --out "$run/mtbench_t0.json"; then
@@ -38,12 +42,14 @@ if ! aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" --modes eagle,vanilla
 fi
 
 stamp "profile"
-aerie profile --prompts "$mt" --device cuda --dtype bfloat16 --max-new-tokens 128 --out "$run/profile"
+aerie profile --prompts "$mt" "${head[@]}" --device cuda --dtype bfloat16 --max-new-tokens 128 --out "$run/profile"
 
+if [ "${REPORT_MINUTES:-3}" != 0 ]; then
 stamp "tau report"
 aerie train report --device cuda --head eagle3=heads/smollm2-135m-eagle3 --head eagle1=heads/smollm2-135m-eagle1 \
     --prompts "mt_bench=$mt" --prompts "humaneval=$he" --limit "${REPORT_LIMIT:-40}" --max-new-tokens "$tokens" \
     --workers 4 --minutes "${REPORT_MINUTES:-3}" --out "$run/report"
+fi
 stamp "verify cost"
 aerie verify-cost --device cuda --shapes demo,llama-8b --out "$run/verify_cost.json"
 
@@ -60,7 +66,7 @@ aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-10}" "${gpu[@]}" --modes "$sw
 
 stamp "batched verification"
 aerie bench-batch --prompts "$mt" --limit 64 --concurrency 1,4,16,64 --modes eagle,vanilla,eagle-d4-k8-n15 \
-    --device cuda --dtype bfloat16 --max-new-tokens 128 --out "$run/batch_demo.json"
+    "${head[@]}" --device cuda --dtype bfloat16 --max-new-tokens 128 --out "$run/batch_demo.json"
 aerie bench-batch --prompts "$mt" --limit 16 --concurrency 1,4,16 --modes eagle,vanilla --shape llama-8b \
     --device cuda --dtype bfloat16 --max-new-tokens 64 --out "$run/batch_8b.json"
 
@@ -77,6 +83,6 @@ aerie bench --prompts "$mt" --limit "${T1_LIMIT:-40}" "${gpu[@]}" --temperature 
 
 stamp "float32 losslessness"
 aerie bench --prompts "$mt" --limit 10 --device cuda --dtype float32 --max-new-tokens "$tokens" --modes eagle,vanilla \
-    --out "$run/mtbench_t0_fp32.json"
+    "${head[@]}" --out "$run/mtbench_t0_fp32.json"
 
 stamp done

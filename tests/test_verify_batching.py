@@ -263,6 +263,29 @@ def test_released_sessions_free_their_rows_and_the_limit_is_the_row_count(tiny, 
         host.stop(0.5)
 
 
+def test_a_silent_session_holds_up_one_round_only(tiny, engine):
+    window_s = 1.5
+    host, _ = start_verifier(tiny[0], batch_sessions=2, batch_window_ms=window_s * 1e3, max_tree_nodes=MAX_TREE)
+    try:
+        with channel(host.address) as ch:
+            stub = verifier_pb2_grpc.VerifierStub(ch)
+            want = reference(engine, PROMPTS[0], 9)
+            a = prefill(stub, PROMPTS[0]).session_id
+            silent = prefill(stub, PROMPTS[1]).session_id
+            took = []
+            for offset in (0, 2, 4):
+                start = time.perf_counter()
+                assert list(chain_round(stub, a, want, offset).new_tokens) == want[offset + 1 : offset + 3]
+                took.append(time.perf_counter() - start)
+            # The first round waits out the window for the silent session; the next ones do not.
+            assert took[0] >= window_s * 0.9 and max(took[1:]) < window_s / 2, took
+            # Once it speaks again it is waited for again, and its round is right.
+            want_silent = reference(engine, PROMPTS[1], 9)
+            assert list(chain_round(stub, silent, want_silent, 0).new_tokens) == want_silent[1:3]
+    finally:
+        host.stop(0.5)
+
+
 def test_idle_sessions_past_the_ttl_free_their_rows(tiny):
     host, _ = start_verifier(tiny[0], batch_sessions=1, session_ttl_s=0.3, max_tree_nodes=MAX_TREE)
     try:

@@ -4,7 +4,8 @@ With `--batch-sessions N` every session of a feature spec is a row of one `Batch
 (a `BatchKVCache` of N rows). Each Verify stream hands its round's tree to the `SessionBatch`
 and waits; the batch's scheduler thread collects the trees pending, waiting up to
 `--batch-window-ms` after the first for the others (or less: as soon as every session still
-generating has one pending), checks each tree alone, so that a bad one is refused to its own
+generating has one pending; a session that let a window pass without a tree is not waited for
+again until its next tree comes), checks each tree alone, so that a bad one is refused to its own
 stream only, and verifies the rest in one target forward. Rows whose session has no round
 pending sit the forward out (padding; their caches are untouched).
 
@@ -124,6 +125,7 @@ class SessionBatch:
             if key in self._pending:
                 raise Conflict(f"session '{key}' already has a round waiting to be verified")
             self._pending[key] = _Pending(key, tree, future, time.perf_counter())
+            self._active.add(key)
             self._cond.notify_all()
         return future
 
@@ -144,6 +146,10 @@ class SessionBatch:
                         break
                     self._cond.wait(left)
                 batch = list(self._pending.values())
+                # Who let the window pass without a tree (a client gone quiet, a slow
+                # drafter) is not waited for until its next tree: one silent session must not
+                # hold every round for the window until the TTL reaps it.
+                self._active &= self._pending.keys()
                 self._pending.clear()
             self._run(batch)
         self._free_rows()
