@@ -17,6 +17,20 @@ import torch
 MAX_GRAPHS_PER_CACHE = 24
 
 
+def capture_stream(device: torch.device | None = None) -> torch.cuda.Stream:
+    """The one side stream every capture on `device` warms up and records on. PyTorch keeps
+    a cuBLAS workspace per stream that is used, for the life of the process: a new stream per
+    capture would leak one (tens of MB) at every capture."""
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    stream = _CAPTURE_STREAMS.get(index)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return stream
+
+
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
 def bucket_for(n: int, largest: int) -> int | None:
     """The padded row count a forward of n rows runs at: the next power of two, or None
     (run eagerly at its own size) beyond `largest`."""
@@ -38,6 +52,7 @@ class GraphCache:
         # Each graph keeps its own memory pool: a shared pool could place one graph's
         # outputs in another's scratch memory, and replaying that one would clobber them.
         self.graphs: dict = {}
+        self.captures = 0  # graphs captured so far (each replaced one is captured again)
 
     def clear(self) -> None:
         self.graphs.clear()
@@ -59,13 +74,14 @@ class GraphCache:
         # Warm-up runs on a side stream (as PyTorch requires before capture) let lazy
         # initialisations (cuBLAS handles, allocator pools) happen outside the graph. The
         # runs rewrite the same KV slots with the same values, so they change nothing.
-        stream = torch.cuda.Stream()
+        stream = capture_stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):
             outputs = fn()
+        self.captures += 1
         return graph, outputs

@@ -47,6 +47,23 @@ def test_batched_greedy_equals_plain_decoding(pair, concurrency):
         assert run.new_tokens == 26 * len(BATCH_PROMPTS)
 
 
+def test_generation_keeps_no_autograd_state(pair):
+    """Every model call runs without autograd: a prefill recorded for backward would chain
+    its activations to the KV storage it writes, and they would pile up with every session
+    that joins (on a GPU, until memory runs out)."""
+    target, head = pair
+    engine = BatchEngine(target, head, TREE)
+    with torch.enable_grad():  # as a caller's default mode may be
+        for mode in ("vanilla", "eagle"):
+            engine.generate_many(BATCH_PROMPTS, SamplingParams(), StopCriteria(6), mode, 3)
+    for name, cache in engine._caches.items():
+        assert cache.storage.grad_fn is None and not cache.storage.requires_grad, name
+    verifier = BatchVerifier(target, BatchKVCache(target.config.num_hidden_layers, 2, 64, target.device, False))
+    with torch.enable_grad():
+        prefilled = verifier.join([NewSession("a", tuple(BATCH_PROMPTS[0]), SamplingParams(), StopCriteria(4))])
+    assert not prefilled[0].features.requires_grad and verifier.cache.storage.grad_fn is None
+
+
 @pytest.mark.parametrize("tree", [TREE, TreeConfig.chain(3), TreeConfig.eagle1_static()], ids=lambda t: t.kind)
 def test_batched_sampling_equals_the_single_session_path(pair, tree):
     """Same seeds, same trees (the batched drafter drafts what DraftSession drafts), same

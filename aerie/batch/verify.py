@@ -18,7 +18,7 @@ from aerie.accept import accept_greedy
 from aerie.batch.cache import BatchKVCache, RowCompaction
 from aerie.batch.inputs import ForwardInputs, batch_inputs
 from aerie.errors import InputError
-from aerie.fused import fused_norms
+from aerie.fused import fused_norms, norms_to_fuse
 from aerie.graphs import bucket_for
 from aerie.sampling import SamplingParams
 from aerie.target import Target
@@ -63,11 +63,12 @@ class BatchVerifier:
         self.rows: list[VerifyRow] = []
         self.base = target.model.base_model
         self.lm_head = target.model.get_output_embeddings()
+        self.fused = norms_to_fuse(target.model, target.device)  # as the single-session static path
 
     # --- the model -------------------------------------------------------------------------
 
     def _model(self, b: dict[str, torch.Tensor], argmax: bool, logits_at: torch.Tensor | None = None):
-        with fused_norms(self.target.fused):
+        with fused_norms(self.fused):
             out = self.base(
                 input_ids=b["ids"], position_ids=b["pos"], attention_mask=b["mask"],
                 past_key_values=self.cache, use_cache=True, output_hidden_states=True,
@@ -98,6 +99,7 @@ class BatchVerifier:
 
     # --- sessions join and leave -----------------------------------------------------------
 
+    @torch.inference_mode()
     def join(self, sessions: Sequence[NewSession]) -> list[Prefilled]:
         """Prefill new sessions in one eager forward (ragged prompts, padded), each into a
         fresh row after the rows in use, and sample their first tokens. Checks every

@@ -105,6 +105,7 @@ def run_bench_batch(
                 "mean_session_s": statistics.fmean(r.seconds for r in run.results),
                 "identical_to_reference": not mismatched,
                 "mismatched_prompts": mismatched,
+                "gpu_allocated_gib": torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             })
     return {
         "machine": machine_info(device),
