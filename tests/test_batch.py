@@ -199,7 +199,8 @@ def test_each_row_of_a_batched_tree_forward_equals_the_unbatched_forward():
     trees = [([7, 4, 5, 6, 7, 8, 10], [-1, 0, 0, 1, 1, 3, 2]), ([9], [-1]), ([3, 2, 2], [-1, 0, 1])]
     verifier = BatchVerifier(target, BatchKVCache(6, 4, 32, torch.device("cpu")))
     verifier.join([NewSession(i, tuple(p), SamplingParams(), StopCriteria(8)) for i, p in enumerate(prompts)])
-    logits, feats = verifier._forward([t for t, _ in trees], [p for _, p in trees], argmax=False)
+    with torch.inference_mode():  # as verify() runs it
+        logits, feats = verifier._forward([t for t, _ in trees], [p for _, p in trees], argmax=False)
     assert logits.shape[:2] == (4, 8)  # 3 sessions -> 4 rows, 7 nodes -> 8 columns
     for r, (prompt, (tokens, parents)) in enumerate(zip(prompts, trees)):
         cache = target.new_cache()

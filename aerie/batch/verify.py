@@ -99,7 +99,9 @@ class BatchVerifier:
 
     # --- sessions join and leave -----------------------------------------------------------
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: the storage may be allocated here, and rows leaving move
+    # its entries in place outside any inference block.
+    @torch.no_grad()
     def join(self, sessions: Sequence[NewSession]) -> list[Prefilled]:
         """Prefill new sessions in one eager forward (ragged prompts, padded), each into a
         fresh row after the rows in use, and sample their first tokens. Checks every
