@@ -130,13 +130,23 @@ class TreeBudget:
         self.rounds = 0
         # Tree sizes that fill a verify bucket exactly (root included), up to the largest.
         self.sizes = sorted({min(b, largest.total_tokens + 1) - 1 for b in _powers(2, largest_graph)} - {0})
-        # Each size twice: its first round captures graphs and does not count (CostModel).
-        self._warmup = [s for s in self.sizes if s != largest.total_tokens] * 2
+        # Warm-up visits every size (at the largest depth) and every depth (at the smallest
+        # size that reaches it) twice: the first round of each captures graphs and does not
+        # count (CostModel); the second measures it. Unvisited depths would otherwise capture
+        # their draft graphs in the middle of serving, whenever the choice first moves there.
+        sizes = [(n, largest.depth) for n in self.sizes if n != largest.total_tokens]
+        depths = [(min(n for n in self.sizes if n >= d), d) for d in range(1, largest.depth)]
+        self._warmup = (sizes + depths) * 2
+
+    @property
+    def warmup_rounds(self) -> int:
+        """Rounds until every size and depth is measured (explored rounds come between)."""
+        return 2 * len(self._warmup)
 
     def next_tree(self) -> TreeConfig:
         self.rounds += 1
         if self._warmup and self.rounds % 2 == 0:  # measure each size's cost once, between explorations
-            return self._tree(self._warmup.pop(), self.largest.depth)
+            return self._tree(*self._warmup.pop())
         if not self.log or self.rounds % self.explore_every == 1 or self._warmup:
             return self.largest
         n, d = self.choice()

@@ -145,6 +145,8 @@ def test_auto_budget_generation_is_lossless_and_learns():
     assert eagle.token_ids == plain.token_ids
     assert len(budget.log) >= 2
     assert set(budget.costs.verify_ms) >= {2, 4, 8, 16}  # every size was measured in warm-up
+    assert set(budget.costs.draft_ms) == {1, 2, 3, 4}  # and every depth: none is left to capture later
+    assert budget.warmup_rounds == 0
     assert {r.tree_size for r in eagle.rounds} >= {1, 3, 7, 15}
 
 

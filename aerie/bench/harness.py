@@ -32,6 +32,9 @@ from aerie.verifier import StopCriteria
 # hf-dynamic and hf-static are transformers' own `generate` with its default dynamic cache and
 # with `cache_implementation="static"` (which compiles the decode step); hf is hf-dynamic.
 MODES = ("eagle", "vanilla", "hf-dynamic", "hf-static", "hf")
+# Untimed tokens that take `--tree-budget auto` through its warm-up (TreeBudget.warmup_rounds
+# rounds of one to a few tokens each on the demo target), as a long-running server would be.
+AUTO_WARM_UP_TOKENS = 256
 # Variants of eagle in the same run: `eagle-auto` (--tree-budget auto) and fixed trees
 # `eagle-d<depth>-k<top_k>-n<total_tokens>`, for sweeping the tree budget side by side.
 EAGLE_VARIANT = re.compile(r"^eagle-(auto|d(\d+)-k(\d+)-n(\d+))$")
@@ -153,6 +156,8 @@ def run_bench(
         **extra_modes,
     }
     _warm_up([runners[m] for m in order], encoded[0], params, StopCriteria(4, stop.stop_token_ids), device)
+    if "eagle-auto" in modes:  # its warm-up rounds capture every size's and depth's graphs
+        _warm_up([runners["eagle-auto"]], encoded[0], params, StopCriteria(AUTO_WARM_UP_TOKENS), device)
     rows = []
     for prompt, ids in tqdm(list(zip(prompts, encoded)), desc="bench", unit="prompt"):
         vanilla_tokens = None
