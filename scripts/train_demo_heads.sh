@@ -8,7 +8,7 @@
 # DATA_DIR holds gsm8k_train.jsonl, mt_bench_questions.jsonl and HumanEval.jsonl.gz. Every
 # step resumes or skips when its output exists, so a rerun after an interruption continues.
 # The sizes come from the environment, so that the same script runs a tiny smoke test on a CPU:
-#   DEVICE (cuda)  DATAGEN_SECONDS (240)  DATAGEN_BATCH (512)  ANSWER_TOKENS (512)
+#   DEVICE (cuda)  DATAGEN_SECONDS (240)  DATAGEN_BATCH (512)  ANSWER_TOKENS (512)  DATAGEN_ENGINE (generate)
 #   TRAIN_MINUTES (5)  TRAIN_STEPS, or per head EAGLE3_STEPS and EAGLE1_STEPS (fit to the minutes)
 #   REPORT_MINUTES (7)  REPORT_WORKERS (12)  LIMIT (all prompts)  REPORT_LIMIT (LIMIT)  EVAL_TOKENS (256)
 set -euo pipefail
@@ -26,7 +26,7 @@ mkdir -p "$run"
 
 stamp datagen
 aerie train datagen --device "$device" --out "$run/data" --gsm8k "$data/gsm8k_train.jsonl" "${limit[@]}" \
-    --batch-size "${DATAGEN_BATCH:-512}" --max-new-tokens "${ANSWER_TOKENS:-512}" \
+    --batch-size "${DATAGEN_BATCH:-512}" --max-new-tokens "${ANSWER_TOKENS:-512}" --engine "${DATAGEN_ENGINE:-generate}" \
     --max-seconds "${DATAGEN_SECONDS:-240}"
 
 stamp train

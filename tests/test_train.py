@@ -22,7 +22,7 @@ from aerie.engine import Engine
 from aerie.errors import InputError
 from aerie.heads import build_draft_vocab, load_head, new_head
 from aerie.sampling import SamplingParams
-from aerie.target import Target
+from aerie.target import FeatureSpec, Target
 from aerie.train.cli import DEFAULT_GSM8K
 from aerie.train.data import Sample, answer_token_counts, collate, load_datasets, load_samples, split_holdout
 from aerie.train.datagen import DatagenConfig, generate_batch, run_datagen
@@ -316,9 +316,11 @@ def shards_of(out: Path) -> dict[str, dict[str, np.ndarray]]:
     return result
 
 
-def test_datagen_resumes_without_duplicates(tmp_path):
+@pytest.mark.parametrize("engine", ["generate", "batch"])
+def test_datagen_resumes_without_duplicates(tmp_path, engine):
     model = tiny_llama(vocab=VOCAB)
-    config = DatagenConfig(max_new_tokens=10, batch_size=2, temperature=1.0, seed=3)  # sampled: resume must reseed
+    # Sampled: a resumed run must reseed to sample what the uninterrupted one did.
+    config = DatagenConfig(max_new_tokens=10, batch_size=2, temperature=1.0, seed=3, engine=engine)
 
     def run(out, enc=encode, **kwargs):
         return run_datagen(model, enc, PROMPTS, out, config, frozenset(), 0, progress=False, **kwargs)
@@ -368,10 +370,37 @@ def test_datagen_resumes_without_duplicates(tmp_path):
     (out / "shard-00001.npz").unlink()
     assert run(out)["complete"]
     assert np.array_equal(shards_of(out)["shard-00001.npz"]["tokens"], want["shard-00001.npz"]["tokens"])
-    # Other settings are refused.
+    # Other settings are refused, another engine too.
     with pytest.raises(InputError, match="other settings"):
-        run_datagen(model, encode, PROMPTS, out, DatagenConfig(max_new_tokens=11, batch_size=2), frozenset(), 0,
-                    progress=False)
+        run_datagen(model, encode, PROMPTS, out, DatagenConfig(max_new_tokens=11, batch_size=2, engine=engine),
+                    frozenset(), 0, progress=False)
+    other = "generate" if engine == "batch" else "batch"
+    with pytest.raises(InputError, match="engine"):
+        run_datagen(model, encode, PROMPTS, out, DatagenConfig(max_new_tokens=10, batch_size=2, temperature=1.0, seed=3,
+                                                               engine=other), frozenset(), 0, progress=False)
+
+
+def test_batched_datagen_answers_as_plain_decoding(tmp_path):
+    """Greedy answers from the batched engine (rows of different prompt lengths, stopping at
+    different steps) are each prompt's plain decoding, cut at its first stop token, and the
+    same as transformers' generate gives."""
+    model = tiny_llama(vocab=VOCAB)
+    target = Target(model, FeatureSpec("eagle1"))
+    encoded = [encode(p.text) for p in PROMPTS]
+    plain = [Engine(target, None, TreeConfig()).generate(ids, SamplingParams(), StopCriteria(12), "vanilla").token_ids
+             for ids in encoded]
+    stop = frozenset({plain[0][4], plain[3][7]})  # two prompts stop early, on tokens that occur
+    want = []
+    for answer in plain:
+        cut = next((i for i, t in enumerate(answer) if t in stop), None)
+        want.append((answer[: cut + 1], True) if cut is not None else (answer, False))
+    for engine in ("batch", "generate"):
+        config = DatagenConfig(max_new_tokens=12, batch_size=4, engine=engine)
+        run_datagen(model, encode, PROMPTS, tmp_path / engine, config, stop, 0, progress=False)
+        samples, _ = load_samples(tmp_path / engine, min_answer=1)
+        got = [(s.tokens[s.prompt_len :].tolist(), False) for s in samples]
+        finished = [f for shard in sorted((tmp_path / engine).glob("shard-*.npz")) for f in np.load(shard)["finished"]]
+        assert [(a, bool(f)) for (a, _), f in zip(got, finished)] == want, engine
 
 
 # --- the command line, end to end ---------------------------------------------------------------
@@ -434,7 +463,7 @@ def test_cli_datagen_train_eval_end_to_end(cli_dirs, tmp_path, capsys):
 
     # Sampled answers to the same prompts, in a second directory, train beside the greedy ones.
     sampled = tmp_path / "sampled"
-    assert cli(*[sampled if a == data else a for a in datagen], "--temperature", "1") == 0
+    assert cli(*[sampled if a == data else a for a in datagen], "--temperature", "1", "--engine", "batch") == 0
     both, _ = load_datasets([data, sampled])
     assert len(both) == 20 and len({s.prompt_key for s in both}) == 10
 

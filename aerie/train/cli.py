@@ -28,6 +28,9 @@ def add_train_parser(subparsers) -> None:
     gen.add_argument("--made-scale", type=float, default=1.0, help="scale the number of made (non-GSM8K) prompts")
     gen.add_argument("--max-seconds", type=float, default=None, help="start no new shard after this long")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--engine", choices=("generate", "batch"), default="generate",
+                     help="generate: transformers' generate (dynamic cache); batch: our batched engine "
+                          "(static caches and CUDA graphs on a GPU, continuous batching)")
     gen.set_defaults(handler=cmd_datagen)
 
     for kind in ("eagle3", "eagle1"):
@@ -124,7 +127,7 @@ def cmd_datagen(args) -> int:
     stop = stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(stop) if stop else 0)
     config = DatagenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                           temperature=args.temperature, seed=args.seed)
+                           temperature=args.temperature, seed=args.seed, engine=args.engine)
     manifest = run_datagen(
         model, lambda text: encode_chat(tokenizer, text), prompts, args.out, config, stop, pad,
         model_name=str(model_dir), max_seconds=args.max_seconds,

@@ -1,9 +1,11 @@
 """Self-distillation data: the target answers the training prompts, and the prompt and answer
 token ids are stored in shards with a manifest.
 
-Each shard holds one batch of prompts, generated with one batched, left-padded `generate`
-call, and is written atomically; a rerun with the same settings skips the shards already
-on disk, so an interrupted run resumes where it stopped.
+Each shard holds one batch of prompts, answered together and written atomically; a rerun
+with the same settings skips the shards already on disk, so an interrupted run resumes where
+it stopped. Two engines answer: transformers' `generate` (one left-padded batch per shard, a
+dynamic cache: launch-bound on a GPU), or our batched engine (`aerie.batch`: static caches,
+CUDA graphs, and continuous batching, so that short answers free their rows for the rest).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,6 +27,10 @@ from aerie.errors import InputError
 from aerie.train.prompts import TrainPrompt
 
 FORMAT = "aerie-train-data/1"
+ENGINES = ("generate", "batch")
+# Answers a shard: (prompts' token ids, shard index) -> per prompt (answer ids up to and
+# including the first stop token, whether a stop token ended it).
+Answerer = Callable[[list[list[int]], int], list[tuple[list[int], bool]]]
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class DatagenConfig:
     temperature: float = 0.0  # 0: greedy, the best data for T=0 acceptance
     max_prompt_tokens: int = 1024
     seed: int = 0
+    engine: Literal["generate", "batch"] = "generate"
 
 
 def prompts_digest(prompts: Sequence[TrainPrompt]) -> str:
@@ -93,6 +101,43 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature):
     return answers
 
 
+def generate_answerer(model, config: DatagenConfig, stop_ids: frozenset[int], pad_id: int) -> Answerer:
+    """Shards answered by transformers' `generate`, seeded per shard (a resumed run samples
+    the same)."""
+    def answer(prompts: list[list[int]], shard: int) -> list[tuple[list[int], bool]]:
+        torch.manual_seed(config.seed * 1_000_003 + shard)
+        # Similar lengths together: less padding inside the one generate call.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        answers = generate_batch(model, [prompts[i] for i in order], config.max_new_tokens, stop_ids, pad_id,
+                                 config.temperature)
+        by_index = dict(zip(order, answers))
+        return [by_index[i] for i in range(len(prompts))]
+
+    return answer
+
+
+def batch_answerer(model, config: DatagenConfig, stop_ids: frozenset[int]) -> Answerer:
+    """Shards answered by plain batched decoding in `aerie.batch`, every prompt of a shard a
+    session of one batch; sampled answers are seeded per prompt (shard and position), so a
+    resumed run samples the same."""
+    from aerie.batch.engine import BatchEngine
+    from aerie.sampling import SamplingParams
+    from aerie.target import FeatureSpec, Target
+    from aerie.tree import TreeConfig
+    from aerie.verifier import StopCriteria
+
+    engine = BatchEngine(Target(model, FeatureSpec("eagle1")), None, TreeConfig.chain(1))
+    stop = StopCriteria(config.max_new_tokens, stop_ids)
+
+    def answer(prompts: list[list[int]], shard: int) -> list[tuple[list[int], bool]]:
+        params = [SamplingParams(temperature=config.temperature, seed=(config.seed * 1_000_003 + shard) * 65_536 + i)
+                  for i in range(len(prompts))]
+        run = engine.generate_many(prompts, params, stop, "vanilla", concurrency=len(prompts))
+        return [(r.token_ids, bool(r.token_ids) and r.token_ids[-1] in stop_ids) for r in run.results]
+
+    return answer
+
+
 def write_shard(path: Path, samples: list[tuple[str, list[int], list[int], bool]], dtype: np.dtype) -> int:
     """samples: (prompt id, prompt ids, answer ids, finished). Returns the token count."""
     seqs = [p + a for _, p, a, _ in samples]
@@ -122,7 +167,8 @@ def run_datagen(
     max_seconds: float | None = None,
     progress: bool = True,
 ) -> dict:
-    """Generate answers for `prompts` into shards under `out_dir`; returns the manifest.
+    """Generate answers for `prompts` into shards under `out_dir` with `config.engine`;
+    returns the manifest.
 
     Shard i holds prompts [i * batch_size, (i + 1) * batch_size). With `max_seconds`, no new
     shard is started once that much time has passed (rerun to continue)."""
@@ -135,17 +181,21 @@ def run_datagen(
         "format": FORMAT, "model": model_name, "vocab_size": vocab, "token_dtype": token_dtype(vocab).name,
         "prompts_digest": prompts_digest(prompts), "shard_size": config.batch_size,
         "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
-        "max_prompt_tokens": config.max_prompt_tokens,
+        "max_prompt_tokens": config.max_prompt_tokens, "engine": config.engine,
     }
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
+        old = {"engine": "generate", **json.loads(manifest_path.read_text())}  # made before engines had a name
         differing = [k for k, v in settings.items() if old.get(k) != v and k != "model"]
         if differing:
             raise InputError(f"'{out}' holds data made with other settings ({', '.join(differing)}): use another --out")
     n_shards = (len(prompts) + config.batch_size - 1) // config.batch_size
     shards: list[dict] = []
     done_shards = {s["file"]: s for s in (json.loads(manifest_path.read_text()).get("shards", []) if manifest_path.is_file() else [])}
+    if config.engine not in ENGINES:
+        raise InputError(f"unknown datagen engine {config.engine!r}: use one of {', '.join(ENGINES)}")
+    answer = (batch_answerer(model, config, stop_ids) if config.engine == "batch"
+              else generate_answerer(model, config, stop_ids, pad_id))
     start = time.perf_counter()
     dtype = token_dtype(vocab)
     bar = tqdm(total=len(prompts), desc="datagen", unit="prompt", disable=not progress, dynamic_ncols=True)
@@ -162,13 +212,9 @@ def run_datagen(
             stopped_early = True
             break
         t0 = time.perf_counter()
-        torch.manual_seed(config.seed * 1_000_003 + index)  # per shard: a resumed run samples the same
         encoded = [encode(p.text)[-config.max_prompt_tokens :] for p in batch]
-        # Similar lengths together: less padding inside the one generate call.
-        order = sorted(range(len(batch)), key=lambda i: len(encoded[i]))
-        answers = generate_batch(model, [encoded[i] for i in order], config.max_new_tokens, stop_ids, pad_id, config.temperature)
-        by_index = dict(zip(order, answers))
-        samples = [(batch[i].id, encoded[i], *by_index[i]) for i in range(len(batch))]
+        answers = answer(encoded, index)
+        samples = [(p.id, ids, *a) for p, ids, a in zip(batch, encoded, answers)]
         tokens = write_shard(out / name, samples, dtype)
         new = sum(len(a) for _, _, a, _ in samples)
         generated_tokens += new
