@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=cmd_bench)
 
     cost = sub.add_parser("verify-cost", help="verify forward time against tree size, and the bandwidth floor")
-    cost.add_argument("--shapes", default="demo,llama-8b", help="demo (SmolLM2) and/or llama-8b (random weights)")
+    cost.add_argument("--shapes", default="demo,llama-8b",
+                      help="demo (SmolLM2), llama-8b and llama-70b (random weights, built in place)")
+    cost.add_argument("--tensor-parallel", type=int, default=1,
+                      help="shard the random-weight shapes over this many GPUs (gloo processes on --device cpu)")
     cost.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     cost.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="bfloat16")
     cost.add_argument("--no-graphs", action="store_true", help="run the forwards eagerly")
@@ -228,11 +231,38 @@ def cmd_verify_cost(args) -> int:
     from aerie.models import parse_dtype
 
     shapes = [s for s in args.shapes.split(",") if s]
-    result = run_verify_cost(shapes, args.device, parse_dtype(args.dtype), graphs=not args.no_graphs)
+    if args.tensor_parallel < 1:
+        raise InputError(f"--tensor-parallel must be >= 1, got {args.tensor_parallel}")
+    if args.tensor_parallel > 1:
+        result = _sharded_verify_cost(shapes, args)
+    else:
+        result = run_verify_cost(shapes, args.device, parse_dtype(args.dtype), graphs=not args.no_graphs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(format_verify_cost(result))
     return 0
+
+
+def _sharded_verify_cost(shapes: list[str], args) -> dict:
+    from aerie.bench.harness import machine_info
+    from aerie.bench.verify_cost import SHAPES
+    from aerie.bench.verify_cost_tp import run_sharded_verify_cost
+    from aerie.models import parse_dtype
+
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise InputError(f"--tensor-parallel measures the random-weight shapes ({', '.join(SHAPES)}), not {', '.join(unknown)}")
+    if args.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < args.tensor_parallel:
+            raise InputError(f"--tensor-parallel {args.tensor_parallel} needs that many GPUs; torch sees "
+                             f"{torch.cuda.device_count()}")
+    results = [run_sharded_verify_cost(name, SHAPES[name](), args.tensor_parallel, args.device, parse_dtype(args.dtype),
+                                       graphs=not args.no_graphs) for name in shapes]
+    return {"machine": machine_info(args.device), "copy_bandwidth_gbs": results[0]["copy_bandwidth_gbs"],
+            "graphs": results[0]["graphs"], "dtype": args.dtype, "tensor_parallel": args.tensor_parallel,
+            "shapes": results}
 
 
 def cmd_profile(args) -> int:

@@ -25,7 +25,7 @@ from aerie.parallel.launch import Rendezvous, rendezvous_from_env
 from aerie.parallel.mirror import MirrorGroup, OutOfStep, TensorParallelTarget
 from aerie.parallel.protocol import HEADER_LEN, Call, Op, decode, encode, payload_len
 from aerie.sampling import SamplingParams
-from aerie.target import FeatureSpec, Target, eagle3_default_layers
+from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers
 from aerie.tree import TreeConfig
 from aerie.verifier import StopCriteria
 from tests.tiny import tiny_head, tiny_llama
@@ -95,8 +95,9 @@ def kv_of(caches) -> dict[str, torch.Tensor]:
 # --- the two ranks ----------------------------------------------------------------------------
 
 
-def rank_main(rank: int, port: int, out_dir: str) -> None:
-    """One rank of the two-process run; rank 0 saves what it saw, rank 1 its caches."""
+def rank_main(rank: int, port: int, out_dir: str, static: bool = False) -> None:
+    """One rank of the two-process run; rank 0 saves what it saw, rank 1 its caches. With
+    `static`, every rank runs static caches (the GPU path, without graphs on the CPU)."""
     from aerie.parallel.launch import join_group, prepare_shard_
     from aerie.parallel.mirror import serve_mirror
 
@@ -105,13 +106,15 @@ def rank_main(rank: int, port: int, out_dir: str) -> None:
     group = join_group(rank, WORLD, "cpu", rank, store)
     model = tiny_llama(layers=LAYERS, seed=0)  # the same weights on every rank
     plan = prepare_shard_(model, group)
+    kv = StaticKV(cuda_graphs=False, initial_capacity=8, pooled=1) if static else None  # small: it must grow
     if rank > 0:
-        caches = serve_mirror(Target(model, FeatureSpec("eagle1")), group.channel())
-        torch.save({"heads": plan.kv_heads, **kv_of(caches.values())}, Path(out_dir) / "rank1.pt")
+        caches = serve_mirror(Target(model, FeatureSpec("eagle1"), static=kv), group.channel())
+        if not static:
+            torch.save({"heads": plan.kv_heads, **kv_of(caches.values())}, Path(out_dir) / "rank1.pt")
         group.leave()
         return
     mirror = MirrorGroup(group.channel())
-    target = TensorParallelTarget(Target(model, SPEC), mirror)
+    target = TensorParallelTarget(Target(model, SPEC, static=kv), mirror)
     out, caches = verify_script(target)
     gens = generations(target)
     kv = kv_of(caches)
@@ -120,12 +123,10 @@ def rank_main(rank: int, port: int, out_dir: str) -> None:
     group.leave()
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> tuple[dict, dict]:
-    out_dir = tmp_path_factory.mktemp("tp")
+def run_two_ranks(out_dir: Path, static: bool) -> None:
     store = dist.TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(rank, store.port, str(out_dir))) for rank in range(WORLD)]
+    procs = [ctx.Process(target=rank_main, args=(rank, store.port, str(out_dir), static)) for rank in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -134,6 +135,12 @@ def two_ranks(tmp_path_factory) -> tuple[dict, dict]:
         if p.is_alive():
             p.kill()
     assert [p.exitcode for p in procs] == [0, 0], "a rank failed: see its traceback above"
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[dict, dict]:
+    out_dir = tmp_path_factory.mktemp("tp")
+    run_two_ranks(out_dir, static=False)
     return torch.load(out_dir / "rank0.pt"), torch.load(out_dir / "rank1.pt")
 
 
@@ -168,6 +175,18 @@ def test_sharded_generation_equals_unsharded_token_for_token(two_ranks):
     assert rank0["gens"]["greedy_accepted"] == ref["greedy_accepted"]
     assert sum(ref["greedy_accepted"]) > 0  # compaction kept accepted drafts, not only roots
     assert rank0["gens"]["sampled"] == ref["sampled"]
+
+
+def test_sharded_static_caches_equal_unsharded(tmp_path):
+    """Every rank on static caches (preallocated, grown by doubling, pooled and handed back
+    on release): the outputs and generations are the unsharded model's."""
+    run_two_ranks(tmp_path, static=True)
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    ref, _ = verify_script(tiny_target_unsharded())
+    for name, want in ref.items():
+        torch.testing.assert_close(rank0["out"][name], want, atol=ATOL, rtol=ATOL, msg=name)
+    gens = generations(tiny_target_unsharded())
+    assert rank0["gens"]["greedy"] == gens["greedy"] and rank0["gens"]["sampled"] == gens["sampled"]
 
 
 # --- the mirrored calls -----------------------------------------------------------------------
@@ -266,3 +285,28 @@ def test_tensor_parallel_setting_reads_flag_and_environment():
     assert from_args(VerifyConfig, parser.parse_args([]), environ={"AERIE_TENSOR_PARALLEL": "4"}).tensor_parallel == 4
     with pytest.raises(InputError, match="--tensor-parallel must be >= 1"):
         from_args(VerifyConfig, parser.parse_args(["--tensor-parallel", "0"]), environ={})
+
+
+# --- the sharded verify cost (the 70B measurement's tool, on a tiny shape) ---------------------
+
+
+def test_sharded_verify_cost_runs_every_rank_and_reports_the_shard(capsys):
+    from transformers import LlamaConfig
+
+    from aerie.bench.verify_cost_tp import run_sharded_verify_cost
+    from aerie.cli import main
+
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    result = run_sharded_verify_cost("tiny", config, WORLD, "cpu", torch.float32, sizes=(1, 4), prefix=16, repeats=2)
+    assert [p["tree_size"] for p in result["curve"]] == [1, 4]
+    assert all(p["ms_median"] > 0 and p["device_ms"] is None for p in result["curve"])
+    # Rank 0's shard: half of every layer's projections, the whole embedding and LM head, the norms.
+    h, inter, v, layers = 64, 128, 96, 3
+    per_layer = h * h // 2 + 2 * (h * h // 4) + h * h // 2 + 3 * h * inter // 2 + 2 * h
+    assert result["weights_gb"] * 1e9 == 4 * (layers * per_layer + 2 * v * h + h)
+    assert result["tensor_parallel"] == WORLD and result["one_token_vs_floor"] is None
+    # The CLI measures only the random-weight shapes sharded.
+    assert main(["verify-cost", "--shapes", "demo", "--tensor-parallel", "2", "--device", "cpu", "--out", "x.json"]) == 2
+    assert "random-weight shapes" in capsys.readouterr().err

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from aerie.errors import InputError
+from aerie.target import StaticKV
 from aerie_rpc.config import option
 from aerie_rpc.tls import TlsServerOptions
 
@@ -32,6 +35,10 @@ class VerifyConfig(TlsServerOptions):
         2.0, "with --batch-sessions: how long a round waits for other sessions' rounds to join its forward "
         "(it starts sooner once every generating session has one pending)"
     )
+    cuda_graphs: bool = option(
+        True, "on cuda: static KV caches, with every forward of up to 128 tokens replayed as a captured CUDA graph "
+        "(with --tensor-parallel the all-reduces are captured too); --no-cuda-graphs: static caches, eager forwards"
+    )
     workers: int = option(64, "server threads (each open stream holds one)")
     grace_s: float = option(20.0, "on SIGTERM, how long in-flight rounds may take to finish")
 
@@ -48,6 +55,11 @@ class VerifyConfig(TlsServerOptions):
         if self.batch_sessions and self.tensor_parallel > 1:
             # The batched forward runs the model directly, not through the sharded target's mirroring.
             raise InputError("--batch-sessions needs --tensor-parallel 1: batched verification is not sharded yet")
+
+    def static_kv(self, device: torch.device) -> StaticKV | None:
+        """How targets on `device` run: static caches on CUDA (graphed unless --no-cuda-graphs),
+        dynamic caches on the CPU."""
+        return StaticKV(cuda_graphs=self.cuda_graphs) if torch.device(device).type == "cuda" else None
 
     @property
     def session_limit(self) -> tuple[int, str]:

@@ -24,7 +24,7 @@ from aerie.batch.cache import BatchKVCache
 from aerie.batch.verify import BatchVerifier
 from aerie.errors import AerieError, InputError
 from aerie.sampling import SamplingParams
-from aerie.target import FeatureSpec, StaticKV, Target
+from aerie.target import FeatureSpec, Target
 from aerie.tree import DraftTree
 from aerie.verifier import StopCriteria, VerifySession
 from aerie_rpc import wire
@@ -151,7 +151,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         self.model = model
         # The target for a feature spec: a plain one, or one that mirrors its calls on the
         # other ranks of a sharded model (verify_service.tensor_parallel).
-        self._make_target = make_target or (lambda spec: Target(model, spec, static=StaticKV.default_for(model.device)))
+        self._make_target = make_target or (lambda spec: Target(model, spec, static=config.static_kv(model.device)))
         self.config = config
         self.eos_ids = eos_ids
         self.model_name = model_name

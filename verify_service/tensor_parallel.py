@@ -98,7 +98,7 @@ def load_shard(config: VerifyConfig, group: ParallelGroup):
 def _serve_worker(config: VerifyConfig, group: ParallelGroup) -> int:
     try:
         model, _, _ = load_shard(config, group)
-        serve_mirror(Target(model, FeatureSpec("eagle1")), group.channel())
+        serve_mirror(Target(model, FeatureSpec("eagle1"), static=config.static_kv(group.device)), group.channel())
         log.info("rank %d: shutdown received", group.rank)
     finally:
         group.leave()
@@ -124,7 +124,8 @@ def _serve_rank0(config: VerifyConfig, group: ParallelGroup, stopping: threading
         model, tokenizer, path = load_shard(config, group)
         eos = eos_token_ids(tokenizer, getattr(model, "generation_config", None))
         servicer = VerifierServicer(model, config, eos, model_name=config.model or path.name,
-                                    make_target=lambda spec: TensorParallelTarget(Target(model, spec), mirror))
+                                    make_target=lambda spec: TensorParallelTarget(
+                                        Target(model, spec, static=config.static_kv(group.device)), mirror))
         provider = setup_tracing("aerie-verify")
         host = ServiceHost(config.listen, lambda s: verifier_pb2_grpc.add_VerifierServicer_to_server(servicer, s),
                            [SERVICE_NAME], workers=config.workers, on_drain=servicer.drain)

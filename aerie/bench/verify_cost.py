@@ -33,6 +33,15 @@ def llama_8b_config() -> LlamaConfig:
     )
 
 
+def llama_70b_config() -> LlamaConfig:
+    """Llama-3-70B's shape."""
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )
+
+
 @dataclass
 class CostPoint:
     tree_size: int
@@ -65,11 +74,12 @@ def random_tree(k: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def verify_cost_curve(
-    target: Target, sizes: tuple[int, ...] = TREE_SIZES, prefix: int = 512, repeats: int = 30
+    target: Target, sizes: tuple[int, ...] = TREE_SIZES, prefix: int = 512, repeats: int = 30, replay: bool = True,
 ) -> list[CostPoint]:
     """Time a verify forward of a k-token tree (the root and k - 1 drafted nodes; k = 1 is
     plain decoding's step) after `prefix` committed tokens, with the host work and the
-    result's read-back that a round includes."""
+    result's read-back that a round includes. `replay`: also time the captured graph alone
+    (not for a sharded target, whose graphs hold all-reduces that every rank must join)."""
     gen = torch.Generator().manual_seed(0)
     vocab = target.vocab_size
     cache = target.new_cache()
@@ -85,12 +95,13 @@ def verify_cost_curve(
             out = target.forward(cache, tokens, tree_parents=parents)
             out.logits.argmax(-1).cpu()  # the accept step's read-back: the round's one sync
             elapsed = time.perf_counter() - t0
-            truncate_cache(cache, prefix)
+            target.compact(cache, prefix, [])  # drop the tree again (on every rank of a sharded target)
             if i >= 3:  # the first runs capture the graph
                 times.append(elapsed * 1e3)
         times.sort()
+        device_ms = replay_ms(cache, ("target", bucket_for(k, target.static.largest_graph))) if replay else None
         points.append(CostPoint(k, statistics.median(times), times[len(times) // 10], times[(9 * len(times)) // 10],
-                                replay_ms(cache, ("target", bucket_for(k, target.static.largest_graph)))))
+                                device_ms))
     target.release_cache(cache)
     return points
 
@@ -151,9 +162,15 @@ def kernel_breakdown(target: Target, k: int, prefix: int = 512) -> dict | None:
     return {"tree_size": k, "kernels": count / replays, "ms_by_kind": by_kind}
 
 
-def llama_8b_shaped(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:
-    """A Llama-3-8B-shaped causal LM with random weights, built directly on `device`."""
-    config = llama_8b_config()
+# The random-weight shapes, by name.
+SHAPES = {"llama-8b": llama_8b_config, "llama-70b": llama_70b_config}
+
+
+def llama_8b_shaped(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                    config: LlamaConfig | None = None) -> LlamaForCausalLM:
+    """A Llama-3-8B-shaped causal LM (or of `config`) with random weights, built directly on
+    `device`."""
+    config = config or llama_8b_config()
     config._attn_implementation = "sdpa"
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -209,10 +226,10 @@ def run_verify_cost(shapes: list[str], device: str, dtype: torch.dtype, graphs: 
     for name in shapes:
         if name == "demo":
             model, _ = load_causal_lm(resolve_model(None), device, dtype)
-        elif name == "llama-8b":
-            model = llama_8b_shaped(dev, dtype)
+        elif name in SHAPES:
+            model = llama_8b_shaped(dev, dtype, SHAPES[name]())
         else:
-            raise ValueError(f"unknown shape {name!r}: use demo or llama-8b")
+            raise ValueError(f"unknown shape {name!r}: use demo, {' or '.join(SHAPES)}")
         results.append(measure_shape(name, model, dev, bandwidth, graphs))
         del model
         if dev.type == "cuda":
@@ -227,7 +244,9 @@ def format_verify_cost(result: dict) -> str:
              "|---|" + "---|" * len(sizes) + "---|---|"]
     for s in result["shapes"]:
         cells = " | ".join(f"{p['ms_median']:.2f}" for p in s["curve"])
-        lines.append(f"| {s['shape']} | {cells} | {s['bandwidth_floor_ms']:.2f} | {100 * s['one_token_vs_floor']:.0f}% |")
+        share = "-" if s["one_token_vs_floor"] is None else f"{100 * s['one_token_vs_floor']:.0f}%"
+        name = s["shape"] + (f" (TP {s['tensor_parallel']})" if s.get("tensor_parallel", 1) > 1 else "")
+        lines.append(f"| {name} | {cells} | {s['bandwidth_floor_ms']:.2f} | {share} |")
         if s["curve"][0].get("device_ms") is not None:
             cells = " | ".join(f"{p['device_ms']:.2f}" for p in s["curve"])
             share = 100 * s["one_token_device_vs_floor"]

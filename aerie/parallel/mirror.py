@@ -138,8 +138,9 @@ class TensorParallelTarget:
     hidden_size = property(lambda self: self._local.hidden_size)
     vocab_size = property(lambda self: self._local.vocab_size)
     max_positions = property(lambda self: self._local.max_positions)
-    # Sharded forwards run on dynamic caches: graphs would have to capture the all-reduces.
-    static = property(lambda self: None)
+    # Every rank runs the same cache kind: static caches capture each rank's forward, all-reduces
+    # included, as a CUDA graph, in the same order on every rank.
+    static = property(lambda self: self._local.static)
 
     @property
     def features(self) -> FeatureSpec:
@@ -174,15 +175,18 @@ class TensorParallelTarget:
 def serve_mirror(target: Target, channel: Channel) -> dict[int, DynamicCache]:
     """The loop of a rank > 0: run every call rank 0 sends, until it sends SHUTDOWN.
 
-    `target` wraps this rank's shard; its feature spec does not matter (features are rank
-    0's business). Caches are made on their first forward and dropped when rank 0 says so.
+    `target` wraps this rank's shard, with the cache kind of rank 0's; its feature spec does
+    not matter (features are rank 0's business). Caches are made (or taken from the pool) on
+    their first forward and given back when rank 0 says so.
     Returns the caches still held at SHUTDOWN (those of sessions rank 0 still had).
     """
     caches: dict[int, DynamicCache] = {}
     while True:
         call = channel.receive()
         for cache_id in call.released:
-            caches.pop(cache_id, None)
+            released = caches.pop(cache_id, None)
+            if released is not None:
+                target.release_cache(released)  # back to the pool, as on rank 0
         if call.op is Op.SHUTDOWN:
             return caches
         if call.op is Op.FORWARD and call.cache_id not in caches:
