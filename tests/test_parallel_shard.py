@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from aerie.errors import InputError
-from aerie.parallel.shard import RowParallelLinear, plan_shards, shard_llama_
+from aerie.parallel.shard import RowParallelLinear, drop_lm_head_, plan_shards, shard_llama_
 from tests.tiny import tiny_llama
 
 WORLD = 2
@@ -157,3 +157,57 @@ def test_intermediate_size_that_does_not_split_is_refused():
     plan_shards(config, 0, 2)
     with pytest.raises(InputError, match="does not divide the model's intermediate size 90"):
         plan_shards(config, 0, 4)
+
+
+# --- loading only a rank's slices --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_shard_read_from_the_checkpoint_equals_the_loaded_model_sharded(tmp_path, tied):
+    from aerie.parallel.launch import ParallelGroup
+    from aerie.parallel.load import load_shard
+
+    model = tiny_llama(layers=3, seed=2)
+    model.config.tie_word_embeddings = tied
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    ids = torch.tensor([[3, 14, 15, 9, 26]])
+    for rank in range(2):
+        group = ParallelGroup(rank, 2, torch.device("cpu"), None, None)
+        group.all_reduce = lambda t: None  # one rank alone: each gives its partial sums
+        shard, plan = load_shard(tmp_path, group, torch.float32)
+        want = tiny_llama(layers=3, seed=2)
+        if tied:
+            want.lm_head.weight = want.model.embed_tokens.weight
+        shard_llama_(want, rank, 2, lambda t: None)
+        if rank > 0:
+            drop_lm_head_(want)
+        got_params, want_params = dict(shard.named_parameters()), dict(want.named_parameters())
+        assert got_params.keys() == want_params.keys() and plan.kv_heads == 1
+        for name, p in want_params.items():
+            assert torch.equal(got_params[name], p), name
+        assert (getattr(shard.lm_head, "weight", None) is shard.model.embed_tokens.weight) == (tied and rank == 0)
+        with torch.no_grad():
+            got, ref = shard(input_ids=ids).logits, want(input_ids=ids).logits
+        torch.testing.assert_close(got, ref)
+
+
+def test_a_checkpoint_without_a_weight_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from aerie.errors import ModelError
+    from aerie.parallel.launch import ParallelGroup
+    from aerie.parallel.load import load_shard, shard_index
+
+    tiny_llama(layers=2).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    group = ParallelGroup(0, 2, torch.device("cpu"), None, None)
+    group.all_reduce = lambda t: None
+    with pytest.raises(ModelError, match="lacks 1 weights, e.g. model.layers.1.mlp.up_proj.weight"):
+        load_shard(tmp_path, group, torch.float32)
+    assert shard_index((4, 8), (8, 8), 1) == (slice(4, 8), slice(None))
+    with pytest.raises(ModelError, match="cannot come from"):
+        shard_index((3, 8), (8, 8), 0)

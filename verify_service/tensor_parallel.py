@@ -15,13 +15,12 @@ import threading
 import torch
 import torch.distributed as dist
 
-from aerie.errors import InputError
+from aerie.errors import InputError, ModelError
 from aerie.parallel.launch import (
     ParallelGroup,
     exit_when_orphaned,
     ignore_stop_signals,
     join_group,
-    prepare_shard_,
     rendezvous_from_env,
     spawn_workers,
     stop_workers,
@@ -85,11 +84,18 @@ def _spawned_worker(rank: int, config: VerifyConfig, host: str, port: int) -> No
 
 def load_shard(config: VerifyConfig, group: ParallelGroup):
     """This rank's shard of the target, and (for rank 0's end-of-sequence ids) the tokenizer."""
-    from aerie_rpc.models import load_target_model
+    from aerie.models import parse_dtype, resolve_model
+    from aerie.parallel.load import load_shard as load_shard_weights
+    from aerie_rpc.models import load_tokenizer
 
-    # Loaded on the CPU and sharded there, so that no GPU ever holds the whole model.
-    model, tokenizer, path = load_target_model(config.model, "cpu", config.dtype)
-    plan = prepare_shard_(model, group)
+    # Each rank reads only its slices of the checkpoint: no GPU, and no host, ever holds
+    # more than one rank's shard per rank.
+    path = resolve_model(config.model)
+    model, plan = load_shard_weights(path, group, parse_dtype(config.dtype))
+    try:
+        tokenizer, _ = load_tokenizer(str(path))
+    except ModelError:
+        tokenizer = None  # token ids only; the end-of-sequence ids come from the generation config
     log.info("rank %d of %d holds %d of %d query heads, %d of %d key/value heads", group.rank, group.world,
              plan.heads, model.config.num_attention_heads, plan.kv_heads, model.config.num_key_value_heads)
     return model, tokenizer, path
