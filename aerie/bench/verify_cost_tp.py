@@ -17,32 +17,21 @@ import math
 import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from aerie.bench.verify_cost import TREE_SIZES, copy_bandwidth, verify_cost_curve, weight_bytes
 from aerie.parallel.launch import ParallelGroup, join_group, spawn_workers, stop_workers
+from aerie.parallel.load import empty_shard
 from aerie.parallel.mirror import MirrorGroup, TensorParallelTarget, serve_mirror
-from aerie.parallel.shard import drop_lm_head_, plan_shards, shard_llama_
+from aerie.parallel.shard import plan_shards
 from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers
 
 HOST = "127.0.0.1"
 
 
 def build_sharded_random(config: LlamaConfig, group: ParallelGroup, dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
-    """This rank's shard of a random-weight Llama of `config`: laid out on the meta device,
-    sharded, then materialised on the rank's device and filled (norms 1, matrices N(0, 0.02))."""
-    config._attn_implementation = "sdpa"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    shard_llama_(model, group.rank, group.world, group.all_reduce)
-    if group.rank > 0:
-        drop_lm_head_(model)
-    model.to_empty(device=group.device)
+    """This rank's shard of a random-weight Llama of `config`, allocated on its device only
+    (`empty_shard`) and filled: norms 1, matrices N(0, 0.02)."""
+    model, _ = empty_shard(config, group, dtype)
     generator = torch.Generator(device=group.device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -50,8 +39,6 @@ def build_sharded_random(config: LlamaConfig, group: ParallelGroup, dtype: torch
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=generator)
-    # Buffers come out of to_empty uninitialised: the rotary frequencies are made again.
-    model.model.rotary_emb = LlamaRotaryEmbedding(config).to(group.device)
     return model.eval()
 
 

@@ -30,11 +30,28 @@ def shard_index(local: Sequence[int], full: Sequence[int], rank: int) -> tuple[s
     return tuple(slice(rank * n, (rank + 1) * n) if n != m else slice(None) for n, m in zip(local, full))
 
 
+def empty_shard(config, group: ParallelGroup, dtype: torch.dtype) -> tuple[nn.Module, ShardPlan]:
+    """This rank's shard of a causal LM of `config`: laid out on the meta device, sharded
+    there, then given storage on the rank's device, so that only its own weights are ever
+    allocated. The weights are left for the caller to fill; the rotary frequencies (a buffer
+    `to_empty` leaves uninitialised) are made again."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    plan = shard_llama_(model, group.rank, group.world, group.all_reduce)
+    if group.rank > 0:
+        drop_lm_head_(model)
+    model.to_empty(device=group.device)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config).to(group.device)
+    return model, plan
+
+
 def load_shard(path: Path, group: ParallelGroup, dtype: torch.dtype) -> tuple[nn.Module, ShardPlan]:
     """This rank's shard of the causal LM in the Hugging Face directory `path`, on the
     rank's device, in eval mode."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -43,12 +60,7 @@ def load_shard(path: Path, group: ParallelGroup, dtype: torch.dtype) -> tuple[nn
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelError(f"'{path}' has no safetensors weights to read a shard from")
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    plan = shard_llama_(model, group.rank, group.world, group.all_reduce)
-    if group.rank > 0:
-        drop_lm_head_(model)
-    model.to_empty(device=group.device)  # breaks weight ties: made again below
+    model, plan = empty_shard(config, group, dtype)
     tied = bool(getattr(config, "tie_word_embeddings", False)) and isinstance(getattr(model, "lm_head", None), nn.Linear)
     wanted = {name: p for name, p in model.named_parameters() if not (tied and name == "lm_head.weight")}
     loaded: set[str] = set()
@@ -65,11 +77,8 @@ def load_shard(path: Path, group: ParallelGroup, dtype: torch.dtype) -> tuple[nn
     missing = sorted(wanted.keys() - loaded)
     if missing:
         raise ModelError(f"the checkpoint in '{path}' lacks {len(missing)} weights, e.g. {', '.join(missing[:3])}")
-    if tied:
+    if tied:  # to_empty gave the two their own storage
         model.lm_head.weight = model.get_input_embeddings().weight
-    # Buffers come out of to_empty uninitialised: the rotary frequencies are made again.
-    rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config).to(group.device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval(), plan
