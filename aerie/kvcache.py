@@ -22,10 +22,13 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from aerie.graphs import GraphCache, bucket_for
 
 
-class _SlotLayer(CacheLayerMixin):
+class StaticLayer(CacheLayerMixin):
+    """One layer's view of a static cache's storage: allocated by its owner on first use,
+    sized to the owner's capacity; subclasses say where new entries are written (`write`)."""
+
     is_compileable = True
 
-    def __init__(self, owner: SlotCache):
+    def __init__(self, owner: StaticStorage):
         super().__init__()
         self.owner = owner
 
@@ -35,19 +38,27 @@ class _SlotLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        return self.write(key_states, value_states)
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.owner.capacity, 0
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+
+class _SlotLayer(StaticLayer):
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         slots = self.owner.write_at[: key_states.shape[-2]]
         self.keys.index_copy_(2, slots, key_states)
         self.values.index_copy_(2, slots, value_states)
         return self.keys, self.values
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.owner.capacity, 0
-
     def get_seq_length(self) -> int:
         return self.owner.length
-
-    def get_max_length(self) -> int:
-        return self.owner.capacity
 
 
 class StaticStorage(Cache):

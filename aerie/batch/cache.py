@@ -17,9 +17,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
-from aerie.kvcache import StaticStorage, pinned_tensor
+from aerie.kvcache import StaticLayer, StaticStorage, pinned_tensor
 
 
 @dataclass(frozen=True)
@@ -32,19 +31,8 @@ class RowCompaction:
     keep: tuple[int, ...]
 
 
-class _BatchLayer(CacheLayerMixin):
-    is_compileable = True
-
-    def __init__(self, owner: BatchKVCache):
-        super().__init__()
-        self.owner = owner
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.owner.allocate(key_states, value_states)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
+class _BatchLayer(StaticLayer):
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         owner = self.owner
         rows, slots = owner.write_rows, owner.write_slots  # [b, n] each
         # Views [rows, capacity, heads, dim]: index_put_ with the (row, slot) pairs writes
@@ -54,14 +42,8 @@ class _BatchLayer(CacheLayerMixin):
         lo, hi = owner.window
         return self.keys[lo:hi], self.values[lo:hi]
 
-    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
-        return self.owner.capacity, 0
-
     def get_seq_length(self) -> int:
         return 0
-
-    def get_max_length(self) -> int:
-        return self.owner.capacity
 
 
 class BatchKVCache(StaticStorage):
