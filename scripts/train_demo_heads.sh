@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Trains and measures the demo target's draft heads in one go, on one GPU:
-#   self-distilled data -> EAGLE-3 and EAGLE-1 heads (trained side by side) -> the tau report
-#   (MT-bench and HumanEval, T=0 and T=1, chain vs dynamic tree) -> a short `aerie bench`.
+#   self-distilled data (greedy, then optionally sampled answers to the same prompts) -> EAGLE-3
+#   and EAGLE-1 heads (trained side by side) -> the tau report (MT-bench and HumanEval, T=0 and
+#   T=1, chain vs dynamic tree) -> a short `aerie bench`.
 #
 #   scripts/train_demo_heads.sh RUN_DIR DATA_DIR
 #
@@ -9,13 +10,16 @@
 # step resumes or skips when its output exists, so a rerun after an interruption continues.
 # The sizes come from the environment, so that the same script runs a tiny smoke test on a CPU:
 #   DEVICE (cuda)  DATAGEN_SECONDS (240)  DATAGEN_BATCH (512)  ANSWER_TOKENS (512)  DATAGEN_ENGINE (generate)
-#   TRAIN_MINUTES (5)  TRAIN_STEPS, or per head EAGLE3_STEPS and EAGLE1_STEPS (fit to the minutes)
+#   SAMPLED_SECONDS (0: none) and SAMPLED_TEMPERATURE (0.8): a second datagen, sampled, trained on too
+#   HEADS ("eagle3 eagle1")  TRAIN_MINUTES (5)  TRAIN_STEPS, or per head EAGLE3_STEPS and EAGLE1_STEPS
+#   REPORT_HEADS (more NAME=DIR heads to report beside the trained ones, e.g. the shipped ones)
 #   REPORT_MINUTES (7)  REPORT_WORKERS (12)  LIMIT (all prompts)  REPORT_LIMIT (LIMIT)  EVAL_TOKENS (256)
 set -euo pipefail
 
 run=${1:?usage: train_demo_heads.sh RUN_DIR DATA_DIR}
 data=${2:?usage: train_demo_heads.sh RUN_DIR DATA_DIR}
 device=${DEVICE:-cuda}
+heads=${HEADS:-eagle3 eagle1}
 limit=()
 [ -n "${LIMIT:-}" ] && limit=(--limit "$LIMIT")
 report_limit=()
@@ -28,12 +32,22 @@ stamp datagen
 aerie train datagen --device "$device" --out "$run/data" --gsm8k "$data/gsm8k_train.jsonl" "${limit[@]}" \
     --batch-size "${DATAGEN_BATCH:-512}" --max-new-tokens "${ANSWER_TOKENS:-512}" --engine "${DATAGEN_ENGINE:-generate}" \
     --max-seconds "${DATAGEN_SECONDS:-240}"
+datasets=("$run/data")
+if [ "${SAMPLED_SECONDS:-0}" != 0 ]; then
+    stamp "datagen, sampled"
+    aerie train datagen --device "$device" --out "$run/data_sampled" --gsm8k "$data/gsm8k_train.jsonl" "${limit[@]}" \
+        --batch-size "${DATAGEN_BATCH:-512}" --max-new-tokens "${ANSWER_TOKENS:-512}" --engine "${DATAGEN_ENGINE:-generate}" \
+        --temperature "${SAMPLED_TEMPERATURE:-0.8}" --seed 1 --max-seconds "$SAMPLED_SECONDS"
+    datasets+=("$run/data_sampled")
+fi
 
 stamp train
-train_args=(--device "$device" --data "$run/data" --max-minutes "${TRAIN_MINUTES:-5}" --epochs 20 --lr "${TRAIN_LR:-6e-4}"
+train_args=(--device "$device" --data "${datasets[@]}" --max-minutes "${TRAIN_MINUTES:-5}" --epochs 20 --lr "${TRAIN_LR:-6e-4}"
             --eval-every 250 --save-every 250)
-# The two heads train side by side: one small head leaves most of the GPU idle.
-for kind in eagle3 eagle1; do
+# The heads train side by side: one small head leaves most of the GPU idle.
+report_heads=()
+for kind in $heads; do
+    report_heads+=(--head "$kind=$run/$kind")
     [ -f "$run/$kind/train_summary.json" ] && continue
     steps_var=${kind^^}_STEPS
     steps=${!steps_var:-${TRAIN_STEPS:-}}
@@ -45,7 +59,8 @@ done
 tail -n 2 "$run"/train_*.log
 
 stamp report
-aerie train report --device "$device" --head "eagle3=$run/eagle3" --head "eagle1=$run/eagle1" \
+for extra in ${REPORT_HEADS:-}; do report_heads+=(--head "$extra"); done
+aerie train report --device "$device" "${report_heads[@]}" \
     --prompts "mt_bench=$data/mt_bench_questions.jsonl" --prompts "humaneval=$data/HumanEval.jsonl.gz" \
     "${report_limit[@]}" --max-new-tokens "${EVAL_TOKENS:-256}" --workers "${REPORT_WORKERS:-12}" \
     --minutes "${REPORT_MINUTES:-7}" --out "$run/report"
@@ -55,5 +70,5 @@ stamp bench
 dtype=bfloat16
 [ "$device" = cpu ] && dtype=float32
 aerie bench --prompts "$data/mt_bench_questions.jsonl" --limit "${BENCH_LIMIT:-10}" --device "$device" \
-    --dtype "$dtype" --head "$run/eagle3" --max-new-tokens "${EVAL_TOKENS:-256}" --out "$run/bench.json"
+    --dtype "$dtype" --head "$run/${heads%% *}" --max-new-tokens "${EVAL_TOKENS:-256}" --out "$run/bench.json"
 stamp done
