@@ -25,7 +25,7 @@ def shipped_heads() -> Path:
 
 SHIPPED_HEADS = shipped_heads()
 # The shipped head with the higher measured tau on the demo target (heads/README.md).
-DEMO_HEAD = SHIPPED_HEADS / "smollm2-135m-eagle1"
+DEMO_HEAD = SHIPPED_HEADS / "smollm2-135m-eagle3"
 
 # CPU: one target forward grows slowly up to ~16 tree nodes (DESIGN measurements), so a
 # small tree; GPU: a 60-node tree costs about as much as one token (official EAGLE-2 defaults).

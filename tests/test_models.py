@@ -139,5 +139,5 @@ def test_a_wheel_install_carries_the_shipped_heads(tmp_path):
                          check=True, capture_output=True, text=True, cwd=tmp_path, timeout=120).stdout.split()
     module, head = Path(out[0]), Path(out[1])
     assert str(module).startswith(str(env)), "the wheel's package, not the checkout, was imported"
-    assert head == env / "share" / "aerie" / "heads" / "smollm2-135m-eagle1"
+    assert head == env / "share" / "aerie" / "heads" / "smollm2-135m-eagle3"
     assert (head / "config.json").is_file() and (head / "model.safetensors").is_file()

@@ -1,6 +1,6 @@
 """Plots and tables from a GPU benchmark run (`scripts/gpu_bench.sh`): tokens/s per mode,
-the verify cost curve against the bandwidth floor, the histogram of accepted lengths and the
-tree-budget sweep.
+the verify cost curve against the bandwidth floor, the histogram of accepted lengths, the
+tree-budget sweep and batched throughput against concurrent sessions.
 
     python -m aerie.bench.figures RUN_DIR OUT_DIR
 
@@ -114,6 +114,24 @@ def plot_all(run: Path, out: Path) -> list[Path]:
         ax.set_title(f"Tree budget, MT-bench first {sweep['config']['prompts']} - "
                      f"{sweep['machine'].get('gpu', sweep['machine']['cpu'])}", fontsize=9)
         written.append(_save(fig, out / "gpu_budget_sweep.png"))
+
+    batches = [(name, b) for name in ("batch_demo", "batch_8b") if (b := load(run, name))]
+    if batches:
+        fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.2))
+        axes = axes if len(batches) > 1 else [axes]
+        for ax, (name, b) in zip(axes, batches):
+            for mode, by_c in b["summary"]["tokens_per_s"].items():
+                levels = sorted(by_c, key=int)
+                ax.plot([int(c) for c in levels], [by_c[c] for c in levels], "o-", label=mode)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("concurrent sessions")
+            ax.set_ylabel("total tokens/s")
+            ax.set_title(f"{b['config']['model'].rstrip('/').split('/')[-1]}, {b['config']['max_new_tokens']} new tokens",
+                         fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Batched decoding - {batches[0][1]['machine'].get('gpu', '')}", fontsize=9)
+        written.append(_save(fig, out / "gpu_batch.png"))
     return written
 
 
@@ -142,6 +160,12 @@ def main(argv: list[str]) -> int:
         from aerie.bench.verify_cost import format_verify_cost
 
         print(f"\ncopy bandwidth {cost['copy_bandwidth_gbs']:.0f} GB/s\n" + format_verify_cost(cost))
+    for name in ("batch_demo", "batch_8b"):
+        result = load(run, name)
+        if result:
+            from aerie.bench.batch import format_batch_table
+
+            print(f"\n**{name}**\n" + format_batch_table(result))
     return 0
 
 
