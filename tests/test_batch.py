@@ -200,7 +200,7 @@ def test_each_row_of_a_batched_tree_forward_equals_the_unbatched_forward():
     verifier = BatchVerifier(target, BatchKVCache(6, 4, 32, torch.device("cpu")))
     verifier.join([NewSession(i, tuple(p), SamplingParams(), StopCriteria(8)) for i, p in enumerate(prompts)])
     with torch.inference_mode():  # as verify() runs it
-        logits, feats = verifier._forward([t for t, _ in trees], [p for _, p in trees], argmax=False)
+        logits, feats = verifier.batch_model.forward([t for t, _ in trees], [p for _, p in trees], argmax=False)
     assert logits.shape[:2] == (4, 8)  # 3 sessions -> 4 rows, 7 nodes -> 8 columns
     for r, (prompt, (tokens, parents)) in enumerate(zip(prompts, trees)):
         cache = target.new_cache()
