@@ -25,12 +25,12 @@ from aerie.batch.model import ForwardShape
 from aerie.batch.verify import BatchVerifier, NewSession
 from aerie.engine import Engine
 from aerie.parallel.mirror import (
-    _compact,
-    _split,
+    apply_batch_call,
     batch_compact_call,
     batch_forward_call,
     batch_open_call,
     batch_prefill_call,
+    batch_remove_row_call,
 )
 from aerie.parallel.protocol import Op, decode, encode
 from aerie.sampling import SamplingParams
@@ -245,25 +245,49 @@ def test_each_rank_holds_its_half_of_the_batch_cache(two_ranks, unsharded):
 # --- the batch calls --------------------------------------------------------------------------
 
 
+class RecordingBatchModel:
+    """Records the arguments `apply_batch_call` decodes for each operation."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def prefill(self, prompts):
+        self.calls.append(("prefill", prompts))
+
+    def run_forward(self, tokens, parents, shape):
+        self.calls.append(("forward", tokens, parents, shape))
+
+    def compact(self, moves):
+        self.calls.append(("compact", moves))
+
+    def remove_row(self, row):
+        self.calls.append(("remove_row", row))
+
+
 def test_batch_calls_round_trip_through_the_wire_format():
     cache = BatchKVCache(2, 4, 32, torch.device("cpu"))
     opened = decode(*encode(batch_open_call(3, cache)))
     assert (opened.op, opened.cache_id, opened.tensors[0].tolist()) == (Op.BATCH_OPEN, 3, [4, 32, 0])
-    prefill = decode(*encode(batch_prefill_call(3, [[1, 2, 3], [4]])))
-    assert prefill.op is Op.BATCH_PREFILL and _split(*prefill.tensors) == [[1, 2, 3], [4]]
-    forward = decode(*encode(batch_forward_call(3, [[7, 8, 9], [], [5]], [[-1, 0, 0], [], [-1]],
-                                                ForwardShape(4, 4, True, False))))
-    tokens, parents, sizes, dims = forward.tensors
-    assert forward.op is Op.BATCH_FORWARD and dims.tolist() == [4, 4, 1, 0]
-    assert _split(tokens, sizes) == [[7, 8, 9], [], [5]] and _split(parents, sizes) == [[-1, 0, 0], [], [-1]]
+    shape = ForwardShape(4, 4, True, False)
+    moves = [RowCompaction(2, 10, (0, 3, 5)), RowCompaction(0, 4, ()), RowCompaction(1, 7, (0,))]
+    calls = [
+        batch_prefill_call(3, [[1, 2, 3], [4]]),
+        batch_forward_call(3, [[7, 8, 9], [], [5]], [[-1, 0, 0], [], [-1]], shape),
+        batch_compact_call(3, moves),
+        batch_remove_row_call(3, 2),
+    ]
+    model = RecordingBatchModel()
+    for call in calls:
+        back = decode(*encode(call))
+        assert (back.op, back.cache_id) == (call.op, 3)
+        apply_batch_call(model, back)
+    assert model.calls == [
+        ("prefill", [[1, 2, 3], [4]]),
+        ("forward", [[7, 8, 9], [], [5]], [[-1, 0, 0], [], [-1]], shape),
+        ("compact", moves),
+        ("remove_row", 2),
+    ]
     with pytest.raises(ValueError, match="one parent per token"):
         batch_forward_call(3, [[7, 8]], [[-1]], ForwardShape(1, 2, True, True))
-
-    class Recorder:
-        def compact(self, moves):
-            self.moves = moves
-
-    moves = [RowCompaction(2, 10, (0, 3, 5)), RowCompaction(0, 4, ()), RowCompaction(1, 7, (0,))]
-    recorder = Recorder()
-    _compact(recorder, decode(*encode(batch_compact_call(3, moves))))
-    assert recorder.moves == moves
+    with pytest.raises(ValueError, match="not an operation on a batch"):
+        apply_batch_call(model, opened)
