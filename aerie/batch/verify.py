@@ -206,7 +206,8 @@ class BatchVerifier:
         greedy = all(r.session.params.greedy for r in rows)
         out, _ = self.batch_model.forward([[r.generated[-1]] for r in rows], [[-1]] * len(rows), greedy)
         best = out[:, 0].cpu() if greedy else None
-        # Each row keeps the one entry it fed.
+        # Each row keeps the one entry it fed: a compaction that moves nothing, only lengths
+        # (through the batch model, so that a sharded target's ranks count alike).
         self.batch_model.compact([RowCompaction(i, self.cache.lengths[i], (0,)) for i in range(len(rows))])
         tokens = []
         for i, row in enumerate(rows):
