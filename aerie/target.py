@@ -9,7 +9,7 @@ preallocated `SlotCache` whose forwards run as CUDA graphs; both are compacted i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -17,6 +17,10 @@ from transformers import DynamicCache, PreTrainedModel
 from aerie.fused import fused_norms, norms_to_fuse
 from aerie.kvcache import Attend, CachePool, SlotCache, static_forward
 from aerie.tree import ancestor_mask, node_depths
+
+if TYPE_CHECKING:
+    from aerie.batch.cache import BatchKVCache
+    from aerie.batch.model import LocalBatchModel
 
 FeatureKind = Literal["eagle1", "eagle3"]
 
@@ -107,6 +111,12 @@ class Target:
 
     def new_cache(self) -> DynamicCache | SlotCache:
         return DynamicCache(config=self.config) if self._caches is None else self._caches.take()
+
+    def batch_model(self, cache: BatchKVCache, largest_graph: int = 128) -> LocalBatchModel:
+        """The forwards of a batch of sessions over `cache` (what `BatchVerifier` runs)."""
+        from aerie.batch.model import LocalBatchModel  # aerie.batch imports this module
+
+        return LocalBatchModel(self, cache, largest_graph)
 
     def release_cache(self, cache: DynamicCache | SlotCache) -> None:
         """Hand a finished sequence's cache back, so that the next one reuses its storage

@@ -191,6 +191,25 @@ def test_rows_without_a_tree_sit_the_round_out_and_resumed_sessions_continue(pai
         verifier.join([NewSession(f"n{i}", (1,), SamplingParams(), stop) for i in range(2)])
 
 
+def test_a_session_joins_after_a_round_grew_the_cache():
+    """A verify round (inference mode) that grows the storage, then a join (outside it) that
+    writes into the grown storage: both sessions still decode as plain decoding does."""
+    target = tiny_target("eagle3")
+    stop = StopCriteria(10)
+    want = [Engine(target, None, TREE).generate(p, SamplingParams(), stop, "vanilla").token_ids
+            for p in (PROMPTS[0], PROMPTS[1])]
+    verifier = BatchVerifier(target, BatchKVCache(6, 2, 8, torch.device("cpu")))
+    verifier.join([NewSession("a", tuple(PROMPTS[0]), SamplingParams(), stop)])
+    g = verifier.rows[0].generated
+    verifier.verify([DraftTree(torch.tensor([g[-1], *want[0][1:4]]), torch.tensor([-1, 0, 1, 2]), torch.zeros(4))])
+    assert verifier.cache.capacity > 8
+    verifier.join([NewSession("b", tuple(PROMPTS[1]), SamplingParams(), stop)])
+    while not any(r.done for r in verifier.rows):
+        verifier.step_plain()
+    for row, w in zip(verifier.rows, want):
+        assert row.generated == w[: len(row.generated)] and len(row.generated) >= 6
+
+
 def test_each_row_of_a_batched_tree_forward_equals_the_unbatched_forward():
     """Ragged trees over rows of different lengths, padded in both dimensions: every real
     node's logits and features equal Target.forward's on that session alone."""
@@ -200,7 +219,7 @@ def test_each_row_of_a_batched_tree_forward_equals_the_unbatched_forward():
     verifier = BatchVerifier(target, BatchKVCache(6, 4, 32, torch.device("cpu")))
     verifier.join([NewSession(i, tuple(p), SamplingParams(), StopCriteria(8)) for i, p in enumerate(prompts)])
     with torch.inference_mode():  # as verify() runs it
-        logits, feats = verifier._forward([t for t, _ in trees], [p for _, p in trees], argmax=False)
+        logits, feats = verifier.batch_model.forward([t for t, _ in trees], [p for _, p in trees], argmax=False)
     assert logits.shape[:2] == (4, 8)  # 3 sessions -> 4 rows, 7 nodes -> 8 columns
     for r, (prompt, (tokens, parents)) in enumerate(zip(prompts, trees)):
         cache = target.new_cache()

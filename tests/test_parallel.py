@@ -108,9 +108,9 @@ def rank_main(rank: int, port: int, out_dir: str, static: bool = False) -> None:
     plan = prepare_shard_(model, group)
     kv = StaticKV(cuda_graphs=False, initial_capacity=8, pooled=1) if static else None  # small: it must grow
     if rank > 0:
-        caches = serve_mirror(Target(model, FeatureSpec("eagle1"), static=kv), group.channel())
+        held = serve_mirror(Target(model, FeatureSpec("eagle1"), static=kv), group.channel())
         if not static:
-            torch.save({"heads": plan.kv_heads, **kv_of(caches.values())}, Path(out_dir) / "rank1.pt")
+            torch.save({"heads": plan.kv_heads, **kv_of(held.caches.values())}, Path(out_dir) / "rank1.pt")
         group.leave()
         return
     mirror = MirrorGroup(group.channel())

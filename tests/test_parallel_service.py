@@ -2,13 +2,16 @@
 answers Prefill and Verify exactly as the single-process verify service does, over rounds
 that accept drafts and reject decoys; on SIGTERM it exits 0 and its worker rank with it.
 Started torchrun-style instead (one process per rank, rendezvous from the environment), it
-answers the same, and a SIGTERM to every rank at once stops both cleanly."""
+answers the same, and a SIGTERM to every rank at once stops both cleanly. With
+`--batch-sessions 4` as well, concurrent sessions of different prompts are verified in
+batches over the sharded target and still answer as the single-process service does."""
 
 from __future__ import annotations
 
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -58,20 +61,20 @@ def verifiers(model_dir, tmp_path_factory):
             proc.wait(10)
 
 
-def reference_tokens(model_dir: Path) -> list[int]:
+def reference_tokens(model_dir: Path, prompt: list[int] = PROMPT) -> list[int]:
     from aerie_rpc.models import load_target_model
 
     model, _, _ = load_target_model(str(model_dir), "cpu", "float32")
     engine = Engine(Target(model, FeatureSpec("eagle3", eagle3_default_layers(LAYERS))), None, TreeConfig())
-    return engine.generate(PROMPT, SamplingParams(), StopCriteria(MAX_NEW), "vanilla").token_ids
+    return engine.generate(prompt, SamplingParams(), StopCriteria(MAX_NEW), "vanilla").token_ids
 
 
-def prefill(stub, sid: str) -> list:
+def prefill(stub, sid: str, prompt: list[int] = PROMPT) -> list:
     header = verifier_pb2.PrefillHeader(
         session_id=sid, params=common_pb2.SamplingParams(), features=FEATURES,
-        stop=common_pb2.StopCriteria(max_new_tokens=MAX_NEW, ignore_eos=True), prompt_tokens=len(PROMPT))
+        stop=common_pb2.StopCriteria(max_new_tokens=MAX_NEW, ignore_eos=True), prompt_tokens=len(prompt))
     msgs = [verifier_pb2.PrefillRequest(header=header),
-            verifier_pb2.PrefillRequest(chunk=verifier_pb2.TokenChunk(prompt_ids=PROMPT))]
+            verifier_pb2.PrefillRequest(chunk=verifier_pb2.TokenChunk(prompt_ids=prompt))]
     return list(stub.Prefill(iter(msgs), timeout=60))
 
 
@@ -88,11 +91,11 @@ def tree_for(reference: list[int], k: int, depth: int = 4) -> verifier_pb2.Verif
         logprobs=wire.encode(torch.zeros(len(tokens))))
 
 
-def drive(address: str, reference: list[int]) -> tuple[list, list[verifier_pb2.VerifyResponse]]:
+def drive(address: str, reference: list[int], prompt: list[int] = PROMPT) -> tuple[list, list[verifier_pb2.VerifyResponse]]:
     sid = f"tp-{uuid.uuid4().hex[:8]}"
     with channel(address) as ch:
         stub = verifier_pb2_grpc.VerifierStub(ch)
-        prefilled = prefill(stub, sid)
+        prefilled = prefill(stub, sid, prompt)
         rounds = []
         generated = len(prefilled[0].result.generated_ids)
         while True:
@@ -198,3 +201,65 @@ def test_torchrun_style_ranks_answer_alike_and_stop_on_sigterm(verifiers, model_
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+# --- batched sessions over the sharded target -----------------------------------------------
+
+BATCH_PROMPTS = [PROMPT, [7, 8, 9], [12, 40, 2, 2, 50, 61, 3, 3, 9, 10, 11]]
+
+
+def test_tensor_parallel_batched_service_answers_like_the_single_process_one(verifiers, model_dir, tmp_path):
+    """`--tensor-parallel 2 --batch-sessions 4`: three sessions driven at once (their rounds
+    share forwards, rows of different lengths), each answered as the single-process service
+    answers it alone; the row count caps the sessions; SIGTERM stops both ranks cleanly."""
+    single, _, _ = verifiers
+    address = f"127.0.0.1:{free_port()}"
+    aerie = str(Path(sys.executable).with_name("aerie"))
+    proc = spawn("verify_service", ["serve", "verify", "--tensor-parallel", "2", "--batch-sessions", "4",
+                                    "--batch-window-ms", "20", "--device", "cpu", "--listen", address,
+                                    "--model", str(model_dir)], command=[aerie], log=tmp_path / "verify.log")
+    try:
+        wait_all([address], [proc], timeout_s=120)
+        references = [reference_tokens(model_dir, p) for p in BATCH_PROMPTS]
+        got: list = [None] * len(BATCH_PROMPTS)
+
+        def run(i: int) -> None:
+            got[i] = drive(address, references[i], BATCH_PROMPTS[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(BATCH_PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(g is not None for g in got), process_log(proc)
+        for (got_prefill, got_rounds), prompt, reference in zip(got, BATCH_PROMPTS, references):
+            want_prefill, want_rounds = drive(single, reference, prompt)
+            assert got_prefill[0].result.pending_token == want_prefill[0].result.pending_token == reference[0]
+            torch.testing.assert_close(wire.decode(got_prefill[1].features.features, "f"),
+                                       wire.decode(want_prefill[1].features.features, "f"), atol=1e-5, rtol=1e-5)
+            assert [(r.new_tokens, r.accepted_draft, r.done) for r in got_rounds] == \
+                [(r.new_tokens, r.accepted_draft, r.done) for r in want_rounds]
+            for g, w in zip(got_rounds, want_rounds):
+                torch.testing.assert_close(wire.decode(g.features, "f"), wire.decode(w.features, "f"), atol=1e-5,
+                                           rtol=1e-5)
+            tokens = [got_prefill[0].result.pending_token] + [t for r in got_rounds for t in r.new_tokens]
+            assert tokens == reference
+            assert max(r.accepted_draft for r in got_rounds) >= 2  # compaction moved entries
+        # The batch's rows are the sessions: a fifth one is refused, naming the flag.
+        with channel(address) as ch:
+            stub = verifier_pb2_grpc.VerifierStub(ch)
+            sids = [f"hold-{i}" for i in range(4)]
+            for sid in sids:
+                prefill(stub, sid)
+            with pytest.raises(grpc.RpcError) as err:
+                prefill(stub, "one-too-many")
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--batch-sessions" in err.value.details()
+            for sid in sids:
+                assert stub.Release(verifier_pb2.ReleaseRequest(session_id=sid), timeout=10).released
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, process_log(proc)
+        assert "shutdown received" in process_log(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -351,7 +351,7 @@ def test_batch_settings_from_flags_and_environment():
     assert config.session_limit == (8, "--batch-sessions")
     assert VerifyConfig().session_limit == (64, "--max-sessions")  # unbatched by default
     assert VerifyConfig(batch_sessions=128, max_sessions=16).session_limit == (16, "--max-sessions")
-    with pytest.raises(InputError, match="--tensor-parallel 1"):
-        VerifyConfig(batch_sessions=4, tensor_parallel=2)
+    sharded = VerifyConfig(batch_sessions=4, tensor_parallel=2)  # batches over a sharded target
+    assert (sharded.batch_sessions, sharded.tensor_parallel, sharded.session_limit) == (4, 2, (4, "--batch-sessions"))
     with pytest.raises(InputError, match="--batch-sessions"):
         VerifyConfig(batch_sessions=-1)

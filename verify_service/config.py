@@ -52,9 +52,6 @@ class VerifyConfig(TlsServerOptions):
             raise InputError("--session-ttl-s must be > 0 and --grace-s >= 0")
         if self.batch_sessions < 0 or self.batch_window_ms < 0:
             raise InputError("--batch-sessions and --batch-window-ms must be >= 0 (--batch-sessions 0: no batching)")
-        if self.batch_sessions and self.tensor_parallel > 1:
-            # The batched forward runs the model directly, not through the sharded target's mirroring.
-            raise InputError("--batch-sessions needs --tensor-parallel 1: batched verification is not sharded yet")
 
     def static_kv(self, device: torch.device) -> StaticKV | None:
         """How targets on `device` run: static caches on CUDA (graphed unless --no-cuda-graphs),

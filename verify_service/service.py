@@ -200,7 +200,8 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
             batch = self._batches.get(target.features)
             if batch is None:
                 rows = self.config.batch_sessions
-                cache = BatchKVCache(self.num_layers, rows, BATCH_INITIAL_CAPACITY, target.device)
+                cache = BatchKVCache(self.num_layers, rows, BATCH_INITIAL_CAPACITY, target.device,
+                                     cuda_graphs=self.config.cuda_graphs)
                 verifier = BatchVerifier(target, cache, max_tree_nodes=self.config.max_tree_nodes)
                 batch = SessionBatch(verifier, self.compute, self.config.batch_window_ms / 1e3,
                                      name=f"batch-{target.features.kind}")

@@ -65,6 +65,13 @@ class BatchKVCache(StaticStorage):
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._allocate(self.rows, key_states, value_states)
 
+    def reserve(self, needed: int) -> None:
+        # A verify round (inference mode) may grow the storage, and a join (no_grad, outside
+        # inference mode) then writes into it, which torch refuses for an inference tensor:
+        # the grown storage is allocated as a normal tensor.
+        with torch.inference_mode(False), torch.no_grad():
+            super().reserve(needed)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         # Rows differ; transformers only uses this for cache_position, which our explicit
         # position ids and 4-D masks make irrelevant.

@@ -5,6 +5,9 @@ any size and shape), pads them into one [batch, width] forward (both dimensions 
 a power of two, so that a few CUDA graphs cover every round), and then, per session, accepts a
 path exactly as `VerifySession.verify` does: greedy with `accept_greedy`, sampled with the same
 per-position random numbers. Accepted nodes of every row are compacted in one gather.
+
+The acceptance logic lives here only; the forwards and the cache's moves go through a
+`BatchModel` (aerie.batch.model), which a sharded target mirrors on every rank.
 """
 
 from __future__ import annotations
@@ -16,10 +19,8 @@ import torch
 
 from aerie.accept import accept_greedy
 from aerie.batch.cache import BatchKVCache, RowCompaction
-from aerie.batch.inputs import ForwardInputs, batch_inputs
+from aerie.batch.model import BatchModel
 from aerie.errors import InputError
-from aerie.fused import fused_norms, norms_to_fuse
-from aerie.graphs import bucket_for
 from aerie.sampling import SamplingParams
 from aerie.target import Target
 from aerie.tree import DraftTree, validate_tree
@@ -61,41 +62,9 @@ class BatchVerifier:
         self.largest_graph = largest_graph
         self.max_tree_nodes = max_tree_nodes
         self.rows: list[VerifyRow] = []
-        self.base = target.model.base_model
-        self.lm_head = target.model.get_output_embeddings()
-        self.fused = norms_to_fuse(target.model, target.device)  # as the single-session static path
-
-    # --- the model -------------------------------------------------------------------------
-
-    def _model(self, b: dict[str, torch.Tensor], argmax: bool, logits_at: torch.Tensor | None = None):
-        with fused_norms(self.fused):
-            out = self.base(
-                input_ids=b["ids"], position_ids=b["pos"], attention_mask=b["mask"],
-                past_key_values=self.cache, use_cache=True, output_hidden_states=True,
-            )
-        hidden = out.hidden_states
-        spec = self.target.features
-        feats = torch.cat([hidden[i] for i in spec.layers], dim=-1) if spec.kind == "eagle3" else hidden[-1]
-        last = out.last_hidden_state
-        if logits_at is not None:  # one position per row (prefill): skip the others' LM head
-            last = last[torch.arange(last.shape[0], device=last.device), logits_at]
-        logits = self.lm_head(last)
-        return (logits.argmax(-1) if argmax else logits.float()), feats
-
-    def _forward(self, tokens: list[list[int]], parents: list[list[int]], argmax: bool):
-        """One graphed forward of rows [0, len(tokens)): row r's new tokens `tokens[r]` (a
-        tree; empty for a row that sits the round out)."""
-        cache = self.cache
-        n = len(tokens)
-        widest = max(len(t) for t in tokens)
-        width = bucket_for(widest, self.largest_graph) or widest
-        batch = bucket_for(n, cache.rows) or n
-        cache.reserve(max(cache.lengths[:batch]) + width)
-        inputs = batch_inputs(tokens, parents, cache.lengths, width, batch, cache.capacity)
-        graphed = widest <= self.largest_graph
-        key = ("tree", batch, width, argmax) if graphed else None
-        out, feats = cache.run(key, (0, batch), _pinned(inputs), lambda b: self._model(b, argmax))
-        return out, feats
+        # What runs the forwards and moves the cache's entries: on this process, or mirrored
+        # on every rank of a sharded target (which hands out its own).
+        self.batch_model: BatchModel = target.batch_model(cache, largest_graph)
 
     # --- sessions join and leave -----------------------------------------------------------
 
@@ -132,18 +101,10 @@ class BatchVerifier:
                 raise InputError(f"session {s.key}: prompt tokens must be in [0, {self.target.vocab_size})")
         if not sessions:
             return []
-        cache = self.cache
-        rows = cache.add_rows(len(sessions))
         prompts = [list(s.prompt_ids + s.resume[:-1]) for s in sessions]
-        width = max(len(p) for p in prompts)
-        cache.reserve(width)
-        inputs = batch_inputs(prompts, None, [0] * len(prompts), width, len(prompts), cache.capacity, rows.start)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=cache.device)
-        logits, feats = cache.run(None, (rows.start, rows.stop), _pinned(inputs),
-                                  lambda b: self._model(b, argmax=False, logits_at=last))
+        logits, feats = self.batch_model.prefill(prompts)
         out = []
-        for i, (s, row) in enumerate(zip(sessions, rows)):
-            cache.lengths[row] = len(prompts[i])
+        for i, s in enumerate(sessions):
             if s.resume:
                 kept, token = list(s.resume), s.resume[-1]
                 done = bool(set(s.resume) & s.stop.stop_token_ids)
@@ -156,7 +117,7 @@ class BatchVerifier:
 
     def leave(self, row: int) -> None:
         """Drop session `row`; the last row's session takes its place (as in the cache)."""
-        moved = self.cache.remove_row(row)
+        moved = self.batch_model.remove_row(row)
         last = self.rows.pop()
         if moved is not None:
             self.rows[row] = last
@@ -207,7 +168,7 @@ class BatchVerifier:
         committed = list(self.cache.lengths[:n])
         tokens = [t.tokens.tolist() if t is not None else [] for t in trees[:n]]
         parents = [t.parents.tolist() if t is not None else [] for t in trees[:n]]
-        out, feats = self._forward(tokens, parents, greedy)
+        out, feats = self.batch_model.forward(tokens, parents, greedy)
         best = out.cpu() if greedy else None  # the round's one sync
         moves, paths, bonuses = [], [], []
         for i in live:
@@ -232,7 +193,7 @@ class BatchVerifier:
             kept, row.done = row.session.stop.cut(len(row.generated), proposed)
             row.generated += kept
             results[i] = RoundResult(kept, features, len(path) - 1, row.done)
-        self.cache.compact(moves)
+        self.batch_model.compact(moves)
         return results
 
     @torch.inference_mode()
@@ -243,22 +204,16 @@ class BatchVerifier:
         if any(r.done for r in rows):
             raise InputError("a session in the batch has already finished")
         greedy = all(r.session.params.greedy for r in rows)
-        out, _ = self._forward([[r.generated[-1]] for r in rows], [[-1]] * len(rows), greedy)
+        out, _ = self.batch_model.forward([[r.generated[-1]] for r in rows], [[-1]] * len(rows), greedy)
         best = out[:, 0].cpu() if greedy else None
+        # Each row keeps the one entry it fed: a compaction that moves nothing, only lengths
+        # (through the batch model, so that a sharded target's ranks count alike).
+        self.batch_model.compact([RowCompaction(i, self.cache.lengths[i], (0,)) for i in range(len(rows))])
         tokens = []
         for i, row in enumerate(rows):
-            self.cache.lengths[i] += 1
             position = self.cache.lengths[i]
             token = int(best[i]) if best is not None else sample_token(out[i, 0], position, row.session.params)
             kept, row.done = row.session.stop.cut(len(row.generated), [token])
             row.generated += kept
             tokens.append(token)
         return tokens
-
-
-def _pinned(inputs: ForwardInputs) -> dict[str, torch.Tensor]:
-    """The inputs as a dict, in pinned host memory where CUDA is there (async copies)."""
-    d = inputs.as_dict()
-    if torch.cuda.is_available():
-        d = {k: v.pin_memory() for k, v in d.items()}
-    return d

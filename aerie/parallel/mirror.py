@@ -4,6 +4,12 @@
 calls). Each forward or compaction is first sent to the other ranks, which run
 `serve_mirror`, then run locally; all ranks thus enter the model's all-reduces together.
 Every rank runs the call through the same `apply_call`, on the same integers.
+
+Batches of sessions go the same way: `MirroredBatchModel` is the `BatchModel` that
+`BatchVerifier` gets from a `TensorParallelTarget`. Each of its operations (rows joining with
+their prompts, a padded forward at rank 0's shape, compaction moves, a row leaving) is sent as
+integers and run on every rank's own `BatchKVCache` by `apply_batch_call`; acceptance, which
+needs the logits, stays on rank 0.
 """
 
 from __future__ import annotations
@@ -12,17 +18,20 @@ import itertools
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache, DynamicCache
 
+from aerie.batch.cache import BatchKVCache, RowCompaction
+from aerie.batch.model import ForwardOutput, ForwardShape, LocalBatchModel
 from aerie.parallel.protocol import Call, Channel, Op
 from aerie.target import FeatureSpec, Target, TargetOutput
 
 T = TypeVar("T")
+C = TypeVar("C", bound=Cache)  # a session's cache or a batch's: both are numbered alike
 
 
 class OutOfStep(RuntimeError):
@@ -58,19 +67,19 @@ class MirrorGroup:
         self._on_broken = on_broken
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self._cache_ids: weakref.WeakKeyDictionary[DynamicCache, int] = weakref.WeakKeyDictionary()
+        self._cache_ids: weakref.WeakKeyDictionary[Cache, int] = weakref.WeakKeyDictionary()
         self._finalizers: dict[int, weakref.finalize] = {}
         self._released: deque[int] = deque()
         self._broken: str | None = None
 
-    def register(self, cache: DynamicCache) -> DynamicCache:
+    def register(self, cache: C) -> C:
         with self._lock:
             cache_id = next(self._ids)
             self._cache_ids[cache] = cache_id
             self._finalizers[cache_id] = weakref.finalize(cache, self._dropped, cache_id)
         return cache
 
-    def release(self, cache: DynamicCache) -> None:
+    def release(self, cache: Cache) -> None:
         """Drop `cache` on the other ranks now rather than when it is garbage-collected (a
         target that pools caches hands the same object out again, under a new id)."""
         with self._lock:
@@ -85,7 +94,7 @@ class MirrorGroup:
         self._finalizers.pop(cache_id, None)
         self._released.append(cache_id)
 
-    def cache_id(self, cache: DynamicCache) -> int:
+    def cache_id(self, cache: Cache) -> int:
         try:
             return self._cache_ids[cache]
         except KeyError:
@@ -155,6 +164,10 @@ class TensorParallelTarget:
         # The other ranks make their cache on its first forward: no call needed here.
         return self._group.register(self._local.new_cache())
 
+    def batch_model(self, cache: BatchKVCache, largest_graph: int = 128) -> MirroredBatchModel:
+        """The forwards of a batch of sessions over `cache`, mirrored on every rank."""
+        return MirroredBatchModel(self._local.batch_model(cache, largest_graph), self._group)
+
     def forward(
         self, cache: DynamicCache, input_ids: torch.Tensor, tree_parents: torch.Tensor | None = None
     ) -> TargetOutput:
@@ -172,23 +185,167 @@ class TensorParallelTarget:
         self._group.run(call, lambda: apply_call(self._local, cache, call))
 
 
-def serve_mirror(target: Target, channel: Channel) -> dict[int, DynamicCache]:
+# --- batches of sessions ------------------------------------------------------------------------
+
+BATCH_OPS = frozenset({Op.BATCH_PREFILL, Op.BATCH_FORWARD, Op.BATCH_COMPACT, Op.BATCH_REMOVE_ROW})
+
+
+def _ints(values: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=torch.long)
+
+
+def _back_to_back(lists: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged lists as (values back to back, length of each)."""
+    return _ints([v for xs in lists for v in xs]), _ints([len(xs) for xs in lists])
+
+
+def _split(values: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    return [part.tolist() for part in values.split(lengths.tolist())]
+
+
+def batch_open_call(batch_id: int, cache: BatchKVCache) -> Call:
+    # The other ranks' caches must grow (and so rebuild their masks and graphs) at the same
+    # moments as rank 0's: same rows, same starting capacity, same graph setting.
+    return Call(Op.BATCH_OPEN, batch_id, (_ints([cache.rows, cache.capacity, int(cache.graphs.enabled)]),))
+
+
+def batch_prefill_call(batch_id: int, prompts: Sequence[Sequence[int]]) -> Call:
+    return Call(Op.BATCH_PREFILL, batch_id, _back_to_back(prompts))
+
+
+def batch_forward_call(batch_id: int, tokens: Sequence[Sequence[int]], parents: Sequence[Sequence[int]],
+                       shape: ForwardShape) -> Call:
+    flat_tokens, sizes = _back_to_back(tokens)
+    flat_parents, parent_sizes = _back_to_back(parents)
+    if not torch.equal(sizes, parent_sizes):
+        raise ValueError("every row needs one parent per token")
+    dims = _ints([shape.batch, shape.width, int(shape.graphed), int(shape.argmax)])
+    return Call(Op.BATCH_FORWARD, batch_id, (flat_tokens, flat_parents, sizes, dims))
+
+
+def batch_compact_call(batch_id: int, moves: Sequence[RowCompaction]) -> Call:
+    kept, counts = _back_to_back([m.keep for m in moves])
+    return Call(Op.BATCH_COMPACT, batch_id, (_ints([m.row for m in moves]), _ints([m.committed for m in moves]),
+                                             counts, kept))
+
+
+def batch_remove_row_call(batch_id: int, row: int) -> Call:
+    return Call(Op.BATCH_REMOVE_ROW, batch_id, (_ints([row]),))
+
+
+def open_batch(target: Target, call: Call) -> LocalBatchModel:
+    """A rank > 0's batch for a BATCH_OPEN: its own cache over its shard's heads (allocated on
+    the first forward), and no logits (it has no LM head)."""
+    rows, capacity, graphs = call.tensors[0].tolist()
+    cache = BatchKVCache(target.config.num_hidden_layers, rows, capacity, target.device, bool(graphs))
+    return LocalBatchModel(target, cache, reads_logits=False)
+
+
+def _prefill(model: LocalBatchModel, call: Call) -> ForwardOutput:
+    return model.prefill(_split(*call.tensors))
+
+
+def _forward(model: LocalBatchModel, call: Call) -> ForwardOutput:
+    flat_tokens, flat_parents, sizes, dims = call.tensors
+    batch, width, graphed, argmax = dims.tolist()
+    shape = ForwardShape(batch, width, bool(graphed), bool(argmax))
+    return model.run_forward(_split(flat_tokens, sizes), _split(flat_parents, sizes), shape)
+
+
+def _compact(model: LocalBatchModel, call: Call) -> None:
+    rows, committed, counts, kept = call.tensors
+    keeps = _split(kept, counts)
+    model.compact([RowCompaction(r, c, tuple(k)) for r, c, k in zip(rows.tolist(), committed.tolist(), keeps)])
+
+
+def _remove_row(model: LocalBatchModel, call: Call) -> int | None:
+    return model.remove_row(int(call.tensors[0][0]))
+
+
+_BATCH_HANDLERS: dict[Op, Callable[[LocalBatchModel, Call], object]] = {
+    Op.BATCH_PREFILL: _prefill, Op.BATCH_FORWARD: _forward, Op.BATCH_COMPACT: _compact,
+    Op.BATCH_REMOVE_ROW: _remove_row,
+}
+
+
+def apply_batch_call(model: LocalBatchModel, call: Call) -> object:
+    """Run one mirrored batch operation on this rank's batch (what a rank > 0 does with it;
+    rank 0 decodes the same call through the same functions)."""
+    handler = _BATCH_HANDLERS.get(call.op)
+    if handler is None:
+        raise ValueError(f"{call.op.name} is not an operation on a batch")
+    return handler(model, call)
+
+
+class MirroredBatchModel:
+    """`BatchModel` on rank 0 of a sharded target: every operation is sent to the other ranks,
+    then run here, through `MirrorGroup.run` (one order across threads; a failure leaves the
+    group out of step). The shape of each forward is rank 0's choice and travels with it, so
+    that every rank pads alike and replays the same graph."""
+
+    def __init__(self, local: LocalBatchModel, group: MirrorGroup):
+        self._local = local
+        self._group = group
+        # Numbered like a session's cache: dropping the batch drops it on the other ranks.
+        self._id = group.cache_id(group.register(local.cache))
+        group.run(batch_open_call(self._id, local.cache), lambda: None)
+
+    @property
+    def cache(self) -> BatchKVCache:
+        return self._local.cache
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> ForwardOutput:
+        call = batch_prefill_call(self._id, prompts)
+        return self._group.run(call, lambda: _prefill(self._local, call))
+
+    def forward(self, tokens: Sequence[Sequence[int]], parents: Sequence[Sequence[int]], argmax: bool) -> ForwardOutput:
+        call = batch_forward_call(self._id, tokens, parents, self._local.shape_for(tokens, argmax))
+        return self._group.run(call, lambda: _forward(self._local, call))
+
+    def compact(self, moves: Sequence[RowCompaction]) -> None:
+        call = batch_compact_call(self._id, moves)
+        self._group.run(call, lambda: _compact(self._local, call))
+
+    def remove_row(self, row: int) -> int | None:
+        call = batch_remove_row_call(self._id, row)
+        return self._group.run(call, lambda: _remove_row(self._local, call))
+
+
+# --- the other ranks ----------------------------------------------------------------------------
+
+
+@dataclass
+class MirrorState:
+    """What a rank > 0 holds for rank 0: sessions' caches and batches, by id."""
+
+    caches: dict[int, DynamicCache] = field(default_factory=dict)
+    batches: dict[int, LocalBatchModel] = field(default_factory=dict)
+
+
+def serve_mirror(target: Target, channel: Channel) -> MirrorState:
     """The loop of a rank > 0: run every call rank 0 sends, until it sends SHUTDOWN.
 
     `target` wraps this rank's shard, with the cache kind of rank 0's; its feature spec does
     not matter (features are rank 0's business). Caches are made (or taken from the pool) on
-    their first forward and given back when rank 0 says so.
-    Returns the caches still held at SHUTDOWN (those of sessions rank 0 still had).
+    their first forward, batches when rank 0 opens them; both are dropped when rank 0 says so.
+    Returns what is still held at SHUTDOWN (what rank 0 still had).
     """
-    caches: dict[int, DynamicCache] = {}
+    held = MirrorState()
     while True:
         call = channel.receive()
         for cache_id in call.released:
-            released = caches.pop(cache_id, None)
+            released = held.caches.pop(cache_id, None)
             if released is not None:
                 target.release_cache(released)  # back to the pool, as on rank 0
+            held.batches.pop(cache_id, None)  # its storage goes with it
         if call.op is Op.SHUTDOWN:
-            return caches
-        if call.op is Op.FORWARD and call.cache_id not in caches:
-            caches[call.cache_id] = target.new_cache()
-        apply_call(target, caches[call.cache_id], call)
+            return held
+        if call.op is Op.BATCH_OPEN:
+            held.batches[call.cache_id] = open_batch(target, call)
+            continue
+        if call.op in BATCH_OPS:
+            apply_batch_call(held.batches[call.cache_id], call)
+            continue
+        if call.op is Op.FORWARD and call.cache_id not in held.caches:
+            held.caches[call.cache_id] = target.new_cache()
+        apply_call(target, held.caches[call.cache_id], call)

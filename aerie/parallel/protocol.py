@@ -1,7 +1,8 @@
 """The mirrored calls: what rank 0 tells the other ranks before it runs a call itself.
 
-A call is an op, the id of the KV cache it acts on, a few 1-D int64 tensors (token ids, tree
-parents, kept indices) and the ids of caches rank 0 has dropped since the previous call.
+A call is an op, the id of the KV cache it acts on (a session's, or a batch's), a few 1-D
+int64 tensors (token ids, tree parents, kept indices, row numbers, shapes) and the ids of
+caches rank 0 has dropped since the previous call.
 It travels as two int64 broadcasts: a fixed-size header that gives every length, then one
 payload holding the released ids and the tensors back to back. Only integers ever travel:
 every rank computes the activations itself from the same inputs.
@@ -25,6 +26,12 @@ class Op(IntEnum):
     FORWARD = 1  # tensors: input_ids, and tree_parents for a tree
     COMPACT = 2  # tensors: [committed], keep (node indices relative to committed)
     SHUTDOWN = 3  # leave the worker loop
+    # A batch of sessions (aerie.batch.model.BatchModel): one batched KV cache, many rows.
+    BATCH_OPEN = 4  # tensors: [rows, capacity, cuda graphs (0/1)]
+    BATCH_PREFILL = 5  # tensors: the prompts back to back, their lengths
+    BATCH_FORWARD = 6  # tensors: tokens and parents back to back, tokens per row, [batch, width, graphed, argmax]
+    BATCH_COMPACT = 7  # tensors: rows, their committed lengths, kept counts, kept indices back to back
+    BATCH_REMOVE_ROW = 8  # tensors: [row]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,168 @@
+"""The cache-and-model operations of a `BatchVerifier`: what it does to the target and its
+batched KV cache, apart from deciding what to accept.
+
+`BatchVerifier` decides (which trees, which paths are accepted, which rows leave); a
+`BatchModel` carries the decisions out: rows join with a prefill forward, a graphed forward
+runs over [batch, width] padded inputs, accepted entries are compacted, rows are removed.
+`LocalBatchModel` does so on this process's model. A sharded target does the same on every
+rank (`aerie.parallel.mirror.MirroredBatchModel`): the operations are the unit that is
+mirrored, so they take and give only integers and tensors, never sessions or trees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+from aerie.batch.cache import BatchKVCache, RowCompaction
+from aerie.batch.inputs import ForwardInputs, batch_inputs
+from aerie.fused import fused_norms, norms_to_fuse
+from aerie.graphs import bucket_for
+
+if TYPE_CHECKING:
+    from aerie.target import Target
+
+# (out, features): out is [b, w] argmaxes, [b, w, vocab] float logits, or (on a rank without
+# the LM head) a zero-width [b, w, 0] stand-in; features are [b, w, F].
+ForwardOutput = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ForwardShape:
+    """How a forward over rows [0, batch) runs: padded to `width` tokens per row, replayed
+    as a graph when `graphed`, giving argmaxes rather than logits when `argmax`. Part of the
+    graph key, so it must be the same on every rank of a sharded target."""
+
+    batch: int
+    width: int
+    graphed: bool
+    argmax: bool
+
+    @property
+    def graph_key(self) -> tuple | None:
+        return ("tree", self.batch, self.width, self.argmax) if self.graphed else None
+
+
+class BatchModel(Protocol):
+    """The operations a `BatchVerifier` runs on the target and its cache."""
+
+    @property
+    def cache(self) -> BatchKVCache: ...
+
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> ForwardOutput:
+        """Claim len(prompts) rows after those in use and run the prompts into them (one
+        eager forward); each row's length becomes its prompt's. Returns the float logits at
+        each prompt's last token ([n, vocab]) and the features of every token ([n, w, F])."""
+        ...
+
+    def forward(self, tokens: Sequence[Sequence[int]], parents: Sequence[Sequence[int]], argmax: bool) -> ForwardOutput:
+        """One forward of rows [0, len(tokens)): tokens[r], a tree given by parents[r] (empty for
+        a row that sits it out), after row r's committed entries. Lengths do not change: the
+        new entries are scratch until `compact` keeps some."""
+        ...
+
+    def compact(self, moves: Sequence[RowCompaction]) -> None:
+        """Keep each moved row's accepted entries after its committed ones (see BatchKVCache.compact)."""
+        ...
+
+    def remove_row(self, row: int) -> int | None:
+        """Free `row`; the last row in use moves into it. Returns the row that moved, or None."""
+        ...
+
+
+class LocalBatchModel:
+    """`BatchModel` on this process's model and cache.
+
+    `reads_logits=False` is for the ranks > 0 of a sharded target, which hold no LM head:
+    their forwards exist for the all-reduces, and give a zero-width stand-in for logits."""
+
+    def __init__(self, target: Target, cache: BatchKVCache, largest_graph: int = 128, reads_logits: bool = True):
+        self.target = target
+        self._cache = cache
+        self.largest_graph = largest_graph
+        self.reads_logits = reads_logits
+        self.base = target.model.base_model
+        self.lm_head = target.model.get_output_embeddings()
+        self.fused = norms_to_fuse(target.model, target.device)  # as the single-session static path
+
+    @property
+    def cache(self) -> BatchKVCache:
+        return self._cache
+
+    # --- the model -------------------------------------------------------------------------
+
+    def _model(self, b: dict[str, torch.Tensor], argmax: bool, logits_at: torch.Tensor | None = None) -> ForwardOutput:
+        with fused_norms(self.fused):
+            out = self.base(
+                input_ids=b["ids"], position_ids=b["pos"], attention_mask=b["mask"],
+                past_key_values=self._cache, use_cache=True, output_hidden_states=True,
+            )
+        hidden = out.hidden_states
+        spec = self.target.features
+        feats = torch.cat([hidden[i] for i in spec.layers], dim=-1) if spec.kind == "eagle3" else hidden[-1]
+        last = out.last_hidden_state
+        if not self.reads_logits:
+            return last[..., :0], feats
+        if logits_at is not None:  # one position per row (prefill): skip the others' LM head
+            last = last[torch.arange(last.shape[0], device=last.device), logits_at]
+        logits = self.lm_head(last)
+        return (logits.argmax(-1) if argmax else logits.float()), feats
+
+    # --- the operations --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> ForwardOutput:
+        # no_grad, not inference_mode: the storage may be allocated here, and rows leaving
+        # move its entries in place outside any inference block.
+        cache = self._cache
+        rows = cache.add_rows(len(prompts))
+        width = max(len(p) for p in prompts)
+        cache.reserve(width)
+        inputs = batch_inputs(prompts, None, [0] * len(prompts), width, len(prompts), cache.capacity, rows.start)
+        last = torch.tensor([len(p) - 1 for p in prompts], device=cache.device)
+        out = cache.run(None, (rows.start, rows.stop), _pinned(inputs),
+                        lambda b: self._model(b, argmax=False, logits_at=last))
+        for row, prompt in zip(rows, prompts):
+            cache.lengths[row] = len(prompt)
+        return out
+
+    def shape_for(self, tokens: Sequence[Sequence[int]], argmax: bool) -> ForwardShape:
+        """Both dimensions rounded up to a power of two, so that a few graphs cover every
+        round; wider than the largest graph runs eagerly at its own width."""
+        widest = max(len(t) for t in tokens)
+        n = len(tokens)
+        return ForwardShape(
+            batch=bucket_for(n, self._cache.rows) or n,
+            width=bucket_for(widest, self.largest_graph) or widest,
+            graphed=widest <= self.largest_graph,
+            argmax=argmax,
+        )
+
+    def forward(self, tokens: Sequence[Sequence[int]], parents: Sequence[Sequence[int]], argmax: bool) -> ForwardOutput:
+        return self.run_forward(tokens, parents, self.shape_for(tokens, argmax))
+
+    @torch.inference_mode()
+    def run_forward(self, tokens: Sequence[Sequence[int]], parents: Sequence[Sequence[int]],
+                    shape: ForwardShape) -> ForwardOutput:
+        """`forward` at a given shape (a sharded target's ranks run rank 0's)."""
+        cache = self._cache
+        cache.reserve(max(cache.lengths[: shape.batch]) + shape.width)
+        inputs = batch_inputs(tokens, parents, cache.lengths, shape.width, shape.batch, cache.capacity)
+        return cache.run(shape.graph_key, (0, shape.batch), _pinned(inputs), lambda b: self._model(b, shape.argmax))
+
+    def compact(self, moves: Sequence[RowCompaction]) -> None:
+        self._cache.compact(moves)
+
+    def remove_row(self, row: int) -> int | None:
+        return self._cache.remove_row(row)
+
+
+def _pinned(inputs: ForwardInputs) -> dict[str, torch.Tensor]:
+    """The inputs as a dict, in pinned host memory where CUDA is there (async copies)."""
+    d = inputs.as_dict()
+    if torch.cuda.is_available():
+        d = {k: v.pin_memory() for k, v in d.items()}
+    return d
