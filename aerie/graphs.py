@@ -8,6 +8,7 @@ or with graphs turned off, the same function simply runs: that is the tested CPU
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Hashable
 
 import torch
@@ -81,7 +82,17 @@ class GraphCache:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            outputs = fn()
+        # No garbage collection inside the capture (PyTorch no longer collects before one):
+        # a collected cycle holding CUDA objects (a dropped cache's graphs and their memory
+        # pool, pinned buffers) would free them with calls that invalidate the capture.
+        collecting = gc.isenabled()
+        gc.collect()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, stream=stream):
+                outputs = fn()
+        finally:
+            if collecting:
+                gc.enable()
         self.captures += 1
         return graph, outputs
