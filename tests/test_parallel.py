@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from pathlib import Path
 
 import grpc
@@ -28,6 +27,7 @@ from aerie.sampling import SamplingParams
 from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers
 from aerie.tree import TreeConfig
 from aerie.verifier import StopCriteria
+from tests.ranks import run_ranks
 from tests.tiny import tiny_head, tiny_llama
 
 WORLD = 2
@@ -124,17 +124,7 @@ def rank_main(rank: int, port: int, out_dir: str, static: bool = False) -> None:
 
 
 def run_two_ranks(out_dir: Path, static: bool) -> None:
-    store = dist.TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(rank, store.port, str(out_dir), static)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0], "a rank failed: see its traceback above"
+    run_ranks(rank_main, WORLD, str(out_dir), static)
 
 
 @pytest.fixture(scope="module")

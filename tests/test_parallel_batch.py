@@ -13,7 +13,6 @@ tokens and features, and the two ranks' caches hold the unsharded cache's halves
 from __future__ import annotations
 
 import gc
-import multiprocessing as mp
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,7 @@ from aerie.parallel.mirror import (
     batch_remove_row_call,
 )
 from aerie.parallel.protocol import Op, decode, encode
+from tests.ranks import run_ranks
 from aerie.sampling import SamplingParams
 from aerie.target import FeatureSpec, Target, eagle3_default_layers
 from aerie.tree import DraftTree, TreeConfig
@@ -175,17 +175,7 @@ def rank_main(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> tuple[dict, dict]:
     out_dir = tmp_path_factory.mktemp("tp-batch")
-    store = dist.TCPStore("127.0.0.1", 0, WORLD, is_master=True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=rank_main, args=(rank, store.port, str(out_dir))) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0], "a rank failed: see its traceback above"
+    run_ranks(rank_main, WORLD, str(out_dir))
     return torch.load(out_dir / "rank0.pt"), torch.load(out_dir / "rank1.pt")
 
 
