@@ -187,8 +187,6 @@ class TensorParallelTarget:
 
 # --- batches of sessions ------------------------------------------------------------------------
 
-BATCH_OPS = frozenset({Op.BATCH_PREFILL, Op.BATCH_FORWARD, Op.BATCH_COMPACT, Op.BATCH_REMOVE_ROW})
-
 
 def _ints(values: Sequence[int]) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.long)
@@ -343,7 +341,7 @@ def serve_mirror(target: Target, channel: Channel) -> MirrorState:
         if call.op is Op.BATCH_OPEN:
             held.batches[call.cache_id] = open_batch(target, call)
             continue
-        if call.op in BATCH_OPS:
+        if call.op in _BATCH_HANDLERS:
             apply_batch_call(held.batches[call.cache_id], call)
             continue
         if call.op is Op.FORWARD and call.cache_id not in held.caches:
