@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aerie.bench.prompts import jsonl_objects
 from aerie.errors import InputError
+from aerie.train import synthetic
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ CODE_TASKS = (
     ("topological_sort(graph: dict[str, list[str]]) -> list[str]", "returns a topological order of a directed acyclic graph"),
     ("dijkstra(graph: dict[str, dict[str, int]], start: str) -> dict[str, int]", "computes shortest distances from a start node with Dijkstra's algorithm"),
     ("longest_common_prefix(words: list[str]) -> str", "returns the longest common prefix of a list of strings"),
-    ("longest_common_subsequence(a: str, b: str) -> int", "returns the length of the longest common subsequence of two strings"),
+    ("longest_common_subsequence(a: str, b: str) -> int", "returns how long the longest subsequence shared by two strings is"),
     ("edit_distance(a: str, b: str) -> int", "computes the Levenshtein distance between two strings"),
     ("compress(text: str) -> str", "compresses a string with run-length encoding, for example 'aaabb' becomes 'a3b2'"),
     ("decompress(text: str) -> str", "expands a run-length encoded string"),
@@ -332,6 +333,178 @@ MATH_STYLE = (
 )
 
 
+# Knowledge questions across fields: what STEM and humanities questions ask (a concept, how it
+# works, why it matters, where it stops holding), longer and more structured than EXPLAIN's.
+FIELD_CONCEPTS = {
+    "physics": ("Newton's laws of motion", "conservation of energy", "entropy", "electromagnetic induction",
+                "the photoelectric effect", "special relativity", "wave-particle duality", "orbital motion",
+                "buoyancy", "resonance", "the Doppler effect", "nuclear fission", "semiconductors", "pressure in fluids"),
+    "chemistry": ("chemical equilibrium", "acids and bases", "oxidation and reduction", "catalysts",
+                  "covalent and ionic bonds", "the mole", "polymers", "electrolysis", "isotopes", "reaction rates",
+                  "solubility", "combustion"),
+    "biology": ("natural selection", "cell division", "the nervous system", "enzymes", "genetic mutations",
+                "ecosystems", "protein synthesis", "homeostasis", "the circulatory system", "symbiosis", "hormones",
+                "stem cells", "the immune response"),
+    "earth science": ("the rock cycle", "ocean currents", "monsoons", "river deltas", "erosion", "the ozone layer",
+                      "continental drift", "biomes", "soil formation", "the carbon cycle"),
+    "computer science": ("cache memory", "public-key cryptography", "TCP/IP networking", "virtual memory",
+                         "hash functions", "compilers and interpreters", "concurrency and threads", "database indexes",
+                         "overfitting in machine learning", "gradient descent", "load balancing", "containers",
+                         "garbage collection", "recursion and the call stack"),
+    "mathematics": ("derivatives", "integrals", "probability distributions", "matrices", "complex numbers",
+                    "proof by induction", "Bayes' theorem", "the central limit theorem", "logarithms", "game theory",
+                    "vectors", "exponential growth"),
+    "economics": ("GDP", "the Phillips curve", "fiscal policy", "monetary policy",
+                  "comparative advantage", "price elasticity", "externalities", "the business cycle", "trade deficits",
+                  "behavioral economics", "monopolies", "exchange rates"),
+    "history": ("the fall of the Western Roman Empire", "the Meiji Restoration", "the Protestant Reformation",
+                "decolonization in Africa", "the Ottoman Empire", "the Age of Exploration", "the First World War",
+                "the civil rights movement", "the Mongol Empire", "the Congress of Vienna", "the Black Death",
+                "the abolition of slavery"),
+    "philosophy": ("utilitarianism", "Kant's categorical imperative", "existentialism", "the social contract",
+                   "free will and determinism", "empiricism and rationalism", "Plato's allegory of the cave",
+                   "virtue ethics", "the problem of induction", "the mind-body problem"),
+    "psychology": ("cognitive dissonance", "classical conditioning", "Maslow's hierarchy of needs", "growth mindset",
+                   "short-term and long-term memory", "intrinsic motivation", "emotional intelligence",
+                   "the bystander effect", "anchoring", "procrastination"),
+    "law and government": ("the separation of powers", "the rule of law", "federalism", "intellectual property",
+                           "freedom of speech", "judicial review", "data protection law", "international treaties"),
+    "the arts": ("the hero's journey", "tragedy in Shakespeare's plays", "symbolism in poetry", "Baroque music",
+                 "modernist architecture", "film noir", "perspective in Renaissance painting", "jazz improvisation",
+                 "the sonnet", "color theory"),
+}
+
+FIELD_TEMPLATES = (
+    "In {field}, what is {concept}? Explain it with an example.",
+    "Explain {concept} and how it shows up in everyday life.",
+    "What is {concept}, and what are its limits?",
+    "Write a short essay on {concept}.",
+    "Give an overview of {concept}: the main idea, how it was discovered or developed, and why it matters in {field}.",
+    "Describe {concept} step by step.",
+    "How would you explain {concept} to {audience}? Write the explanation.",
+    "List five key ideas about {concept}, with a short explanation of each.",
+    "What are the main debates or open questions about {concept}?",
+    "Name an idea in {field} that is often confused with {concept}, and explain the difference.",
+    "What are common mistakes students make when learning about {concept}?",
+    "Describe a real-world case in which {concept} plays a part, and analyse it.",
+)
+
+# Plans, scripts and structured pieces of writing built around a subject.
+GRADES = ("grade 5", "grade 8", "grade 10", "first-year university")
+PROJECTS = (
+    "building a community garden", "launching a mobile app", "organizing a charity run", "renovating a kitchen",
+    "setting up a small library", "designing a rainwater collection system", "running a school science fair",
+    "moving a small company's files to the cloud", "opening a neighborhood cafe", "planning a hiking trip for twelve people",
+    "creating an online course", "reducing the energy use of an office building", "starting a recycling program at school",
+    "organizing a local film festival",
+)
+EVENTS = ("a wedding for 80 guests", "a company retreat", "a week-long family holiday", "a school trip to a museum",
+          "a small music festival", "a product launch party", "a hackathon", "a book club's first year")
+IDEAS = ("a film about a town rebuilding after a flood", "an app that helps people share tools with neighbors",
+         "a podcast about the history of food", "a board game that teaches economics", "a museum for children",
+         "a bike-sharing program for a small town", "a newsletter about local science", "a documentary about coral reefs")
+FIGURES = ("Hypatia", "Marie Curie", "Leonardo da Vinci", "Ada Lovelace", "Isaac Newton", "Confucius",
+           "Abraham Lincoln", "Charles Darwin", "Jane Austen", "Nikola Tesla", "Frida Kahlo", "Galileo Galilei")
+MODERN = ("a software engineer", "a climate scientist", "a high school student", "a startup founder", "a doctor",
+          "a journalist")
+TASK_TEMPLATES = (
+    "Create a lesson plan about {concept} for {grade} students: two lessons of 50 minutes each.",
+    "Break {project} into phases and describe what happens in each.",
+    "Write a short video script that explains {concept}.",
+    "Suggest five activities that help {audience} understand {concept}, with a brief description of each.",
+    "How would you go about {project}? Give a plan with rough costs.",
+    "Prepare a budget for {event}, with estimated costs for each item.",
+    "Write a persuasive pitch for {idea}.",
+    "Imagine {figure} meeting {modern} today. Write their conversation about {concept}.",
+    "Make a checklist for {project}.",
+    "Outline a presentation on {concept} in ten slides, with one sentence per slide.",
+)
+
+# Short programs for the reviewing prompts: some correct, some with a bug to find.
+SNIPPETS = (
+    "def average(numbers):\n    total = 0\n    for n in numbers:\n        total += n\n    return total / len(numbers) - 1",
+    "def find_max(items):\n    best = 0\n    for x in items:\n        if x > best:\n            best = x\n    return best",
+    "def is_even(n):\n    return n % 2 == 1",
+    "def reverse(s):\n    out = ''\n    for i in range(len(s) - 1, 0, -1):\n        out += s[i]\n    return out",
+    "def count_words(text):\n    counts = {}\n    for word in text.lower().split():\n        counts[word] = counts.get(word, 0) + 1\n    return counts",
+    "def binary_search(a, x):\n    lo, hi = 0, len(a)\n    while lo < hi:\n        mid = (lo + hi) // 2\n        if a[mid] < x:\n            lo = mid\n        else:\n            hi = mid\n    return lo",
+    "def append_item(item, items=[]):\n    items.append(item)\n    return items",
+    "def fib(n):\n    if n <= 1:\n        return n\n    return fib(n - 1) + fib(n - 2)",
+    "def dedupe(items):\n    seen = set()\n    out = []\n    for x in items:\n        if x not in seen:\n            seen.add(x)\n            out.append(x)\n    return out",
+    "def read_numbers(path):\n    f = open(path)\n    numbers = [int(line) for line in f]\n    return sum(numbers)",
+    "def merge(a, b):\n    i = j = 0\n    out = []\n    while i < len(a) and j < len(b):\n        if a[i] <= b[j]:\n            out.append(a[i]); i += 1\n        else:\n            out.append(b[j]); j += 1\n    return out",
+    "def celsius(f):\n    return f - 32 * 5 / 9",
+    "function sum(arr) {\n  let total;\n  for (let i = 0; i <= arr.length; i++) {\n    total += arr[i];\n  }\n  return total;\n}",
+    "SELECT name, COUNT(*) FROM orders JOIN customers ON orders.customer_id = customers.id;",
+)
+SNIPPET_TEMPLATES = (
+    "Is this code correct? If not, explain the problem and fix it.\n\n```\n{code}\n```",
+    "Explain what this code does, line by line.\n\n```\n{code}\n```",
+    "Review the following code and suggest improvements.\n\n```\n{code}\n```",
+    "Write unit tests for this code.\n\n```\n{code}\n```",
+    "Rewrite this code in another programming language of your choice.\n\n```\n{code}\n```",
+    "What is the time complexity of this code, and can it be made faster?\n\n```\n{code}\n```",
+)
+SQL_TASKS = (
+    "lists the ten customers who spent the most", "counts the orders placed in each month of 2023",
+    "finds the customers who have never placed an order", "returns the average order amount per city",
+    "finds the most popular product in each category", "lists the orders larger than the customer's average order",
+    "deletes duplicate customer rows and keeps the oldest one", "shows each customer's first and latest order dates",
+    "computes the running total of sales by day", "finds the cities with more than fifty customers",
+)
+SQL_SCHEMA = ("customers(id, name, city, created_at), orders(id, customer_id, product_id, amount, created_at) "
+              "and products(id, name, category, price)")
+WEB_TASKS = (
+    "a button that changes the background color when clicked", "a contact form that checks the email address",
+    "a to-do list where items can be added and removed", "a countdown timer to New Year's Day",
+    "a navigation bar that collapses on small screens", "an image gallery with a lightbox",
+    "a dark mode toggle", "a table that can be sorted by clicking its headers", "a simple calculator",
+    "a page that fetches and displays the current weather from an API",
+)
+SHELL_TASKS = (
+    "finds the ten largest files under a directory", "renames every .jpeg file in a folder to .jpg",
+    "backs up a directory into a dated tar.gz archive", "counts the lines of code in all Python files of a project",
+    "checks whether a website is up every minute and logs failures", "deletes log files older than thirty days",
+    "prints the number of lines, words and characters of each file in a folder", "monitors disk usage and warns above 90 percent",
+)
+MORE_LANGUAGES = ("Go", "TypeScript", "C#", "Kotlin", "Swift", "Ruby", "PHP")
+
+# Reading prompts: a made-up passage (aerie.train.synthetic) and a request about it.
+READING_TASKS = {
+    "people": (
+        "Extract the name, age, job and city of every person in the text below. Answer in JSON.\n\n{text}",
+        "List the people mentioned below with their jobs, one per line, in the format \"name, job\".\n\n{text}",
+        "Who is the oldest and who is the youngest person in the following text?\n\n{text}",
+        "Turn the following text into a Markdown table with the columns Name, Age, Job and City.\n\n{text}",
+        "Where does each person below live, and what is the main language spoken there?\n\n{text}",
+    ),
+    "companies": (
+        "Which of the companies below kept the most money as profit, and who runs it?\n\n{text}",
+        "Which company below has the highest profit margin (profit divided by revenue)? Show your calculation.\n\n{text}",
+        "Extract each company's name, CEO, revenue and profit from the text below as CSV.\n\n{text}",
+        "Rank the companies below by revenue, from highest to lowest.\n\n{text}",
+    ),
+    "reviews": (
+        "Score each review below from 1 (hated it) to 5 (loved it), and explain each score in a few words.\n\n{text}",
+        "Classify each review below as positive, negative or mixed, and give a one-line reason for each.\n\n{text}",
+        "What do the following reviews praise, and what do they criticize?\n\n{text}",
+    ),
+    "table": (
+        "Given the following sales records, find the month with the highest revenue for each product.\n\n{text}",
+        "Compute the total units sold per region from the following data.\n\n{text}",
+        "Describe the trend in the following data in a short paragraph.\n\n{text}",
+        "Convert the following CSV data to JSON.\n\n{text}",
+        "For each product in the data below, give its best and worst month by units sold.\n\n{text}",
+    ),
+    "news": (
+        "Find every person, organization and place named in the article below and sort them into three lists.\n\n{text}",
+        "Write a headline for the following article, then summarize it in two sentences.\n\n{text}",
+        "List the facts and figures in the following article as bullet points.\n\n{text}",
+        "Who are the people in this article, and what is each one's role?\n\n{text}",
+    ),
+}
+
+
 # --- assembling -----------------------------------------------------------------------------
 
 
@@ -361,8 +534,9 @@ def _take(rng: random.Random, pool: list[str], n: int) -> list[str]:
 
 
 def made_prompts(passages: list[str], seed: int = 0, scale: float = 1.0) -> list[TrainPrompt]:
-    """Prompts from templates x topics, about 6,000 at scale 1. `passages` are short texts
-    (GSM8K questions serve well) for the summary and rewrite prompts."""
+    """Prompts from templates x topics and made-up passages, about 12,700 at scale 1.
+    `passages` are short texts (GSM8K questions serve well) for the summary and rewrite
+    prompts."""
     rng = random.Random(seed)
     out: list[TrainPrompt] = []
 
@@ -382,6 +556,37 @@ def made_prompts(passages: list[str], seed: int = 0, scale: float = 1.0) -> list
     add("roleplay", [f"Pretend you are {r}. {a}" for r, a in product(ROLES, ROLE_ASKS)], 120)
     rewrite = [t.format(text=p) for t, p in zip(REWRITE_TASKS * (len(passages) // len(REWRITE_TASKS) + 1), passages)]
     add("rewrite", rewrite, 1200)
+    concepts = [(field, c) for field, cs in FIELD_CONCEPTS.items() for c in cs]
+    add("field", [t.format(field=f, concept=c, audience=a)
+                  for t, (f, c), a in product(FIELD_TEMPLATES, concepts, AUDIENCES[:2])], 1800)
+    tasks = [t.format(concept=c, grade=rng.choice(GRADES), project=rng.choice(PROJECTS), event=rng.choice(EVENTS),
+                      idea=rng.choice(IDEAS), figure=rng.choice(FIGURES), modern=rng.choice(MODERN),
+                      audience=rng.choice(AUDIENCES))
+             for t, (_, c) in product(TASK_TEMPLATES, concepts)]
+    add("task", tasks, 1100)
+    add("snippet", [t.format(code=c) for t, c in product(SNIPPET_TEMPLATES, SNIPPETS)], 84)
+    add("sql", [f"Given the tables {SQL_SCHEMA}, write a SQL query that {task}." for task in SQL_TASKS], 10)
+    add("web", [f"Write a simple web page in HTML, CSS and JavaScript with {task}." for task in WEB_TASKS], 10)
+    add("shell", [f"Write a bash script that {task}." for task in SHELL_TASKS], 8)
+    add("code-lang", [f"Write a {lang} function that {desc}." for lang, (_, desc) in product(MORE_LANGUAGES, CODE_TASKS)], 700)
+    add("reading", reading_prompts(rng, 2400), 2400)
+    return out
+
+
+def reading_prompts(rng: random.Random, n: int) -> list[str]:
+    """n requests about made-up passages, spread evenly over the kinds of passage."""
+    passages = {
+        "people": lambda: synthetic.people_passage(rng, rng.randint(3, 6)),
+        "companies": lambda: synthetic.company_passage(rng, rng.randint(3, 5)),
+        "reviews": lambda: synthetic.reviews_passage(rng, rng.randint(3, 5)),
+        "table": lambda: synthetic.sales_table(rng, rng.randint(3, 6)),
+        "news": lambda: synthetic.news_passage(rng),
+    }
+    kinds = sorted(READING_TASKS)
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        out.append(rng.choice(READING_TASKS[kind]).format(text=passages[kind]()))
     return out
 
 
