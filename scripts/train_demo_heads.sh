@@ -14,6 +14,9 @@
 #   HEADS ("eagle3 eagle1")  TRAIN_MINUTES (5)  TRAIN_STEPS, or per head EAGLE3_STEPS and EAGLE1_STEPS
 #   REPORT_HEADS (more NAME=DIR heads to report beside the trained ones, e.g. the shipped ones)
 #   REPORT_MINUTES (7)  REPORT_WORKERS (12)  LIMIT (all prompts)  REPORT_LIMIT (LIMIT)  EVAL_TOKENS (256)
+#   STOP_AFTER (datagen, train or report): end there, so that the steps can run in separate calls
+# A datagen that ran out its seconds counts as done (a rerun goes on to training); a training
+# interrupted midway continues from its last checkpoint.
 set -euo pipefail
 
 run=${1:?usage: train_demo_heads.sh RUN_DIR DATA_DIR}
@@ -28,18 +31,26 @@ aerie() { python3 -m aerie.cli "$@"; }
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
 mkdir -p "$run"
 
+# datagen OUT SECONDS [ARGS...]: unless OUT is marked done, answer the prompts for SECONDS.
+datagen() {
+    local out=$1 seconds=$2
+    shift 2
+    [ -f "$out/DONE" ] && return
+    aerie train datagen --device "$device" --out "$out" --gsm8k "$data/gsm8k_train.jsonl" "${limit[@]}" \
+        --batch-size "${DATAGEN_BATCH:-512}" --max-new-tokens "${ANSWER_TOKENS:-512}" --engine "${DATAGEN_ENGINE:-generate}" \
+        --max-seconds "$seconds" "$@"
+    touch "$out/DONE"
+}
+
 stamp datagen
-aerie train datagen --device "$device" --out "$run/data" --gsm8k "$data/gsm8k_train.jsonl" "${limit[@]}" \
-    --batch-size "${DATAGEN_BATCH:-512}" --max-new-tokens "${ANSWER_TOKENS:-512}" --engine "${DATAGEN_ENGINE:-generate}" \
-    --max-seconds "${DATAGEN_SECONDS:-240}"
+datagen "$run/data" "${DATAGEN_SECONDS:-240}"
 datasets=("$run/data")
 if [ "${SAMPLED_SECONDS:-0}" != 0 ]; then
     stamp "datagen, sampled"
-    aerie train datagen --device "$device" --out "$run/data_sampled" --gsm8k "$data/gsm8k_train.jsonl" "${limit[@]}" \
-        --batch-size "${DATAGEN_BATCH:-512}" --max-new-tokens "${ANSWER_TOKENS:-512}" --engine "${DATAGEN_ENGINE:-generate}" \
-        --temperature "${SAMPLED_TEMPERATURE:-0.8}" --seed 1 --max-seconds "$SAMPLED_SECONDS"
+    datagen "$run/data_sampled" "$SAMPLED_SECONDS" --temperature "${SAMPLED_TEMPERATURE:-0.8}" --seed 1
     datasets+=("$run/data_sampled")
 fi
+[ "${STOP_AFTER:-}" = datagen ] && { stamp done; exit 0; }
 
 stamp train
 train_args=(--device "$device" --data "${datasets[@]}" --max-minutes "${TRAIN_MINUTES:-5}" --epochs 20 --lr "${TRAIN_LR:-6e-4}"
@@ -51,12 +62,15 @@ for kind in $heads; do
     [ -f "$run/$kind/train_summary.json" ] && continue
     steps_var=${kind^^}_STEPS
     steps=${!steps_var:-${TRAIN_STEPS:-}}
-    aerie train "$kind" "${train_args[@]}" ${steps:+--steps "$steps"} --out "$run/$kind" > "$run/train_$kind.log" 2>&1 &
+    resume=()
+    [ -f "$run/$kind/checkpoint.pt" ] && resume=(--resume)
+    aerie train "$kind" "${train_args[@]}" ${steps:+--steps "$steps"} "${resume[@]}" --out "$run/$kind" >> "$run/train_$kind.log" 2>&1 &
 done
 for job in $(jobs -p); do
     wait "$job" || { tail -n 20 "$run"/train_*.log; exit 1; }
 done
 tail -n 2 "$run"/train_*.log
+[ "${STOP_AFTER:-}" = train ] && { stamp done; exit 0; }
 
 stamp report
 for extra in ${REPORT_HEADS:-}; do report_heads+=(--head "$extra"); done
@@ -64,6 +78,7 @@ aerie train report --device "$device" "${report_heads[@]}" \
     --prompts "mt_bench=$data/mt_bench_questions.jsonl" --prompts "humaneval=$data/HumanEval.jsonl.gz" \
     "${report_limit[@]}" --max-new-tokens "${EVAL_TOKENS:-256}" --workers "${REPORT_WORKERS:-12}" \
     --minutes "${REPORT_MINUTES:-7}" --out "$run/report"
+[ "${STOP_AFTER:-}" = report ] && { stamp done; exit 0; }
 
 [ "${BENCH_LIMIT:-10}" = 0 ] && { stamp done; exit 0; }
 stamp bench
