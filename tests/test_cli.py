@@ -95,7 +95,11 @@ def test_bench_reports_identical_output(demo_model_dir, tmp_path, capsys):
     assert result["summary"]["all_identical"] is True
     assert {r["mode"] for r in result["rows"]} == {"eagle", "vanilla", "hf"}
     assert all(r["identical_to_vanilla"] for r in result["rows"] if r["mode"] == "hf")
-    assert {"speedup_vs_vanilla", "speedup_vs_hf", "tau_mean", "tokens_per_s"} <= set(result["summary"])
+    assert {"speedup_vs_vanilla", "speedup_vs_hf", "tau_mean", "tau_pooled", "tokens_per_s"} <= set(result["summary"])
+    eagle = [r for r in result["rows"] if r["mode"] == "eagle"]
+    rounds = [a for r in eagle for a in r["accepted_per_round"]]
+    assert result["summary"]["tau_pooled"]["eagle"] == pytest.approx(sum(a + 1 for a in rounds) / len(rounds))
+    assert result["summary"]["tau_pooled"]["vanilla"] == 1.0
     assert "torch" in result["machine"]
     assert "| eagle |" in capsys.readouterr().out
 
@@ -135,3 +139,13 @@ def test_gateway_generation_refuses_settings_only_the_services_decide(capsys):
     code = main(["generate", "--prompt", "hi", "--gateway", "127.0.0.1:1", "--mode", "vanilla", "--device", "cuda"])
     err = capsys.readouterr().err
     assert code == 2 and "--mode, --device cannot apply with --gateway" in err
+
+
+def test_pooled_tau_weighs_every_round_alike():
+    from aerie.bench.harness import pooled_tau
+
+    # A short answer (one round accepting 4) and a long one (three rounds accepting 0): the
+    # mean of per-prompt tau is (5 + 1) / 2 = 3, pooled it is (5 + 1 + 1 + 1) / 4 = 2.
+    rows = [{"accepted_per_round": [4]}, {"accepted_per_round": [0, 0, 0]}, {"accepted_per_round": None}]
+    assert pooled_tau(rows) == 2.0
+    assert pooled_tau([]) == 1.0
