@@ -6,6 +6,7 @@ the in-process engine or by the verify service, one `verify` call per speculativ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -137,6 +138,24 @@ def sample_token(logits: torch.Tensor, position: int, params: SamplingParams) ->
         return int(logits.argmax())
     token_u, _ = position_uniforms(params.seed, position, 0)
     return int(sample_from(warp_probs(logits, params), torch.tensor(token_u)))
+
+
+def sample_tokens(logits: torch.Tensor, positions: Sequence[int], params: Sequence[SamplingParams]) -> list[int]:
+    """`sample_token` for every row of `logits` [rows, vocab], row r at positions[r] with
+    params[r], in a few tensor operations and one sync: rows that share (temperature, top_k,
+    top_p) are warped together, and every sampled row is drawn in one inverse-CDF pass, each
+    with its own position's random number."""
+    tokens = logits.argmax(-1)
+    groups: dict[tuple[float, int, float], list[int]] = {}
+    for row, p in enumerate(params):
+        if not p.greedy:
+            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
+    if groups:
+        rows = [row for members in groups.values() for row in members]
+        probs = torch.cat([warp_probs(logits[members], params[members[0]]) for members in groups.values()])
+        u = torch.tensor([position_uniforms(params[r].seed, positions[r], 0)[0] for r in rows], dtype=torch.float64)
+        tokens[torch.tensor(rows, device=tokens.device)] = sample_from(probs, u.to(probs.device))
+    return tokens.tolist()
 
 
 def accept_sampled(tree: DraftTree, logits: torch.Tensor, committed: int, params: SamplingParams) -> tuple[list[int], int]:

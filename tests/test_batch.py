@@ -6,6 +6,8 @@ forward; a bad tree in one session is refused without disturbing the others."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -13,12 +15,13 @@ from aerie.batch.cache import BatchKVCache, RowCompaction
 from aerie.batch.draft import rerank_rows
 from aerie.batch.engine import BatchConfig, BatchEngine
 from aerie.batch.inputs import ancestor_closure, batch_inputs
+from aerie.batch.model import ForwardShape
 from aerie.batch.verify import BatchVerifier, NewSession
 from aerie.engine import Engine
 from aerie.errors import InputError
 from aerie.sampling import SamplingParams
 from aerie.tree import CandidatePool, DraftTree, TreeConfig, ancestor_mask, node_depths, rerank
-from aerie.verifier import StopCriteria
+from aerie.verifier import StopCriteria, sample_token, sample_tokens
 from tests.test_engine import PROMPTS, OracleDrafter
 from tests.tiny import VOCAB, tiny_head, tiny_target
 
@@ -40,11 +43,31 @@ def test_batched_greedy_equals_plain_decoding(pair, concurrency):
     target, head = pair
     stop = StopCriteria(26)
     want = [Engine(target, None, TREE).generate(p, SamplingParams(), stop, "vanilla").token_ids for p in BATCH_PROMPTS]
-    engine = BatchEngine(target, head, TREE, BatchConfig(prefill_tokens=40))  # joins split over forwards
-    for mode in ("vanilla", "eagle"):
-        run = engine.generate_many(BATCH_PROMPTS, SamplingParams(), stop, mode, concurrency)
-        assert [r.token_ids for r in run.results] == want
-        assert run.new_tokens == 26 * len(BATCH_PROMPTS)
+    # Joins split over forwards; then joins that wait for rows to free.
+    for config in (BatchConfig(prefill_tokens=40), BatchConfig(prefill_tokens=40, join_rows=2)):
+        engine = BatchEngine(target, head, TREE, config)
+        for mode in ("vanilla", "eagle"):
+            run = engine.generate_many(BATCH_PROMPTS, SamplingParams(), stop, mode, concurrency)
+            assert [r.token_ids for r in run.results] == want
+            assert run.new_tokens == 26 * len(BATCH_PROMPTS)
+
+
+def test_sessions_join_once_enough_rows_are_free(pair, monkeypatch):
+    target, _ = pair
+    join = BatchVerifier.join
+    stop = StopCriteria(30, frozenset({9, 21, 52}))  # sessions end at different rounds
+
+    def joins(join_rows: int) -> list[int]:
+        joined = []
+        monkeypatch.setattr(BatchVerifier, "join", lambda self, new: joined.append(len(new)) or join(self, new))
+        engine = BatchEngine(target, None, TREE, BatchConfig(join_rows=join_rows))
+        engine.generate_many(BATCH_PROMPTS, SamplingParams(), stop, "vanilla", 3)
+        assert sum(joined) == len(BATCH_PROMPTS) and joined[0] == 3
+        return joined
+
+    assert 1 in joins(1)[1:-1]  # one at a time, as rows free
+    waited = joins(2)
+    assert all(n >= 2 for n in waited[:-1]) and len(waited) > 2
 
 
 def test_generation_keeps_no_autograd_state(pair):
@@ -79,6 +102,23 @@ def test_batched_sampling_equals_the_single_session_path(pair, tree):
     assert [r.token_ids for r in run.results] == [w.token_ids for w in want]
     assert [r.accepted for r in run.results] == [[x.accepted for x in w.rounds] for w in want]
     assert run.results[0].tau == pytest.approx(want[0].tau)
+
+
+def test_batched_sampler_draws_what_sample_token_draws_row_by_row():
+    """Rows of mixed settings (greedy, temperatures, top-k, top-p; rows sharing a setting
+    but not a seed) at their own positions, from a strided view as a forward's output is: the
+    tokens of `sample_token` row by row."""
+    gen = torch.Generator().manual_seed(5)
+    settings = [SamplingParams(), SamplingParams(1.0), SamplingParams(0.6), SamplingParams(1.3, top_k=7),
+                SamplingParams(0.9, top_p=0.8), SamplingParams(1.1, 0.9, 40)]
+    rows, vocab = 60, 500
+    params = [replace(settings[r % len(settings)], seed=1000 + r) for r in range(rows)]
+    positions = torch.randint(1, 4000, (rows,), generator=gen).tolist()
+    logits = (torch.randn(rows + 4, 2, vocab, generator=gen) * 3)[:rows, 0]
+    want = [sample_token(logits[r], positions[r], params[r]) for r in range(rows)]
+    assert sample_tokens(logits, positions, params) == want
+    assert sample_tokens(logits, [p + 1 for p in positions], params) != want  # the draws are the positions'
+    assert sample_tokens(logits, positions, [settings[0]] * rows) == logits.argmax(-1).tolist()
 
 
 def test_stop_tokens_end_sessions_like_plain_decoding(pair):
@@ -231,6 +271,15 @@ def test_each_row_of_a_batched_tree_forward_equals_the_unbatched_forward():
     assert torch.isfinite(logits).all() and torch.isfinite(feats).all()  # padding rows too
 
 
+def test_plain_decoding_of_any_row_count_is_graphed():
+    """`largest_graph` bounds a forward's width (tokens per row), not its rows: plain decoding
+    of 300 sessions is one 1-wide forward over the 512-row bucket, replayed as a graph."""
+    target = tiny_target("eagle3")
+    model = BatchVerifier(target, BatchKVCache(6, 512, 8, torch.device("cpu"))).batch_model
+    assert model.shape_for([[1]] * 300, argmax=False) == ForwardShape(batch=512, width=1, graphed=True, argmax=False)
+    assert not model.shape_for([[1] * 129], argmax=False).graphed
+
+
 def test_batch_inputs_masks_and_positions():
     trees = [[-1, 0, 0, 1, 1, 3, 2], [-1], [-1, 0, 1]]
     out = batch_inputs([[1] * 7, [2], [3] * 3], trees, lengths=[5, 2, 0, 0], width=8, batch=4, capacity=16, first_row=0)
@@ -326,6 +375,25 @@ def test_rerank_rows_equals_rerank_per_row():
             assert got[r].tokens.tolist() == want.tokens.tolist()
             assert got[r].parents.tolist() == want.parents.tolist()
             assert torch.allclose(got[r].logprobs, want.logprobs)
+
+
+def test_results_are_told_as_sessions_leave_and_admission_can_stop(pair):
+    target, _ = pair
+    engine = BatchEngine(target, None, TREE)
+    stop = StopCriteria(20, frozenset({9, 21, 52}))  # sessions end at different rounds
+    told = []
+    run = engine.generate_many(BATCH_PROMPTS, SamplingParams(), stop, "vanilla", 3,
+                               on_result=lambda i, r: told.append((i, r)))
+    assert sorted(i for i, _ in told) == list(range(len(BATCH_PROMPTS)))
+    assert all(run.results[i] is r for i, r in told)
+    assert [i for i, _ in told] != sorted(i for i, _ in told)  # told as each leaves, not in prompt order
+
+    admits = iter([True])  # the first join only
+    first = engine.generate_many(BATCH_PROMPTS, SamplingParams(), stop, "vanilla", 3,
+                                 admit=lambda: next(admits, False))
+    assert [r.token_ids for r in first.results[:3]] == [r.token_ids for r in run.results[:3]]
+    assert first.results[3:] == [None] * (len(BATCH_PROMPTS) - 3)
+    assert first.new_tokens == sum(len(r.token_ids) for r in run.results[:3])
 
 
 def test_generate_many_refuses_bad_settings(pair):

@@ -16,7 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import aerie.train.datagen as datagen_module
 import aerie.train.trainer as trainer_module
+from aerie.batch.engine import BatchEngine
 from aerie.cli import main
 from aerie.engine import Engine
 from aerie.errors import InputError
@@ -25,7 +27,7 @@ from aerie.sampling import SamplingParams
 from aerie.target import FeatureSpec, Target
 from aerie.train.cli import DEFAULT_GSM8K
 from aerie.train.data import Sample, answer_token_counts, collate, load_datasets, load_samples, split_holdout
-from aerie.train.datagen import DatagenConfig, generate_batch, run_datagen
+from aerie.train.datagen import DatagenConfig, generate_batch, run_datagen, shard_name
 from aerie.train.prompts import TrainPrompt
 from aerie.train.trainer import TrainConfig, compute_stats, init_eagle3_head, plot_history, read_history, train
 from aerie.train.ttt import (
@@ -316,8 +318,31 @@ def shards_of(out: Path) -> dict[str, dict[str, np.ndarray]]:
     return result
 
 
+def answers_of(shard: dict[str, np.ndarray]) -> list[list[int]]:
+    ends = shard["offsets"][1:]
+    return [shard["tokens"][start + p : end].tolist() for start, end, p in zip(shard["offsets"], ends, shard["prompt_lens"])]
+
+
+def spy_on_writes(monkeypatch, die_at: int | None = None, after=None) -> list[str]:
+    """Shard writes that record the names written, in order (the list returned), raise
+    KeyboardInterrupt instead of the `die_at`-th (from 1), and call `after()` after each."""
+    written, write = [], datagen_module.write_shard
+
+    def write_shard(path, samples, dtype):
+        if len(written) + 1 == die_at:
+            raise KeyboardInterrupt
+        tokens = write(path, samples, dtype)
+        written.append(path.name)
+        if after is not None:
+            after()
+        return tokens
+
+    monkeypatch.setattr(datagen_module, "write_shard", write_shard)
+    return written
+
+
 @pytest.mark.parametrize("engine", ["generate", "batch"])
-def test_datagen_resumes_without_duplicates(tmp_path, engine):
+def test_datagen_resumes_without_duplicates(tmp_path, monkeypatch, engine):
     model = tiny_llama(vocab=VOCAB)
     # Sampled: a resumed run must reseed to sample what the uninterrupted one did.
     config = DatagenConfig(max_new_tokens=10, batch_size=2, temperature=1.0, seed=3, engine=engine)
@@ -329,28 +354,21 @@ def test_datagen_resumes_without_duplicates(tmp_path, engine):
     assert reference["complete"] and [s["file"] for s in reference["shards"]] == [f"shard-0000{i}.npz" for i in range(4)]
 
     # Killed while making shard 2 of 4 (after a crash that left a shard the manifest lacks).
-    calls = []
-
-    def dies_in_shard_2(text):
-        calls.append(text)
-        if len(calls) > 4:
-            raise KeyboardInterrupt
-        return encode(text)
-
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        run(out, dies_in_shard_2)
+    with monkeypatch.context() as m:
+        spy_on_writes(m, die_at=3)
+        with pytest.raises(KeyboardInterrupt):
+            run(out)
     partial = json.loads((out / "manifest.json").read_text())
     assert not partial["complete"] and [s["file"] for s in partial["shards"]] == ["shard-00000.npz", "shard-00001.npz"]
     (out / "shard-00002.npz").write_bytes(b"half written")
 
-    # Stopped by the time limit after one more shard.
-    def slow(text):
-        time.sleep(0.6)
-        return encode(text)
-
-    stopped = run(out, slow, max_seconds=1.0)
+    # Stopped by the time limit after one more shard: its writing outlasts the limit.
+    with monkeypatch.context() as m:
+        spy_on_writes(m, after=lambda: time.sleep(1.2))
+        stopped = run(out, max_seconds=1.0)
     assert stopped["stopped_early"] and not stopped["complete"] and len(stopped["shards"]) == 3
+    assert stopped["new_tokens"] == stopped["shards"][2]["answer_tokens"] == 20
 
     done = run(out)
     assert done["complete"] and not done["stopped_early"]
@@ -378,6 +396,48 @@ def test_datagen_resumes_without_duplicates(tmp_path, engine):
     with pytest.raises(InputError, match="engine"):
         run_datagen(model, encode, PROMPTS, out, DatagenConfig(max_new_tokens=10, batch_size=2, temperature=1.0, seed=3,
                                                                engine=other), frozenset(), 0, progress=False)
+
+
+@pytest.mark.parametrize("temperature, stop", [(0.0, {8}), (1.0, {8, 48})], ids=["greedy", "sampled"])
+def test_streamed_datagen_writes_the_shards_of_answering_each_shard_alone(tmp_path, monkeypatch, temperature, stop):
+    """The batched engine answers every shard in one stream, rows going on to the next
+    shard's prompts while a long answer finishes (the stop tokens make shard 1 end before
+    shard 0), and writes each shard as the batch of that shard alone answers it, seeded per
+    prompt. Interrupted after that first write, a rerun completes the same shards."""
+    model = tiny_llama(vocab=VOCAB)
+    config = DatagenConfig(max_new_tokens=12, batch_size=3, temperature=temperature, seed=3, engine="batch")
+
+    def run(out):
+        return run_datagen(model, encode, PROMPTS, out, config, frozenset(stop), 0, progress=False)
+
+    with monkeypatch.context() as m:
+        order = spy_on_writes(m)
+        streamed = run(tmp_path / "streamed")
+    assert order.index("shard-00001.npz") < order.index("shard-00000.npz"), order
+    assert streamed["complete"] and [s["file"] for s in streamed["shards"]] == [shard_name(i) for i in range(3)]
+    assert streamed["new_tokens"] == sum(s["answer_tokens"] for s in streamed["shards"])
+    shards = shards_of(tmp_path / "streamed")
+    engine = BatchEngine(Target(model, FeatureSpec("eagle1")), None, TreeConfig.chain(1))
+    for index in range(3):
+        prompts = [encode(p.text) for p in PROMPTS[3 * index : 3 * index + 3]]
+        params = [SamplingParams(temperature, seed=(3 * 1_000_003 + index) * 65_536 + i) for i in range(len(prompts))]
+        alone = engine.generate_many(prompts, params, StopCriteria(12, frozenset(stop)), "vanilla", len(prompts))
+        shard = shards[shard_name(index)]
+        assert answers_of(shard) == [r.token_ids for r in alone.results], index
+        assert shard["finished"].tolist() == [r.token_ids[-1] in stop for r in alone.results]
+
+    out = tmp_path / "interrupted"
+    with monkeypatch.context() as m:
+        spy_on_writes(m, die_at=2)
+        with pytest.raises(KeyboardInterrupt):
+            run(out)
+    assert [s["file"] for s in json.loads((out / "manifest.json").read_text())["shards"]] == [order[0]]
+    assert run(out)["complete"]
+    resumed = shards_of(out)
+    assert resumed.keys() == shards.keys()
+    for name in shards:
+        for key in shards[name]:
+            assert np.array_equal(resumed[name][key], shards[name][key]), (name, key)
 
 
 def test_batched_datagen_answers_as_plain_decoding(tmp_path):
@@ -459,11 +519,13 @@ def test_cli_datagen_train_eval_end_to_end(cli_dirs, tmp_path, capsys):
     assert manifest["complete"] and manifest["samples"] == 10 and len(manifest["shards"]) == 3
     capsys.readouterr()
     assert cli(*datagen) == 0
-    assert "10 samples" in capsys.readouterr().out  # the rerun only reads the manifest back
+    rerun = capsys.readouterr().out
+    assert "10 samples" in rerun and "tokens/s" not in rerun  # the rerun only reads the manifest back
 
     # Sampled answers to the same prompts, in a second directory, train beside the greedy ones.
     sampled = tmp_path / "sampled"
     assert cli(*[sampled if a == data else a for a in datagen], "--temperature", "1", "--engine", "batch") == 0
+    assert "tokens/s" in capsys.readouterr().out
     both, _ = load_datasets([data, sampled])
     assert len(both) == 20 and len({s.prompt_key for s in both}) == 10
 

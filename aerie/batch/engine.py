@@ -34,6 +34,10 @@ class BatchConfig:
     max_tree_nodes: int = 128
     capacity_multiple: int = 64  # KV rows are sized to the longest generation, rounded up to this
     prefill_tokens: int = 8192  # sessions joining together are prefilled in forwards of about this many (padded) tokens
+    # Sessions join once this many rows are free (or the rest of the queue fits): each join
+    # is an eager prefill forward, which can cost more than a few rows left idle for a few
+    # graphed steps.
+    join_rows: int = 1
 
 
 @dataclass
@@ -51,7 +55,7 @@ class SessionResult:
 
 @dataclass
 class BatchRun:
-    results: list[SessionResult]  # in prompt order
+    results: list[SessionResult | None]  # in prompt order; None for a prompt never admitted (see generate_many)
     seconds: float
     forwards: int  # target forwards after prefill (rounds)
     prefill_s: float = 0.0
@@ -60,7 +64,7 @@ class BatchRun:
 
     @property
     def new_tokens(self) -> int:
-        return sum(len(r.token_ids) for r in self.results)
+        return sum(len(r.token_ids) for r in self.results if r is not None)
 
     @property
     def tokens_per_s(self) -> float:
@@ -68,7 +72,7 @@ class BatchRun:
 
     @property
     def tau(self) -> float:
-        rounds = [a for r in self.results for a in r.accepted]
+        rounds = [a for r in self.results if r is not None for a in r.accepted]
         return sum(a + 1 for a in rounds) / len(rounds) if rounds else 1.0
 
 
@@ -109,10 +113,14 @@ class BatchEngine:
         mode: Mode = "eagle",
         concurrency: int = 16,
         on_tokens: Callable[[int], None] | None = None,
+        on_result: Callable[[int, SessionResult], None] | None = None,
+        admit: Callable[[], bool] | None = None,
     ) -> BatchRun:
         """Generate for every prompt, `concurrency` sessions at a time. `params` is one
         setting for all or one per prompt; `on_tokens(n)` is told of each round's new tokens
-        (progress bars)."""
+        (progress bars), and `on_result(i, result)` of prompt i's result as soon as its
+        session leaves. `admit()` is asked before sessions join: while it is false none do,
+        and once the batch is empty the prompts never admitted are left out (None results)."""
         if mode not in ("eagle", "vanilla"):
             raise InputError(f"unknown mode {mode!r}: use eagle or vanilla")
         if mode == "eagle" and self.head is None:
@@ -145,12 +153,15 @@ class BatchEngine:
         sync = _syncer(self.target.device)
         t_start = time.perf_counter()
         while queue or live:
-            if queue and len(live) < concurrency:
+            joins = bool(queue) and concurrency - len(live) >= min(cfg.join_rows, len(queue), concurrency)
+            if joins and (admit is None or admit()):
                 t0 = time.perf_counter()
                 self._join(verifier, drafter, prompts, per_prompt, stop, queue, live, concurrency, on_tokens,
                            cfg.prefill_tokens)
                 sync()
                 run.prefill_s += time.perf_counter() - t0
+            elif not live:
+                break  # nothing runs and nothing may join
             else:
                 t0 = time.perf_counter()
                 if drafter is None:
@@ -171,7 +182,7 @@ class BatchEngine:
                 run.forwards += 1
                 if on_tokens is not None:
                     on_tokens(sum(new))
-            self._leave(verifier, drafter, live, results)
+            self._leave(verifier, drafter, live, results, on_result)
         sync()
         run.seconds = time.perf_counter() - t_start
         run.results = results
@@ -202,7 +213,7 @@ class BatchEngine:
             on_tokens(len(joining))
 
     @staticmethod
-    def _leave(verifier, drafter, live, results) -> None:
+    def _leave(verifier, drafter, live, results, on_result) -> None:
         """Finished sessions leave, from the last row down: each leaving row takes the last
         row's session, which (rows above having left first) is still running."""
         now = time.perf_counter()
@@ -219,6 +230,8 @@ class BatchEngine:
             last = live.pop()
             if row < len(live):
                 live[row] = last
+            if on_result is not None:
+                on_result(s.index, s.result)
 
 
 def _syncer(device: torch.device) -> Callable[[], None]:

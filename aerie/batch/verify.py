@@ -24,7 +24,7 @@ from aerie.errors import InputError
 from aerie.sampling import SamplingParams
 from aerie.target import Target
 from aerie.tree import DraftTree, validate_tree
-from aerie.verifier import RoundResult, StopCriteria, accept_sampled, sample_token
+from aerie.verifier import RoundResult, StopCriteria, accept_sampled, sample_tokens
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,15 @@ class BatchVerifier:
             return []
         prompts = [list(s.prompt_ids + s.resume[:-1]) for s in sessions]
         logits, feats = self.batch_model.prefill(prompts)
+        # Drawn for every row in one go; a resumed session's pending token is its last resumed one.
+        first = sample_tokens(logits, [len(p) for p in prompts], [s.params for s in sessions])
         out = []
         for i, s in enumerate(sessions):
             if s.resume:
                 kept, token = list(s.resume), s.resume[-1]
                 done = bool(set(s.resume) & s.stop.stop_token_ids)
             else:
-                token = sample_token(logits[i], len(prompts[i]), s.params)
+                token = first[i]
                 kept, done = s.stop.cut(0, [token])
             self.rows.append(VerifyRow(s, kept, done))
             out.append(Prefilled(feats[i, : len(prompts[i])], token, done))
@@ -205,15 +207,13 @@ class BatchVerifier:
             raise InputError("a session in the batch has already finished")
         greedy = all(r.session.params.greedy for r in rows)
         out, _ = self.batch_model.forward([[r.generated[-1]] for r in rows], [[-1]] * len(rows), greedy)
-        best = out[:, 0].cpu() if greedy else None
         # Each row keeps the one entry it fed: a compaction that moves nothing, only lengths
         # (through the batch model, so that a sharded target's ranks count alike).
         self.batch_model.compact([RowCompaction(i, self.cache.lengths[i], (0,)) for i in range(len(rows))])
-        tokens = []
-        for i, row in enumerate(rows):
-            position = self.cache.lengths[i]
-            token = int(best[i]) if best is not None else sample_token(out[i, 0], position, row.session.params)
+        # The forward's batch is padded: only its first len(rows) rows are sessions.
+        tokens = (out[: len(rows), 0].tolist() if greedy else
+                  sample_tokens(out[: len(rows), 0], self.cache.lengths[: len(rows)], [r.session.params for r in rows]))
+        for row, token in zip(rows, tokens):
             kept, row.done = row.session.stop.cut(len(row.generated), [token])
             row.generated += kept
-            tokens.append(token)
         return tokens

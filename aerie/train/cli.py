@@ -134,6 +134,9 @@ def cmd_datagen(args) -> int:
     )
     state = "complete" if manifest["complete"] else "partial (rerun to continue)"
     print(f"{manifest['samples']} samples, {manifest['tokens']} tokens in {len(manifest['shards'])} shards: {state}")
+    if manifest["new_tokens"]:
+        print(f"this run: {manifest['new_tokens']} answer tokens in {manifest['seconds']:.1f} s, "
+              f"{manifest['new_tokens'] / manifest['seconds']:.0f} tokens/s")
     return 0
 
 

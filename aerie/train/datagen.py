@@ -1,11 +1,12 @@
 """Self-distillation data: the target answers the training prompts, and the prompt and answer
 token ids are stored in shards with a manifest.
 
-Each shard holds one batch of prompts, answered together and written atomically; a rerun
-with the same settings skips the shards already on disk, so an interrupted run resumes where
-it stopped. Two engines answer: transformers' `generate` (one left-padded batch per shard, a
-dynamic cache: launch-bound on a GPU), or our batched engine (`aerie.batch`: static caches,
-CUDA graphs, and continuous batching, so that short answers free their rows for the rest).
+Each shard holds one batch of prompts, written atomically as soon as all of them are
+answered; a rerun with the same settings skips the shards already on disk, so an interrupted
+run resumes where it stopped. Two engines answer: transformers' `generate` (one left-padded
+batch per shard, a dynamic cache: launch-bound on a GPU), or our batched engine (`aerie.batch`:
+static caches, CUDA graphs, and continuous batching over every pending shard at once, so that
+short answers free their rows for the next prompts, of this shard or the next).
 """
 
 from __future__ import annotations
@@ -28,9 +29,22 @@ from aerie.train.prompts import TrainPrompt
 
 FORMAT = "aerie-train-data/1"
 ENGINES = ("generate", "batch")
-# Answers a shard: (prompts' token ids, shard index) -> per prompt (answer ids up to and
-# including the first stop token, whether a stop token ended it).
-Answerer = Callable[[list[list[int]], int], list[tuple[list[int], bool]]]
+# A prompt's answer: its ids up to and including the first stop token, and whether a stop
+# token ended it.
+Answer = tuple[list[int], bool]
+# Told of each answer as it comes: (shard index, the prompt's index in its shard, answer).
+OnAnswer = Callable[[int, int, Answer], None]
+
+
+@dataclass(frozen=True)
+class PendingShard:
+    index: int
+    prompts: list[list[int]]  # token ids
+
+
+# Answers the prompts of the pending shards, telling `on_answer` of each answer as it comes,
+# and starts no prompt once `admit()` is false (a shard is then left incomplete).
+Answerer = Callable[[list[PendingShard], Callable[[], bool], OnAnswer], None]
 
 
 @dataclass(frozen=True)
@@ -102,9 +116,9 @@ def _generate(model, prompts, max_new_tokens, stop_ids, pad_id, temperature):
 
 
 def generate_answerer(model, config: DatagenConfig, stop_ids: frozenset[int], pad_id: int) -> Answerer:
-    """Shards answered by transformers' `generate`, seeded per shard (a resumed run samples
-    the same)."""
-    def answer(prompts: list[list[int]], shard: int) -> list[tuple[list[int], bool]]:
+    """Shards answered one after the other by transformers' `generate`, seeded per shard (a
+    resumed run samples the same)."""
+    def answer_shard(prompts: list[list[int]], shard: int) -> list[Answer]:
         torch.manual_seed(config.seed * 1_000_003 + shard)
         # Similar lengths together: less padding inside the one generate call.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -113,27 +127,47 @@ def generate_answerer(model, config: DatagenConfig, stop_ids: frozenset[int], pa
         by_index = dict(zip(order, answers))
         return [by_index[i] for i in range(len(prompts))]
 
+    def answer(shards: list[PendingShard], admit: Callable[[], bool], on_answer: OnAnswer) -> None:
+        for shard in shards:
+            if not admit():
+                return
+            for i, a in enumerate(answer_shard(shard.prompts, shard.index)):
+                on_answer(shard.index, i, a)
+
     return answer
 
 
 def batch_answerer(model, config: DatagenConfig, stop_ids: frozenset[int]) -> Answerer:
-    """Shards answered by plain batched decoding in `aerie.batch`, every prompt of a shard a
-    session of one batch; sampled answers are seeded per prompt (shard and position), so a
-    resumed run samples the same."""
-    from aerie.batch.engine import BatchEngine
+    """Every pending shard's prompts answered by plain batched decoding in `aerie.batch`, as
+    one stream of sessions, `batch_size` at a time. Sampled answers are seeded per prompt
+    (shard and place in it), not by what else is in the batch, so a resumed run samples the
+    same."""
+    from aerie.batch.engine import BatchConfig, BatchEngine, SessionResult
     from aerie.sampling import SamplingParams
     from aerie.target import FeatureSpec, Target
     from aerie.tree import TreeConfig
     from aerie.verifier import StopCriteria
 
-    engine = BatchEngine(Target(model, FeatureSpec("eagle1")), None, TreeConfig.chain(1))
+    # Prompts join once a sixteenth of the rows is free: the batch stays about 97% full, and
+    # a join (an eager prefill, worth several decoding steps) comes once per batch_size / 16
+    # finished answers rather than after nearly every step of a wide batch.
+    batch = BatchConfig(join_rows=max(1, config.batch_size // 16))
+    engine = BatchEngine(Target(model, FeatureSpec("eagle1")), None, TreeConfig.chain(1), batch)
     stop = StopCriteria(config.max_new_tokens, stop_ids)
 
-    def answer(prompts: list[list[int]], shard: int) -> list[tuple[list[int], bool]]:
+    def answer(shards: list[PendingShard], admit: Callable[[], bool], on_answer: OnAnswer) -> None:
+        places = [(s.index, i) for s in shards for i in range(len(s.prompts))]
+        if not places:
+            return
         params = [SamplingParams(temperature=config.temperature, seed=(config.seed * 1_000_003 + shard) * 65_536 + i)
-                  for i in range(len(prompts))]
-        run = engine.generate_many(prompts, params, stop, "vanilla", concurrency=len(prompts))
-        return [(r.token_ids, bool(r.token_ids) and r.token_ids[-1] in stop_ids) for r in run.results]
+                  for shard, i in places]
+
+        def on_result(k: int, result: SessionResult) -> None:
+            ids = result.token_ids
+            on_answer(*places[k], (ids, bool(ids) and ids[-1] in stop_ids))
+
+        engine.generate_many([p for s in shards for p in s.prompts], params, stop, "vanilla",
+                             concurrency=min(config.batch_size, len(places)), on_result=on_result, admit=admit)
 
     return answer
 
@@ -167,11 +201,13 @@ def run_datagen(
     max_seconds: float | None = None,
     progress: bool = True,
 ) -> dict:
-    """Generate answers for `prompts` into shards under `out_dir` with `config.engine`;
-    returns the manifest.
+    """Generate answers for `prompts` into shards under `out_dir` with `config.engine`.
 
-    Shard i holds prompts [i * batch_size, (i + 1) * batch_size). With `max_seconds`, no new
-    shard is started once that much time has passed (rerun to continue)."""
+    Shard i holds prompts [i * batch_size, (i + 1) * batch_size) and is written as soon as
+    they are all answered. With `max_seconds`, no new prompt is started once that much time
+    has passed; the shards that the prompts under way complete are written, and a rerun
+    continues. Returns the manifest, and beside it what this run did: `stopped_early`,
+    `new_tokens` (the answer tokens of the shards it wrote) and `seconds` (spent answering)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not prompts:
@@ -190,44 +226,56 @@ def run_datagen(
         if differing:
             raise InputError(f"'{out}' holds data made with other settings ({', '.join(differing)}): use another --out")
     n_shards = (len(prompts) + config.batch_size - 1) // config.batch_size
-    shards: list[dict] = []
     done_shards = {s["file"]: s for s in (json.loads(manifest_path.read_text()).get("shards", []) if manifest_path.is_file() else [])}
     if config.engine not in ENGINES:
         raise InputError(f"unknown datagen engine {config.engine!r}: use one of {', '.join(ENGINES)}")
-    answer = (batch_answerer(model, config, stop_ids) if config.engine == "batch"
-              else generate_answerer(model, config, stop_ids, pad_id))
+    answerer = (batch_answerer(model, config, stop_ids) if config.engine == "batch"
+                else generate_answerer(model, config, stop_ids, pad_id))
     start = time.perf_counter()
     dtype = token_dtype(vocab)
-    bar = tqdm(total=len(prompts), desc="datagen", unit="prompt", disable=not progress, dynamic_ncols=True)
-    generated_tokens = 0
-    stopped_early = False
-    for index in range(n_shards):
-        batch = prompts[index * config.batch_size : (index + 1) * config.batch_size]
+    written = {i: done_shards[shard_name(i)] for i in range(n_shards)
+               if (out / shard_name(i)).is_file() and shard_name(i) in done_shards}
+    batches = {i: prompts[i * config.batch_size : (i + 1) * config.batch_size]
+               for i in range(n_shards) if i not in written}
+    encoded = {i: [encode(p.text)[-config.max_prompt_tokens :] for p in batch] for i, batch in batches.items()}
+    answers: dict[int, dict[int, Answer]] = {i: {} for i in batches}
+    bar = tqdm(total=len(prompts), initial=len(prompts) - sum(map(len, batches.values())), desc="datagen",
+               unit="prompt", disable=not progress, dynamic_ncols=True)
+    new_tokens = 0
+    answering = last_written = time.perf_counter()
+
+    def on_answer(index: int, i: int, answer: Answer) -> None:
+        nonlocal new_tokens, last_written
+        bar.update(1)
+        got = answers[index]
+        got[i] = answer
+        if len(got) < len(batches[index]):
+            return
+        samples = [(p.id, ids, *got[k]) for k, (p, ids) in enumerate(zip(batches[index], encoded[index]))]
         name = shard_name(index)
-        if (out / name).is_file() and name in done_shards:
-            shards.append(done_shards[name])
-            bar.update(len(batch))
-            continue
-        if max_seconds is not None and time.perf_counter() - start > max_seconds:
-            stopped_early = True
-            break
-        t0 = time.perf_counter()
-        encoded = [encode(p.text)[-config.max_prompt_tokens :] for p in batch]
-        answers = answer(encoded, index)
-        samples = [(p.id, ids, *a) for p, ids, a in zip(batch, encoded, answers)]
         tokens = write_shard(out / name, samples, dtype)
         new = sum(len(a) for _, _, a, _ in samples)
-        generated_tokens += new
-        shards.append({
+        new_tokens += new
+        now = time.perf_counter()
+        # Since the last shard was written: streamed shards overlap, and their seconds add
+        # up to the run's.
+        written[index] = {
             "file": name, "samples": len(samples), "tokens": tokens, "answer_tokens": new,
-            "finished": sum(f for *_, f in samples), "seconds": round(time.perf_counter() - t0, 2),
-        })
-        _write_manifest(manifest_path, settings, shards, n_shards)
-        bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{generated_tokens / (time.perf_counter() - start):.0f}")
+            "finished": sum(f for *_, f in samples), "seconds": round(now - last_written, 2),
+        }
+        last_written = now
+        _write_manifest(manifest_path, settings, [written[k] for k in sorted(written)], n_shards)
+        bar.set_postfix(tok_s=f"{new_tokens / (now - answering):.0f}", refresh=False)
+
+    def admit() -> bool:
+        return max_seconds is None or time.perf_counter() - start <= max_seconds
+
+    answerer([PendingShard(i, encoded[i]) for i in batches], admit, on_answer)
     bar.close()
-    manifest = _write_manifest(manifest_path, settings, shards, n_shards)
-    manifest["stopped_early"] = stopped_early
+    manifest = _write_manifest(manifest_path, settings, [written[k] for k in sorted(written)], n_shards)
+    manifest["stopped_early"] = not manifest["complete"]
+    manifest["new_tokens"] = new_tokens
+    manifest["seconds"] = time.perf_counter() - answering
     return manifest
 
 
