@@ -23,7 +23,7 @@ def add_train_parser(subparsers) -> None:
     gen.add_argument("--gsm8k", default=str(DEFAULT_GSM8K), help="GSM8K training questions (JSONL, field 'question')")
     gen.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     gen.add_argument("--max-new-tokens", type=int, default=512)
-    gen.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (= per shard)")
+    gen.add_argument("--batch-size", type=int, default=64, help="prompts per shard: per generate call, or the batch engine's rows")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy answers (best for T=0 acceptance)")
     gen.add_argument("--made-scale", type=float, default=1.0, help="scale the number of made (non-GSM8K) prompts")
     gen.add_argument("--max-seconds", type=float, default=None, help="start no new shard after this long")
