@@ -14,7 +14,7 @@ import torch
 from aerie.batch.cache import BatchKVCache, RowCompaction
 from aerie.batch.draft import rerank_rows
 from aerie.batch.engine import BatchConfig, BatchEngine
-from aerie.batch.inputs import ancestor_closure, batch_inputs
+from aerie.batch.inputs import ancestor_closure, batch_inputs, pack_rows
 from aerie.batch.model import ForwardShape
 from aerie.batch.verify import BatchVerifier, NewSession
 from aerie.engine import Engine
@@ -278,6 +278,12 @@ def test_plain_decoding_of_any_row_count_is_graphed():
     model = BatchVerifier(target, BatchKVCache(6, 512, 8, torch.device("cpu"))).batch_model
     assert model.shape_for([[1]] * 300, argmax=False) == ForwardShape(batch=512, width=1, graphed=True, argmax=False)
     assert not model.shape_for([[1] * 129], argmax=False).graphed
+
+
+def test_pack_rows_places_ragged_rows_and_padding():
+    packed = pack_rows([[4, 5, 6], [], [7]], width=4, batch=4, fill=-1)
+    assert packed.tolist() == [[4, 5, 6, -1], [-1, -1, -1, -1], [7, -1, -1, -1], [-1, -1, -1, -1]]
+    assert pack_rows([], width=2, batch=1, fill=0).tolist() == [[0, 0]]
 
 
 def test_batch_inputs_masks_and_positions():

@@ -48,11 +48,17 @@ def ancestor_closure(parents: torch.Tensor) -> torch.Tensor:
     return reach
 
 
-def pad_trees(parents: Sequence[Sequence[int]], width: int, batch: int) -> torch.Tensor:
-    """[batch, width] parents; padding nodes (and rows) are roots of their own (-1)."""
-    out = torch.full((batch, width), -1, dtype=torch.long)
-    for r, p in enumerate(parents):
-        out[r, : len(p)] = torch.as_tensor(p, dtype=torch.long)
+def real_nodes(sizes: Sequence[int], width: int) -> torch.Tensor:
+    """[len(sizes), width] bool: True at the first sizes[r] columns of row r."""
+    return torch.arange(width)[None, :] < torch.as_tensor(sizes)[:, None]
+
+
+def pack_rows(rows: Sequence[Sequence[int]], width: int, batch: int, fill: int) -> torch.Tensor:
+    """[batch, width] int64: row r starts with rows[r], the rest is `fill`. One tensor built
+    from the rows back to back (a wide batch is hundreds of rows every step)."""
+    out = torch.full((batch, width), fill, dtype=torch.long)
+    sizes = [len(r) for r in rows] + [0] * (batch - len(rows))
+    out[real_nodes(sizes, width)] = torch.tensor([v for r in rows for v in r], dtype=torch.long)
     return out
 
 
@@ -77,17 +83,15 @@ def batch_inputs(
     length = torch.as_tensor(list(lengths[:batch]), dtype=torch.long)
     if int(length.max()) + width > capacity:
         raise ValueError(f"rows need {int(length.max()) + width} slots, the cache has {capacity}")
-    ids = torch.zeros(batch, width, dtype=torch.long)
-    for r, t in enumerate(tokens):
-        ids[r, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+    ids = pack_rows(tokens, width, batch, 0)
     col = torch.arange(width)
-    real = col[None, :] < torch.as_tensor(sizes)[:, None]  # [b, w]
+    real = real_nodes(sizes, width)
     if parents is None:
         tril = torch.tril(torch.ones(width, width, dtype=torch.bool))
         reach = (tril & real[:, None, :] & real[:, :, None]) | torch.eye(width, dtype=torch.bool)
         depth = torch.where(real, col, 0).expand(batch, width)
     else:
-        par = pad_trees(parents, width, batch)
+        par = pack_rows(parents, width, batch, -1)  # padding nodes are roots of their own
         reach = ancestor_closure(par)
         depth = reach.sum(-1) - 1
     mask = torch.zeros(batch, 1, width, capacity, dtype=torch.bool)

@@ -79,7 +79,7 @@ class BatchVerifier:
         A resumed session runs its prompt and every resumed token but the last, which is
         pending again, as VerifySession.prefill does: its rounds then draw the same random
         numbers, hence the same tokens, as the run it resumes."""
-        context = self.target.max_positions
+        context, vocab = self.target.max_positions, self.target.vocab_size
         if self.cache.in_use + len(sessions) > self.cache.rows:
             raise InputError(
                 f"{len(sessions)} sessions cannot join: {self.cache.in_use} of {self.cache.rows} rows are in use"
@@ -97,8 +97,9 @@ class BatchVerifier:
                     f"session {s.key}: prompt of {len(s.prompt_ids)} tokens plus max_new_tokens "
                     f"{s.stop.max_new_tokens} exceeds the model's context of {context} tokens"
                 )
-            if any(t < 0 or t >= self.target.vocab_size for t in s.prompt_ids + s.resume):
-                raise InputError(f"session {s.key}: prompt tokens must be in [0, {self.target.vocab_size})")
+            ids = s.prompt_ids + s.resume
+            if min(ids) < 0 or max(ids) >= vocab:
+                raise InputError(f"session {s.key}: prompt tokens must be in [0, {vocab})")
         if not sessions:
             return []
         prompts = [list(s.prompt_ids + s.resume[:-1]) for s in sessions]
