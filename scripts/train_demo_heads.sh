@@ -11,6 +11,7 @@
 # The sizes come from the environment, so that the same script runs a tiny smoke test on a CPU:
 #   DEVICE (cuda)  DATAGEN_SECONDS (240)  DATAGEN_BATCH (512)  ANSWER_TOKENS (512)  DATAGEN_ENGINE (generate)
 #   SAMPLED_SECONDS (0: none) and SAMPLED_TEMPERATURE (0.8): a second datagen, sampled, trained on too
+#   (RUN_DIR/data_sampled, also when an earlier run made it)
 #   HEADS ("eagle3 eagle1")  TRAIN_MINUTES (5)  TRAIN_STEPS, or per head EAGLE3_STEPS and EAGLE1_STEPS
 #   REPORT_HEADS (more NAME=DIR heads to report beside the trained ones, e.g. the shipped ones)
 #   REPORT_MINUTES (7)  REPORT_WORKERS (12)  LIMIT (all prompts)  REPORT_LIMIT (LIMIT)  EVAL_TOKENS (256)
@@ -48,8 +49,9 @@ datasets=("$run/data")
 if [ "${SAMPLED_SECONDS:-0}" != 0 ]; then
     stamp "datagen, sampled"
     datagen "$run/data_sampled" "$SAMPLED_SECONDS" --temperature "${SAMPLED_TEMPERATURE:-0.8}" --seed 1
-    datasets+=("$run/data_sampled")
 fi
+# Sampled answers made by an earlier run of this script train too.
+[ -f "$run/data_sampled/manifest.json" ] && datasets+=("$run/data_sampled")
 [ "${STOP_AFTER:-}" = datagen ] && { stamp done; exit 0; }
 
 stamp train
