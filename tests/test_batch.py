@@ -14,7 +14,7 @@ import torch
 from aerie.batch.cache import BatchKVCache, RowCompaction
 from aerie.batch.draft import rerank_rows
 from aerie.batch.engine import BatchConfig, BatchEngine
-from aerie.batch.inputs import ancestor_closure, batch_inputs, pack_rows
+from aerie.batch.inputs import ancestor_closure, batch_inputs, pack_rows, tree_geometry
 from aerie.batch.model import ForwardShape
 from aerie.batch.verify import BatchVerifier, NewSession
 from aerie.engine import Engine
@@ -289,21 +289,24 @@ def test_pack_rows_places_ragged_rows_and_padding():
 def test_batch_inputs_masks_and_positions():
     trees = [[-1, 0, 0, 1, 1, 3, 2], [-1], [-1, 0, 1]]
     out = batch_inputs([[1] * 7, [2], [3] * 3], trees, lengths=[5, 2, 0, 0], width=8, batch=4, capacity=16, first_row=0)
+    positions, mask = tree_geometry(out.parents, out.lengths, 16)
     for r, parents in enumerate(trees):
         n, length = len(parents), [5, 2, 0][r]
         p = torch.tensor(parents)
-        assert out.positions[r, :n].tolist() == (length + node_depths(p)).tolist()
+        assert positions[r, :n].tolist() == (length + node_depths(p)).tolist()
         assert out.slots[r].tolist() == list(range(length, length + 8))
-        m = out.mask[r, 0]
+        m = mask[r, 0]
         assert m[:n, :length].all() and torch.equal(m[:n, length : length + n], ancestor_mask(p))
         assert not m[:n, length + n :].any()
         pad = torch.arange(n, 8)
         assert m[pad].sum(-1).tolist() == [length + 1] * len(pad) and m[pad, length + pad].all()
-    assert out.mask[3, 0].sum(-1).tolist() == [1] * 8  # a free row: its own slot only
+    assert mask[3, 0].sum(-1).tolist() == [1] * 8  # a free row: its own slot only
     assert out.rows[:, 0].tolist() == [0, 1, 2, 3]
     chain = batch_inputs([[4, 5, 6], [7]], None, lengths=[1, 3], width=4, batch=2, capacity=8, first_row=2)
-    assert chain.positions.tolist() == [[1, 2, 3, 1], [3, 3, 3, 3]] and chain.rows[:, 0].tolist() == [2, 3]
-    assert chain.mask[0, 0, :3, :4].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    positions, mask = tree_geometry(chain.parents, chain.lengths, 8)
+    assert positions.tolist() == [[1, 2, 3, 1], [3, 3, 3, 3]] and chain.rows[:, 0].tolist() == [2, 3]
+    assert mask[0, 0, :3, :4].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    assert mask[0, 0, 3].tolist() == [1, 0, 0, 0, 1, 0, 0, 0]  # padding: the committed entry and its own slot
     with pytest.raises(ValueError, match="slots"):
         batch_inputs([[1]], None, lengths=[15], width=2, batch=1, capacity=16)
 

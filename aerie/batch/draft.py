@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from aerie.batch.cache import BatchKVCache
-from aerie.batch.inputs import batch_inputs
+from aerie.batch.inputs import batch_inputs, tree_geometry
 from aerie.fused import fused_norms, norms_to_fuse
 from aerie.graphs import bucket_for
 from aerie.heads import DraftHead
@@ -98,13 +98,18 @@ class BatchDrafter:
         self.root_tokens = [0] * cache.rows  # and its token, the root itself
         self.fused = norms_to_fuse(head, self.device)
 
-    def _head(self, key, batch: int, inputs, x: torch.Tensor, first_row: int = 0) -> torch.Tensor:
-        feed = {**inputs.as_dict(), "x": x}
+    def _head(self, key, batch: int, feed: dict[str, torch.Tensor], x: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """The head over `feed`: rows of trees after the committed entries (`batch_inputs`), or
+        a level's frontier with its positions and mask already built (`_level_inputs`)."""
+        def step(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
+            if "mask" in b:
+                positions, mask = b["pos"], b["mask"]
+            else:
+                positions, mask = tree_geometry(b["parents"], b["lengths"], self.cache.capacity)
+            return (self.head.step(b["x"], b["ids"], positions, mask, self.cache),)
+
         with fused_norms(self.fused):
-            (hidden,) = self.cache.run(
-                key, (first_row, first_row + batch), feed,
-                lambda b: (self.head.step(b["x"], b["ids"], b["pos"], b["mask"], self.cache),),
-            )
+            (hidden,) = self.cache.run(key, (first_row, first_row + batch), {**feed, "x": x}, step)
         return hidden
 
     @torch.inference_mode()
@@ -117,7 +122,7 @@ class BatchDrafter:
         cache.reserve(width)
         inputs = batch_inputs(next_tokens, None, [0] * len(rows), width, len(rows), cache.capacity, rows.start)
         x = _pad_features(features, width, self.dtype, self.device)
-        hidden = self._head(None, len(rows), inputs, x, rows.start)
+        hidden = self._head(None, len(rows), inputs.as_dict(), x, rows.start)
         for i, row in enumerate(rows):
             cache.lengths[row] = len(next_tokens[i])
             self.root_hidden[row] = hidden[i, len(next_tokens[i]) - 1]
@@ -197,7 +202,7 @@ class BatchDrafter:
         inputs = batch_inputs(next_tokens, None, cache.lengths, width, batch, cache.capacity)
         x = _pad_features(list(features) + [None] * (batch - len(features)), width, self.dtype, self.device)
         key = ("commit", batch, width, x.shape[-1]) if width <= self.largest_graph else None
-        hidden = self._head(key, batch, inputs, x)
+        hidden = self._head(key, batch, inputs.as_dict(), x)
         rows = [r for r, t in enumerate(next_tokens) if len(t)]
         for r in rows:
             cache.lengths[r] += len(next_tokens[r])
@@ -206,12 +211,11 @@ class BatchDrafter:
         last = torch.tensor([len(next_tokens[r]) - 1 for r in rows], device=self.device)
         self.root_hidden[index] = hidden[index, last]  # one gather, not one copy per row
 
-    def _level_inputs(self, committed: torch.Tensor, fed: int, ancestry: torch.Tensor, ids: torch.Tensor, level: int):
+    def _level_inputs(self, committed: torch.Tensor, fed: int, ancestry: torch.Tensor, ids: torch.Tensor,
+                      level: int) -> dict[str, torch.Tensor]:
         """Inputs of one level's forward, built on the device: the m frontier nodes of every
         row go to slots committed + fed .. + m - 1 and see the committed entries and the
         drafted entries of their ancestors (`ancestry`, [b, m, fed + m])."""
-        from aerie.batch.inputs import ForwardInputs
-
         b, m, seen = ancestry.shape
         capacity, device = self.cache.capacity, self.device
         committed = committed.to(device)
@@ -220,14 +224,13 @@ class BatchDrafter:
         columns = (committed[:, None] + torch.arange(seen, device=device)[None, :])[:, None, :].expand(b, m, seen)
         mask.scatter_(2, columns, ancestry)
         new = torch.arange(m, device=device)
-        return ForwardInputs(
-            ids=ids,
-            positions=(committed + level - 1)[:, None].expand(b, m),
-            mask=mask[:, None],
-            rows=torch.arange(b, device=device)[:, None].expand(b, m),
-            slots=committed[:, None] + fed + new[None, :],
-            sizes=[m] * b,
-        )
+        return {
+            "ids": ids,
+            "pos": (committed + level - 1)[:, None].expand(b, m),
+            "mask": mask[:, None],
+            "rows": torch.arange(b, device=device)[:, None].expand(b, m),
+            "slots": committed[:, None] + fed + new[None, :],
+        }
 
 
 def _pad_features(features: Sequence[torch.Tensor | None], width: int, dtype, device) -> torch.Tensor:

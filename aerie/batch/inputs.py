@@ -8,8 +8,10 @@ first_row + r, sits at position length[r] + depth(j), and sees the row's committ
 its own ancestors. Padding nodes see the committed entries and their own slot only: a fully
 masked row would put NaNs into the scratch slots (see kvcache.Attend.padded).
 
-Pure functions over CPU tensors, vectorised over rows, so that host work per round does not
-grow with the number of sessions in Python.
+The host packs each row's tokens and parents (`batch_inputs`: a few small tensors, vectorised
+over rows, so that host work per round does not grow with the sessions in Python); the
+positions and the [batch, 1, width, capacity] mask follow from the parents and the lengths
+(`tree_geometry`), which the forward computes on the device, inside its CUDA graph.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ import torch
 @dataclass
 class ForwardInputs:
     ids: torch.Tensor  # [b, w] int64
-    positions: torch.Tensor  # [b, w] int64
-    mask: torch.Tensor  # [b, 1, w, capacity] bool
+    parents: torch.Tensor  # [b, w] int64: each row's tree; padding nodes are roots of their own (-1)
+    lengths: torch.Tensor  # [b] int64: each row's committed entries
     rows: torch.Tensor  # [b, w] int64: cache row of each new token
     slots: torch.Tensor  # [b, w] int64: cache slot of each new token
     sizes: list[int]  # real (unpadded) tokens per row
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {"ids": self.ids, "pos": self.positions, "mask": self.mask, "rows": self.rows, "slots": self.slots}
+        return {"ids": self.ids, "parents": self.parents, "lengths": self.lengths, "rows": self.rows,
+                "slots": self.slots}
 
 
 def ancestor_closure(parents: torch.Tensor) -> torch.Tensor:
@@ -38,8 +41,8 @@ def ancestor_closure(parents: torch.Tensor) -> torch.Tensor:
     or one of its ancestors. Repeated squaring of the parent relation: log2(w) batched matrix
     products instead of a Python walk per node."""
     b, w = parents.shape
-    eye = torch.eye(w, dtype=torch.bool).expand(b, w, w)
-    reach = eye | (torch.arange(w)[None, None, :] == parents[:, :, None])
+    eye = torch.eye(w, dtype=torch.bool, device=parents.device).expand(b, w, w)
+    reach = eye | (torch.arange(w, device=parents.device)[None, None, :] == parents[:, :, None])
     steps = 1
     while steps < w:
         r = reach.float()
@@ -83,26 +86,28 @@ def batch_inputs(
     length = torch.as_tensor(list(lengths[:batch]), dtype=torch.long)
     if int(length.max()) + width > capacity:
         raise ValueError(f"rows need {int(length.max()) + width} slots, the cache has {capacity}")
-    ids = pack_rows(tokens, width, batch, 0)
-    col = torch.arange(width)
-    real = real_nodes(sizes, width)
-    if parents is None:
-        tril = torch.tril(torch.ones(width, width, dtype=torch.bool))
-        reach = (tril & real[:, None, :] & real[:, :, None]) | torch.eye(width, dtype=torch.bool)
-        depth = torch.where(real, col, 0).expand(batch, width)
-    else:
-        par = pack_rows(parents, width, batch, -1)  # padding nodes are roots of their own
-        reach = ancestor_closure(par)
-        depth = reach.sum(-1) - 1
-    mask = torch.zeros(batch, 1, width, capacity, dtype=torch.bool)
-    mask[:, 0] = torch.arange(capacity)[None, None, :] < length[:, None, None]
-    columns = (length[:, None] + col[None, :])[:, None, :].expand(batch, width, width)
-    mask[:, 0].scatter_(2, columns, reach)
+    if parents is None:  # a chain: node j's parent is j - 1
+        parents = [range(-1, len(t) - 1) for t in tokens]
     return ForwardInputs(
-        ids=ids,
-        positions=length[:, None] + depth,
-        mask=mask,
+        ids=pack_rows(tokens, width, batch, 0),
+        parents=pack_rows(parents, width, batch, -1),
+        lengths=length,
         rows=(first_row + torch.arange(batch))[:, None].expand(batch, width).contiguous(),
-        slots=(length[:, None] + col[None, :]).contiguous(),
+        slots=(length[:, None] + torch.arange(width)[None, :]).contiguous(),
         sizes=sizes,
     )
+
+
+def tree_geometry(parents: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [b, w] and attention mask [b, 1, w, capacity] of rows of trees `parents`
+    [b, w] placed after `lengths` [b] committed entries, on the tensors' device: node j of row
+    r sits at position lengths[r] + depth(j) and sees the row's committed entries and its own
+    ancestors (itself included) at slots lengths[r] + i."""
+    b, w = parents.shape
+    reach = ancestor_closure(parents)
+    positions = lengths[:, None] + reach.sum(-1) - 1
+    mask = torch.arange(capacity, device=parents.device)[None, None, :] < lengths[:, None, None]
+    mask = mask.expand(b, w, capacity).clone()
+    columns = (lengths[:, None] + torch.arange(w, device=parents.device)[None, :])[:, None, :].expand(b, w, w)
+    mask.scatter_(2, columns, reach)
+    return positions, mask[:, None]

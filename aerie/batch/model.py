@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from aerie.batch.cache import BatchKVCache, RowCompaction
-from aerie.batch.inputs import ForwardInputs, batch_inputs
+from aerie.batch.inputs import ForwardInputs, batch_inputs, tree_geometry
 from aerie.fused import fused_norms, norms_to_fuse
 from aerie.graphs import bucket_for
 
@@ -95,9 +95,10 @@ class LocalBatchModel:
     # --- the model -------------------------------------------------------------------------
 
     def _model(self, b: dict[str, torch.Tensor], argmax: bool, logits_at: torch.Tensor | None = None) -> ForwardOutput:
+        positions, mask = tree_geometry(b["parents"], b["lengths"], self._cache.capacity)
         with fused_norms(self.fused):
             out = self.base(
-                input_ids=b["ids"], position_ids=b["pos"], attention_mask=b["mask"],
+                input_ids=b["ids"], position_ids=positions, attention_mask=mask,
                 past_key_values=self._cache, use_cache=True, output_hidden_states=True,
             )
         hidden = out.hidden_states
