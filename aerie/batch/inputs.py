@@ -1,4 +1,5 @@
-"""The padded inputs of one batched forward: ids, positions, attention mask and write slots.
+"""The padded inputs of one batched forward (token ids, tree parents, row lengths and write
+slots), and the positions and attention mask that follow from them.
 
 Each row of the batch is one session's segment of new tokens, a tree in topological order
 (root at 0, parent -1; a causal chain is the tree whose node j has parent j - 1) placed after
