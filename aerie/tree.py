@@ -8,6 +8,8 @@ network with the same code that the drafter used to build it.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -121,6 +123,21 @@ def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
     return mask.to(parents.device)
 
 
+def ancestor_closure(parents: torch.Tensor) -> torch.Tensor:
+    """[b, w] parents (-1 for roots) -> [b, w, w] bool, [r, i, j] True when node j is node i
+    or one of its ancestors. Repeated squaring of the parent relation: log2(w) batched matrix
+    products instead of a Python walk per node."""
+    b, w = parents.shape
+    eye = torch.eye(w, dtype=torch.bool, device=parents.device).expand(b, w, w)
+    reach = eye | (torch.arange(w, device=parents.device)[None, None, :] == parents[:, :, None])
+    steps = 1
+    while steps < w:
+        r = reach.float()
+        reach = torch.bmm(r, r) > 0
+        steps *= 2
+    return reach
+
+
 def retrieve_paths(parents: torch.Tensor) -> torch.Tensor:
     """One row per leaf: node indices from the root down to the leaf, padded with -1."""
     n = parents.shape[0]
@@ -191,16 +208,23 @@ def expand_level(
 def _expand_static(
     frontier_logprobs: torch.Tensor, child_logprobs: torch.Tensor, level: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Frontier slot s holds the s-th static path of length level - 1 (sorted order); each path
-    # of length `level` names its parent's slot and its sibling rank.
+    slots, ranks, width = static_level_index(level, child_logprobs.device)
+    top_lp, top_tok = torch.topk(child_logprobs, width, dim=-1)
+    cumulative = frontier_logprobs[slots] + top_lp[slots, ranks]
+    return slots, top_tok[slots, ranks], cumulative, torch.arange(slots.shape[0], device=slots.device)
+
+
+@functools.lru_cache(maxsize=None)
+def static_level_index(level: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The static tree's level `level` as (parent slot, sibling rank) per node, and how many
+    top tokens a frontier node needs. Frontier slot s holds the s-th static path of length
+    level - 1 (sorted order). Built once per device: a captured expansion reads them as
+    constants and copies nothing from the host."""
     parents_level = _static_paths(level - 1)
     paths = _static_paths(level)
-    device = child_logprobs.device
     slots = torch.tensor([parents_level.index(p[:-1]) for p in paths], device=device)
     ranks = torch.tensor([p[-1] for p in paths], device=device)
-    top_lp, top_tok = torch.topk(child_logprobs, int(ranks.max()) + 1, dim=-1)
-    cumulative = frontier_logprobs[slots] + top_lp[slots, ranks]
-    return slots, top_tok[slots, ranks], cumulative, torch.arange(len(paths), device=device)
+    return slots, ranks, 1 + max(p[-1] for p in paths)
 
 
 def _static_paths(length: int) -> list[tuple[int, ...]]:

@@ -14,13 +14,13 @@ import torch
 from aerie.batch.cache import BatchKVCache, RowCompaction
 from aerie.batch.draft import rerank_rows
 from aerie.batch.engine import BatchConfig, BatchEngine
-from aerie.batch.inputs import ancestor_closure, batch_inputs, pack_rows, tree_geometry
+from aerie.batch.inputs import batch_inputs, pack_rows, tree_geometry
 from aerie.batch.model import ForwardShape
 from aerie.batch.verify import BatchVerifier, NewSession
 from aerie.engine import Engine
 from aerie.errors import InputError
 from aerie.sampling import SamplingParams
-from aerie.tree import CandidatePool, DraftTree, TreeConfig, ancestor_mask, node_depths, rerank
+from aerie.tree import CandidatePool, DraftTree, TreeConfig, ancestor_closure, ancestor_mask, node_depths, rerank
 from aerie.verifier import StopCriteria, sample_token, sample_tokens
 from tests.test_engine import PROMPTS, OracleDrafter
 from tests.tiny import VOCAB, tiny_head, tiny_target

@@ -149,13 +149,14 @@ class BatchKVCache(StaticStorage):
         fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ...]],
     ) -> tuple[torch.Tensor, ...]:
         """Run `fn` over `inputs`, which hold "rows" and "slots" (the [b, n] write targets)
-        beside the model's own. With a `key` (and graphs enabled) the inputs are copied into
-        buffers kept per key and `fn` over those is captured once and replayed; the outputs
-        are then overwritten by the next replay. key=None runs eagerly."""
+        beside the model's own, unless `fn` sets `write_rows` and `write_slots` itself. With
+        a `key` (and graphs enabled) the inputs are copied into buffers kept per key and `fn`
+        over those is captured once and replayed; the outputs are then overwritten by the
+        next replay. key=None runs eagerly."""
         self.window = window
 
         def call(buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-            self.write_rows, self.write_slots = buffers["rows"], buffers["slots"]
+            self.write_rows, self.write_slots = buffers.get("rows"), buffers.get("slots")
             return fn(buffers)
 
         if key is None or not self.graphs.enabled:

@@ -1,15 +1,15 @@
 """The drafter side of a batch of sessions: the draft head runs for every session at once.
 
 Per session this is `DraftSession.draft`: commit the pairs the verifier just accepted, then
-grow an EAGLE-2 tree level by level and rerank. Dynamic trees have the same shape at every
-level for every session (the root expands into top_k candidates, each later frontier of
-top_k nodes into top_k * top_k, the next frontier is the best top_k by path score), so a
-level is one head forward of [sessions, top_k] and one batched top-k; only the final rerank
-differs per session in content, and it runs vectorised over rows on the host after a single
-copy of the candidates. Static (EAGLE-1) trees are expanded per row with `expand_level`.
+grow an EAGLE-2 tree level by level and rerank. Trees have the same shape at every level for
+every session (the root expands into top_k candidates, each later frontier of top_k nodes
+into top_k * top_k, the next frontier is the best top_k by path score; a static tree has
+fixed slots), so a level is one head forward of [sessions, frontier] and one batched top-k,
+and the whole expansion, every level, is one CUDA graph per batch size. Only the final
+rerank differs per session in content; it runs vectorised over rows on the host after a
+single copy of the candidates.
 
-The head's KV lives in its own `BatchKVCache` whose rows match the verifier's.
-"""
+The head's KV lives in its own `BatchKVCache` whose rows match the verifier's."""
 
 from __future__ import annotations
 
@@ -18,26 +18,33 @@ from collections.abc import Sequence
 import torch
 
 from aerie.batch.cache import BatchKVCache
-from aerie.batch.inputs import batch_inputs, tree_geometry
+from aerie.batch.inputs import ForwardInputs, batch_inputs, tree_geometry
 from aerie.fused import fused_norms, norms_to_fuse
 from aerie.graphs import bucket_for
 from aerie.heads import DraftHead
-from aerie.tree import CandidatePool, DraftTree, TreeConfig, expand_level, full_tree, rerank
+from aerie.kvcache import pinned_tensor
+from aerie.tree import CandidatePool, DraftTree, TreeConfig, full_tree, node_depths, rerank, static_level_index
 
 
 def expand_rows(
     frontier_logprobs: torch.Tensor, child_logprobs: torch.Tensor, config: TreeConfig, level: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`aerie.tree.expand_level` for every row at once: frontier_logprobs [b, f],
-    child_logprobs [b, f, V] -> (parent_slot, tokens, cumulative [b, c], next_frontier [b, m])."""
+    child_logprobs [b, f, V] -> (parent_slot, tokens, cumulative [b, c], next_frontier [b, m]).
+    Device work only, nothing read back: the whole expansion is one CUDA graph."""
     b, f = frontier_logprobs.shape
-    if config.kind == "static":  # same slots for every row: stack the per-row results
-        parts = [expand_level(frontier_logprobs[r], child_logprobs[r], config, level) for r in range(b)]
-        return tuple(torch.stack([p[i] for p in parts]) for i in range(4))
+    device = child_logprobs.device
+    if config.kind == "static":  # the same slots in every row
+        slots, ranks, width = static_level_index(level, device)
+        top_lp, top_tok = torch.topk(child_logprobs, width, dim=-1)  # [b, f, width]
+        cumulative = frontier_logprobs[:, slots] + top_lp[:, slots, ranks]
+        every = torch.arange(slots.shape[0], device=device)
+        return slots.expand(b, -1), top_tok[:, slots, ranks], cumulative, every.expand(b, -1)
     k = config.top_k
     top_lp, top_tok = torch.topk(child_logprobs, k, dim=-1)  # [b, f, k]
     cumulative = (frontier_logprobs[:, :, None] + top_lp).reshape(b, f * k)
-    parent_slot = torch.arange(f, device=child_logprobs.device).repeat_interleave(k).expand(b, f * k)
+    # expand, not repeat_interleave: no output size to compute, so nothing syncs under capture
+    parent_slot = torch.arange(f, device=device)[:, None].expand(f, k).reshape(1, f * k).expand(b, f * k)
     order = torch.sort(cumulative, dim=-1, descending=True, stable=True).indices
     return parent_slot, top_tok.reshape(b, f * k), cumulative, order[:, : min(k, f * k)]
 
@@ -98,18 +105,14 @@ class BatchDrafter:
         self.root_tokens = [0] * cache.rows  # and its token, the root itself
         self.fused = norms_to_fuse(head, self.device)
 
-    def _head(self, key, batch: int, feed: dict[str, torch.Tensor], x: torch.Tensor, first_row: int = 0) -> torch.Tensor:
-        """The head over `feed`: rows of trees after the committed entries (`batch_inputs`), or
-        a level's frontier with its positions and mask already built (`_level_inputs`)."""
+    def _head(self, key, batch: int, inputs: ForwardInputs, x: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+        """The head over rows of new pairs after each row's committed entries (`batch_inputs`)."""
         def step(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
-            if "mask" in b:
-                positions, mask = b["pos"], b["mask"]
-            else:
-                positions, mask = tree_geometry(b["parents"], b["lengths"], self.cache.capacity)
+            positions, mask = tree_geometry(b["parents"], b["lengths"], self.cache.capacity)
             return (self.head.step(b["x"], b["ids"], positions, mask, self.cache),)
 
         with fused_norms(self.fused):
-            (hidden,) = self.cache.run(key, (first_row, first_row + batch), {**feed, "x": x}, step)
+            (hidden,) = self.cache.run(key, (first_row, first_row + batch), {**inputs.as_dict(), "x": x}, step)
         return hidden
 
     @torch.inference_mode()
@@ -122,7 +125,7 @@ class BatchDrafter:
         cache.reserve(width)
         inputs = batch_inputs(next_tokens, None, [0] * len(rows), width, len(rows), cache.capacity, rows.start)
         x = _pad_features(features, width, self.dtype, self.device)
-        hidden = self._head(None, len(rows), inputs.as_dict(), x, rows.start)
+        hidden = self._head(None, len(rows), inputs, x, rows.start)
         for i, row in enumerate(rows):
             cache.lengths[row] = len(next_tokens[i])
             self.root_hidden[row] = hidden[i, len(next_tokens[i]) - 1]
@@ -138,7 +141,7 @@ class BatchDrafter:
     def draft(self, features: Sequence[torch.Tensor], next_tokens: Sequence[Sequence[int]]) -> list[DraftTree]:
         """Commit each row's pairs (features[r][i], next_tokens[r][i]) (rows may have none:
         just joined) and draft one tree per row, rooted at its last committed token."""
-        cache, head, config = self.cache, self.head, self.tree
+        cache, config = self.cache, self.tree
         n = cache.in_use
         batch = bucket_for(n, cache.rows) or n
         widest = max((len(t) for t in next_tokens), default=0)
@@ -149,60 +152,69 @@ class BatchDrafter:
         cache.reserve(max(cache.lengths[:batch]) + commit_width + config.depth * max(config.top_k, config.total_tokens))
         if widest:
             self._commit(features, next_tokens, batch, commit_width)
-        committed = torch.tensor(cache.lengths[:batch])
-        roots = torch.tensor(self.root_tokens[:batch])
+        inputs = {"root_hidden": self.root_hidden[:batch], "committed": pinned_tensor(cache.lengths[:batch])}
+        key = ("expand", batch, config.kind, config.depth, config.top_k)  # all that shapes the expansion
+        with fused_norms(self.fused):
+            drafted = cache.run(key, (0, batch), inputs, self._expand)
+        # The drafted entries sit past each row's length, so they are already gone: the
+        # next commit overwrites them. One copy of every candidate to the host (float64 holds
+        # every token id exactly), then the rerank of every row at once.
+        tokens, parents, scores = torch.cat(drafted, dim=1)[:n].cpu().split(drafted[0].shape[1], dim=1)
+        roots = torch.tensor(self.root_tokens[:n])[:, None]
+        pool_tokens = torch.cat([roots, tokens.long()], dim=1)
+        pool_parents = torch.cat([torch.full((n, 1), -1), parents.long()], dim=1)
+        pool_scores = torch.cat([torch.zeros(n, 1, dtype=torch.float64), scores], dim=1)
+        total = config.total_tokens if config.kind == "dynamic" else None
+        return rerank_rows(pool_tokens, pool_parents, pool_scores, node_depths(pool_parents[0]), total)
 
-        frontier_hidden = self.root_hidden[:batch, None]  # [b, 1, h]
-        frontier_lp = torch.zeros(batch, 1, device=self.device)
-        frontier_nodes = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
-        pool_tokens = [roots.to(self.device)[:, None]]
-        pool_parents = [torch.full((batch, 1), -1, device=self.device)]
-        pool_scores = [torch.zeros(batch, 1, device=self.device)]
-        depth = [0]
+    def _expand(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every row's candidates, level by level from its root (`root_hidden` [b, h], after
+        `committed` [b] entries): (tokens, parents, path scores), each [b, candidates] in
+        float64, root excluded, parents counting the root as node 0. Device work only, the
+        same shapes every round: one CUDA graph per batch size.
+
+        Each level is one head forward of [b, frontier]; the frontier's nodes attend to the
+        committed entries and to the drafted entries of their own ancestors."""
+        head, config, cache = self.head, self.tree, self.cache
+        root_hidden, committed = b["root_hidden"], b["committed"]
+        batch, device = root_hidden.shape[0], root_hidden.device
+        frontier_hidden = root_hidden[:, None]  # [b, f, h]
+        frontier_lp = torch.zeros(batch, 1, device=device)
+        frontier_nodes = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        tokens, parents, scores = [], [], []  # per level
         size = 1  # candidates so far, root included
-        ancestry = torch.zeros(batch, 1, 0, dtype=torch.bool, device=self.device)  # frontier x fed entries
+        ancestry = torch.zeros(batch, 1, 0, dtype=torch.bool, device=device)  # frontier x drafted entries
         fed = 0
         for level in range(1, config.depth + 1):
             logprobs = head.draft_logprobs(frontier_hidden)  # [b, f, V]
             slots, draft_ids, cumulative, next_frontier = expand_rows(frontier_lp, logprobs, config, level)
-            tokens = head.to_target_ids(draft_ids)
-            pool_tokens.append(tokens)
-            pool_parents.append(frontier_nodes.gather(1, slots))
-            pool_scores.append(cumulative)
-            depth += [level] * tokens.shape[1]
-            base, size = size, size + tokens.shape[1]
+            level_tokens = head.to_target_ids(draft_ids)
+            tokens.append(level_tokens)
+            parents.append(frontier_nodes.gather(1, slots))
+            scores.append(cumulative)
+            base, size = size, size + level_tokens.shape[1]
             if level == config.depth:
                 break
-            # Feed the next frontier: each node attends to the committed pairs and to the
-            # drafted entries of its own ancestors, at position committed + level - 1.
             parent_slot = slots.gather(1, next_frontier)  # [b, m]: into the current frontier
             m = next_frontier.shape[1]
             ancestry = torch.cat([
                 ancestry.gather(1, parent_slot[:, :, None].expand(batch, m, fed)),
-                torch.eye(m, dtype=torch.bool, device=self.device).expand(batch, m, m),
+                torch.eye(m, dtype=torch.bool, device=device).expand(batch, m, m),
             ], dim=2)
-            inputs = self._level_inputs(committed, fed, ancestry, tokens.gather(1, next_frontier), level)
+            positions, mask, cache.write_rows, cache.write_slots = self._level_geometry(committed, fed, ancestry, level)
             x = frontier_hidden.gather(1, parent_slot[:, :, None].expand(batch, m, frontier_hidden.shape[-1]))
-            key = ("level", batch, m) if m <= self.largest_graph else None  # m is fixed per level
-            frontier_hidden = self._head(key, batch, inputs, x)
+            frontier_hidden = head.step(x, level_tokens.gather(1, next_frontier), positions, mask, cache)
             frontier_lp = cumulative.gather(1, next_frontier)
             frontier_nodes = base + next_frontier
             fed += m
-        # The drafted entries sit past each row's length, so they are already gone: the
-        # next commit overwrites them.
-        # One copy of every candidate to the host, then the rerank per row.
-        cand_tokens = torch.cat(pool_tokens, dim=1)[:n].cpu()
-        cand_parents = torch.cat(pool_parents, dim=1)[:n].cpu()
-        cand_scores = torch.cat(pool_scores, dim=1)[:n].cpu()
-        total = config.total_tokens if config.kind == "dynamic" else None
-        return rerank_rows(cand_tokens, cand_parents, cand_scores, torch.tensor(depth), total)
+        return tuple(torch.cat(part, dim=1).double() for part in (tokens, parents, scores))
 
     def _commit(self, features, next_tokens, batch: int, width: int) -> None:
         cache = self.cache
         inputs = batch_inputs(next_tokens, None, cache.lengths, width, batch, cache.capacity)
         x = _pad_features(list(features) + [None] * (batch - len(features)), width, self.dtype, self.device)
         key = ("commit", batch, width, x.shape[-1]) if width <= self.largest_graph else None
-        hidden = self._head(key, batch, inputs.as_dict(), x)
+        hidden = self._head(key, batch, inputs, x)
         rows = [r for r, t in enumerate(next_tokens) if len(t)]
         for r in rows:
             cache.lengths[r] += len(next_tokens[r])
@@ -211,26 +223,21 @@ class BatchDrafter:
         last = torch.tensor([len(next_tokens[r]) - 1 for r in rows], device=self.device)
         self.root_hidden[index] = hidden[index, last]  # one gather, not one copy per row
 
-    def _level_inputs(self, committed: torch.Tensor, fed: int, ancestry: torch.Tensor, ids: torch.Tensor,
-                      level: int) -> dict[str, torch.Tensor]:
-        """Inputs of one level's forward, built on the device: the m frontier nodes of every
-        row go to slots committed + fed .. + m - 1 and see the committed entries and the
-        drafted entries of their ancestors (`ancestry`, [b, m, fed + m])."""
+    def _level_geometry(self, committed: torch.Tensor, fed: int, ancestry: torch.Tensor,
+                        level: int) -> tuple[torch.Tensor, ...]:
+        """Positions, mask, write rows and write slots of one level's forward: the m frontier
+        nodes of every row go to slots committed + fed .. + m - 1 at position
+        committed + level - 1, and see the committed entries and the drafted entries of their
+        ancestors (`ancestry`, [b, m, fed + m])."""
         b, m, seen = ancestry.shape
-        capacity, device = self.cache.capacity, self.device
-        committed = committed.to(device)
-        col = torch.arange(capacity, device=device)
-        mask = (col[None, None, :] < committed[:, None, None]).expand(b, m, capacity).clone()
+        device = committed.device
+        col = torch.arange(self.cache.capacity, device=device)
+        mask = (col[None, None, :] < committed[:, None, None]).expand(b, m, -1).clone()
         columns = (committed[:, None] + torch.arange(seen, device=device)[None, :])[:, None, :].expand(b, m, seen)
         mask.scatter_(2, columns, ancestry)
-        new = torch.arange(m, device=device)
-        return {
-            "ids": ids,
-            "pos": (committed + level - 1)[:, None].expand(b, m),
-            "mask": mask[:, None],
-            "rows": torch.arange(b, device=device)[:, None].expand(b, m),
-            "slots": committed[:, None] + fed + new[None, :],
-        }
+        slots = committed[:, None] + fed + torch.arange(m, device=device)[None, :]
+        rows = torch.arange(b, device=device)[:, None].expand(b, m)
+        return (committed + level - 1)[:, None].expand(b, m), mask[:, None], rows, slots
 
 
 def _pad_features(features: Sequence[torch.Tensor | None], width: int, dtype, device) -> torch.Tensor:

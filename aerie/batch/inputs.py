@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from aerie.tree import ancestor_closure
+
 
 @dataclass
 class ForwardInputs:
@@ -35,21 +37,6 @@ class ForwardInputs:
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {"ids": self.ids, "parents": self.parents, "lengths": self.lengths, "rows": self.rows,
                 "slots": self.slots}
-
-
-def ancestor_closure(parents: torch.Tensor) -> torch.Tensor:
-    """[b, w] parents (-1 for roots) -> [b, w, w] bool, [r, i, j] True when node j is node i
-    or one of its ancestors. Repeated squaring of the parent relation: log2(w) batched matrix
-    products instead of a Python walk per node."""
-    b, w = parents.shape
-    eye = torch.eye(w, dtype=torch.bool, device=parents.device).expand(b, w, w)
-    reach = eye | (torch.arange(w, device=parents.device)[None, None, :] == parents[:, :, None])
-    steps = 1
-    while steps < w:
-        r = reach.float()
-        reach = torch.bmm(r, r) > 0
-        steps *= 2
-    return reach
 
 
 def real_nodes(sizes: Sequence[int], width: int) -> torch.Tensor:
