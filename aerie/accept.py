@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from aerie.sampling import sample_from
-from aerie.tree import children_table, node_depths
+from aerie.tree import ancestor_closure, children_table, node_depths
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,35 @@ def accept_greedy(tokens: torch.Tensor, parents: torch.Tensor, target_argmax: to
         node = par[node]
     path.reverse()
     return Acceptance(path=path, bonus_token=best[deepest])
+
+
+def accept_greedy_rows(
+    tokens: torch.Tensor, parents: torch.Tensor, target_argmax: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`accept_greedy` for a batch of trees at once, as tensor ops (no per-node Python).
+
+    tokens, parents, target_argmax: [b, w], one tree per row padded to w nodes; padding
+    nodes are roots of their own (parent -1) and are never accepted. Returns (path [b, w]:
+    each row's accepted node indices root first, padded with -1; length [b]: nodes on the
+    path; bonus [b]: the target's argmax at the path's last node). A node is on the path when
+    it and every ancestor below the root carry the target's argmax at their parents; the
+    deepest such node wins, ties to the earliest.
+    """
+    b, w = parents.shape
+    index = torch.arange(w, device=parents.device)
+    reach = ancestor_closure(parents)  # [b, w, w]: node i's ancestors, itself included
+    matches = tokens == target_argmax.gather(1, parents.clamp_min(0))
+    matches = (matches & (parents >= 0)) | (index == 0)  # the root always, padding never
+    on_path = ~(reach & ~matches[:, None, :]).any(-1)
+    depth = reach.sum(-1) - 1
+    rank = torch.where(on_path, depth * w + (w - 1 - index), -1)  # deepest, then earliest
+    deepest = rank.argmax(-1, keepdim=True)  # [b, 1]
+    on_chain = reach.gather(1, deepest[:, :, None].expand(b, 1, w))[:, 0]  # [b, w]
+    # Ancestors precede descendants, so the path in index order runs root first.
+    path = torch.sort(torch.where(on_chain, index, w + index), dim=1).values
+    length = on_chain.sum(-1)
+    path = torch.where(index[None, :] < length[:, None], path, -1)
+    return path, length, target_argmax.gather(1, deepest)[:, 0]
 
 
 def accept_sampling(

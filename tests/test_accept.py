@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from aerie.accept import accept_greedy, accept_sampled_path, accept_sampling
+from aerie.accept import accept_greedy, accept_greedy_rows, accept_sampled_path, accept_sampling
 from aerie.drafter import DraftSession
 from aerie.sampling import SamplingParams, warp_probs
 from aerie.tree import TreeConfig, children_table, node_depths
@@ -220,6 +220,27 @@ def test_greedy_matches_brute_force():
         assert len(got.path) == len(best)
         assert all(int(tokens[c]) == int(argmax[p]) for p, c in zip(got.path, got.path[1:]))
         assert got.bonus_token == int(argmax[got.path[-1]])
+
+
+def test_greedy_rows_equal_greedy_row_by_row():
+    """Ragged trees padded into one batch (padding nodes are roots of their own and match
+    any argmax): the same path, tie-break included, and bonus as accept_greedy per row."""
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(30):
+        rows, width = int(torch.randint(1, 9, (1,), generator=gen)), int(torch.randint(1, 20, (1,), generator=gen))
+        tokens = torch.zeros(rows, width, dtype=torch.long)  # padding's token 0 = the argmax often
+        parents = torch.full((rows, width), -1)
+        argmax = torch.randint(0, 3, (rows, width), generator=gen)
+        sizes = torch.randint(1, width + 1, (rows,), generator=gen).tolist()
+        for r, n in enumerate(sizes):
+            parents[r, :n] = torch.tensor([-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)])
+            tokens[r, :n] = torch.randint(0, 3, (n,), generator=gen)
+        path, length, bonus = accept_greedy_rows(tokens, parents, argmax)
+        for r, n in enumerate(sizes):
+            want = accept_greedy(tokens[r, :n], parents[r, :n], argmax[r, :n])
+            assert path[r, : int(length[r])].tolist() == want.path
+            assert (path[r, int(length[r]):] == -1).all()
+            assert int(bonus[r]) == want.bonus_token
 
 
 def test_chi_squared_on_tiny_target_with_drafted_tree():

@@ -3,8 +3,9 @@
 Each session owns a row of a `BatchKVCache`. A round takes one tree per session (ragged:
 any size and shape), pads them into one [batch, width] forward (both dimensions rounded up to
 a power of two, so that a few CUDA graphs cover every round), and then, per session, accepts a
-path exactly as `VerifySession.verify` does: greedy with `accept_greedy`, sampled with the same
-per-position random numbers. Accepted nodes of every row are compacted in one gather.
+path exactly as `VerifySession.verify` does: greedy as `accept_greedy` (every row at once, with
+`accept_greedy_rows`), sampled with the same per-position random numbers. Accepted nodes of
+every row are compacted in one gather.
 
 The acceptance logic lives here only; the forwards and the cache's moves go through a
 `BatchModel` (aerie.batch.model), which a sharded target mirrors on every rank.
@@ -17,8 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aerie.accept import accept_greedy
+from aerie.accept import accept_greedy, accept_greedy_rows
 from aerie.batch.cache import BatchKVCache, RowCompaction
+from aerie.batch.inputs import pack_rows
 from aerie.batch.model import BatchModel
 from aerie.errors import InputError
 from aerie.sampling import SamplingParams
@@ -172,27 +174,33 @@ class BatchVerifier:
         tokens = [t.tokens.tolist() if t is not None else [] for t in trees[:n]]
         parents = [t.parents.tolist() if t is not None else [] for t in trees[:n]]
         out, feats = self.batch_model.forward(tokens, parents, greedy)
-        best = out.cpu() if greedy else None  # the round's one sync
-        moves, paths, bonuses = [], [], []
-        for i in live:
-            tree, params = trees[i], self.rows[i].session.params
-            if params.greedy:
-                argmax = best[i, : len(tree)] if best is not None else out[i, : len(tree)].argmax(-1).cpu()
-                acc = accept_greedy(tree.tokens, tree.parents, argmax)
-                path, bonus = acc.path, acc.bonus_token
-            else:
-                path, bonus = accept_sampled(tree, out[i, : len(tree)], committed[i], params)
-            bonuses.append(bonus)
-            moves.append(RowCompaction(i, committed[i], tuple(path)))
-            paths.append(path)
+        if greedy:  # every row at once, from one read of the argmaxes: the round's one sync
+            best = out[:n].cpu()
+            width = best.shape[1]
+            path, length, bonus = accept_greedy_rows(pack_rows(tokens, width, n, 0), pack_rows(parents, width, n, -1), best)
+            path, length, bonus = path.tolist(), length.tolist(), bonus.tolist()
+            paths = [path[i][: length[i]] for i in live]
+            bonuses = [bonus[i] for i in live]
+        else:
+            paths, bonuses = [], []
+            for i in live:
+                tree, params = trees[i], self.rows[i].session.params
+                if params.greedy:
+                    acc = accept_greedy(tree.tokens, tree.parents, out[i, : len(tree)].argmax(-1).cpu())
+                    path, bonus = acc.path, acc.bonus_token
+                else:
+                    path, bonus = accept_sampled(tree, out[i, : len(tree)], committed[i], params)
+                paths.append(path)
+                bonuses.append(bonus)
+        moves = [RowCompaction(i, committed[i], tuple(path)) for i, path in zip(live, paths)]
         # Every row's accepted features in one gather (copied out of the graph's output).
         width = feats.shape[1]
         flat = torch.tensor([i * width + p for i, path in zip(live, paths) for p in path], device=feats.device)
         accepted = feats.reshape(-1, feats.shape[-1]).index_select(0, flat).split([len(p) for p in paths])
         results: list[RoundResult | None] = [None] * len(trees)
         for i, path, bonus, features in zip(live, paths, bonuses, accepted):
-            row, tree = self.rows[i], trees[i]
-            proposed = tree.tokens[path[1:]].tolist() + [bonus]
+            row = self.rows[i]
+            proposed = [tokens[i][p] for p in path[1:]] + [bonus]
             kept, row.done = row.session.stop.cut(len(row.generated), proposed)
             row.generated += kept
             results[i] = RoundResult(kept, features, len(path) - 1, row.done)
