@@ -381,9 +381,9 @@ def test_rerank_rows_equals_rerank_per_row():
         for r in range(b):
             pool = CandidatePool(tokens[r].tolist(), parents, sc[r].tolist())
             want = rerank(pool, total if total is not None else n)
-            assert got[r].tokens.tolist() == want.tokens.tolist()
-            assert got[r].parents.tolist() == want.parents.tolist()
-            assert torch.allclose(got[r].logprobs, want.logprobs)
+            assert got.tree(r).tokens.tolist() == want.tokens.tolist()
+            assert got.tree(r).parents.tolist() == want.parents.tolist()
+            assert torch.allclose(got.tree(r).logprobs, want.logprobs)
 
 
 def test_results_are_told_as_sessions_leave_and_admission_can_stop(pair):

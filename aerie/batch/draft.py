@@ -19,6 +19,7 @@ import torch
 
 from aerie.batch.cache import BatchKVCache
 from aerie.batch.inputs import ForwardInputs, batch_inputs, tree_geometry
+from aerie.batch.trees import TreeBatch
 from aerie.fused import fused_norms, norms_to_fuse
 from aerie.graphs import bucket_for
 from aerie.heads import DraftHead
@@ -59,7 +60,7 @@ def order_subtrees(keep: torch.Tensor, scores: torch.Tensor, depth: torch.Tensor
 def rerank_rows(
     tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, depth: torch.Tensor,
     total_tokens: int | None,
-) -> list[DraftTree]:
+) -> TreeBatch:
     """`aerie.tree.rerank` (or `full_tree` when total_tokens is None) of every row's candidate
     pool: tokens, parents, scores [b, N] (node 0 the root), depth [N] (the same in every row).
     Vectorised; a row whose best nodes are not closed under ancestors (float ties) goes
@@ -80,14 +81,16 @@ def rerank_rows(
     new_parents = torch.cat([torch.full((b, 1), -1), new_index.gather(1, parents.gather(1, keep))], dim=1)
     new_tokens = torch.cat([tokens[:, :1], tokens.gather(1, keep)], dim=1)
     new_scores = torch.cat([torch.zeros(b, 1), scores.gather(1, keep).float()], dim=1)
+    if bool(closed.all()):
+        return TreeBatch(new_tokens, new_parents, new_scores, (t + 1,) * b)
     trees = []
     for r in range(b):
         if bool(closed[r]):
-            trees.append(DraftTree(new_tokens[r].clone(), new_parents[r].clone(), new_scores[r].clone()))
+            trees.append(DraftTree(new_tokens[r], new_parents[r], new_scores[r]))
         else:
             pool = CandidatePool(tokens[r].tolist(), parents[r].tolist(), scores[r].tolist())
             trees.append(rerank(pool, total_tokens) if total_tokens is not None else full_tree(pool))
-    return trees
+    return TreeBatch.from_trees(trees)
 
 
 class BatchDrafter:
@@ -138,7 +141,7 @@ class BatchDrafter:
             self.root_tokens[row] = self.root_tokens[moved]
 
     @torch.inference_mode()
-    def draft(self, features: Sequence[torch.Tensor], next_tokens: Sequence[Sequence[int]]) -> list[DraftTree]:
+    def draft(self, features: Sequence[torch.Tensor], next_tokens: Sequence[Sequence[int]]) -> TreeBatch:
         """Commit each row's pairs (features[r][i], next_tokens[r][i]) (rows may have none:
         just joined) and draft one tree per row, rooted at its last committed token."""
         cache, config = self.cache, self.tree
@@ -241,10 +244,15 @@ class BatchDrafter:
 
 
 def _pad_features(features: Sequence[torch.Tensor | None], width: int, dtype, device) -> torch.Tensor:
-    """[b, width, F]: each row's features, zero rows past its own (and for rows without any)."""
+    """[b, width, F]: each row's features, zero rows past its own (and for rows without any).
+    One scatter for every row, not one copy per row; by index, not by a boolean mask, which
+    would make the host wait for the device."""
+    present = [f for f in features if f is not None and len(f)]
     dim = next(f.shape[-1] for f in features if f is not None)
     x = torch.zeros(len(features), width, dim, dtype=dtype, device=device)
-    for r, f in enumerate(features):
-        if f is not None and len(f):
-            x[r, : f.shape[0]] = f.to(device, dtype)
+    if present:
+        sizes = [len(f) if f is not None else 0 for f in features]
+        rows = pinned_tensor([r for r, n in enumerate(sizes) for _ in range(n)]).to(device, non_blocking=True)
+        cols = pinned_tensor([j for n in sizes for j in range(n)]).to(device, non_blocking=True)
+        x[rows, cols] = torch.cat(present).to(device, dtype)
     return x

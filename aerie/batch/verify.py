@@ -1,7 +1,8 @@
 """The verifier side of a batch of sessions: one target forward over every session's tree.
 
 Each session owns a row of a `BatchKVCache`. A round takes one tree per session (ragged:
-any size and shape), pads them into one [batch, width] forward (both dimensions rounded up to
+any size and shape; a `TreeBatch` from the batched drafter, or one `DraftTree` per session
+from a service's streams), pads them into one [batch, width] forward (both dimensions rounded up to
 a power of two, so that a few CUDA graphs cover every round), and then, per session, accepts a
 path exactly as `VerifySession.verify` does: greedy as `accept_greedy` (every row at once, with
 `accept_greedy_rows`), sampled with the same per-position random numbers. Accepted nodes of
@@ -20,8 +21,8 @@ import torch
 
 from aerie.accept import accept_greedy, accept_greedy_rows
 from aerie.batch.cache import BatchKVCache, RowCompaction
-from aerie.batch.inputs import pack_rows
 from aerie.batch.model import BatchModel
+from aerie.batch.trees import TreeBatch
 from aerie.errors import InputError
 from aerie.sampling import SamplingParams
 from aerie.target import Target
@@ -129,14 +130,26 @@ class BatchVerifier:
 
     # --- rounds ----------------------------------------------------------------------------
 
-    def check(self, trees: Sequence[DraftTree | None]) -> None:
+    def check(self, trees: TreeBatch | Sequence[DraftTree | None]) -> None:
         """Raise InputError naming the first session whose tree is unfit; nothing changes.
-        trees[i] is row i's tree, or None for a row that sits the round out."""
+        Row i's tree is trees[i], or none for a row that sits the round out. A `TreeBatch` is
+        checked for every row at once; a row it refuses is checked alone for the message."""
         if len(trees) != len(self.rows):
             raise InputError(f"got {len(trees)} trees for {len(self.rows)} sessions")
-        for i, tree in enumerate(trees):
-            if tree is not None:
-                self.check_row(i, tree)
+        if not isinstance(trees, TreeBatch):
+            for i, tree in enumerate(trees):
+                if tree is not None:
+                    self.check_row(i, tree)
+            return
+        bad = trees.invalid_rows(self.target.vocab_size, self.max_tree_nodes)
+        live = torch.tensor(trees.sizes) > 0
+        done = torch.tensor([r.done for r in self.rows], dtype=torch.bool)
+        last = torch.tensor([r.generated[-1] for r in self.rows])
+        bad |= live & (done | (trees.tokens[:, 0] != last))
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            self.check_row(row, trees.tree(row))
+            raise InputError(f"session {self.rows[row].session.key}: the tree is malformed")
 
     def check_row(self, row: int, tree: DraftTree) -> None:
         """Raise InputError unless `tree` can be row `row`'s next round; nothing changes.
@@ -156,35 +169,36 @@ class BatchVerifier:
             )
 
     @torch.inference_mode()
-    def verify(self, trees: Sequence[DraftTree | None]) -> list[RoundResult | None]:
-        """One target forward over every session's tree (trees[i] for row i), then per
+    def verify(self, trees: TreeBatch | Sequence[DraftTree | None]) -> list[RoundResult | None]:
+        """One target forward over every session's tree (row i's is trees[i]), then per
         session acceptance, compaction and stopping, as VerifySession.verify does.
 
-        A row whose tree is None sits the round out (its result is None): it is padding in
-        the forward, which writes only scratch slots past its committed entries, and its
-        cache and state stay as they were. Rows after the last tree are left out of the
-        forward altogether."""
+        A row without a tree sits the round out (its result is None): it is padding in the
+        forward, which writes only scratch slots past its committed entries, and its cache
+        and state stay as they were. Rows after the last tree are left out of the forward
+        altogether."""
         self.check(trees)
-        live = [i for i, t in enumerate(trees) if t is not None]
+        batch = trees if isinstance(trees, TreeBatch) else TreeBatch.from_trees(trees)
+        live = [i for i, size in enumerate(batch.sizes) if size]
         if not live:
-            return [None] * len(trees)
+            return [None] * len(batch)
         n = live[-1] + 1
         greedy = all(self.rows[i].session.params.greedy for i in live)
         committed = list(self.cache.lengths[:n])
-        tokens = [t.tokens.tolist() if t is not None else [] for t in trees[:n]]
-        parents = [t.parents.tolist() if t is not None else [] for t in trees[:n]]
+        tokens = [row[:size] for row, size in zip(batch.tokens[:n].tolist(), batch.sizes)]
+        parents = [row[:size] for row, size in zip(batch.parents[:n].tolist(), batch.sizes)]
         out, feats = self.batch_model.forward(tokens, parents, greedy)
         if greedy:  # every row at once, from one read of the argmaxes: the round's one sync
-            best = out[:n].cpu()
-            width = best.shape[1]
-            path, length, bonus = accept_greedy_rows(pack_rows(tokens, width, n, 0), pack_rows(parents, width, n, -1), best)
+            w = max(batch.sizes)
+            best = out[:n, :w].cpu()
+            path, length, bonus = accept_greedy_rows(batch.tokens[:n, :w], batch.parents[:n, :w], best)
             path, length, bonus = path.tolist(), length.tolist(), bonus.tolist()
             paths = [path[i][: length[i]] for i in live]
             bonuses = [bonus[i] for i in live]
         else:
             paths, bonuses = [], []
             for i in live:
-                tree, params = trees[i], self.rows[i].session.params
+                tree, params = batch.tree(i), self.rows[i].session.params
                 if params.greedy:
                     acc = accept_greedy(tree.tokens, tree.parents, out[i, : len(tree)].argmax(-1).cpu())
                     path, bonus = acc.path, acc.bonus_token
@@ -197,7 +211,7 @@ class BatchVerifier:
         width = feats.shape[1]
         flat = torch.tensor([i * width + p for i, path in zip(live, paths) for p in path], device=feats.device)
         accepted = feats.reshape(-1, feats.shape[-1]).index_select(0, flat).split([len(p) for p in paths])
-        results: list[RoundResult | None] = [None] * len(trees)
+        results: list[RoundResult | None] = [None] * len(batch)
         for i, path, bonus, features in zip(live, paths, bonuses, accepted):
             row = self.rows[i]
             proposed = [tokens[i][p] for p in path[1:]] + [bonus]

@@ -1,0 +1,84 @@
+"""TreeBatch: packing trees into rows and checking every row at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aerie.batch.cache import BatchKVCache
+from aerie.batch.trees import TreeBatch
+from aerie.batch.verify import BatchVerifier, NewSession
+from aerie.errors import InputError
+from aerie.sampling import SamplingParams
+from aerie.tree import DraftTree, validate_tree
+from aerie.verifier import StopCriteria
+from tests.tiny import VOCAB, tiny_target
+
+
+def _random_tree(gen: torch.Generator, n: int) -> DraftTree:
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=gen)) for i in range(1, n)]
+    return DraftTree(torch.randint(0, VOCAB, (n,), generator=gen), torch.tensor(parents), torch.rand(n, generator=gen))
+
+
+def test_trees_round_trip_through_rows():
+    gen = torch.Generator().manual_seed(0)
+    trees = [_random_tree(gen, 5), None, _random_tree(gen, 1), _random_tree(gen, 9)]
+    batch = TreeBatch.from_trees(trees)
+    assert batch.sizes == (5, 0, 1, 9) and batch.width == 9 and len(batch) == 4
+    assert batch.tree(1) is None
+    for r in (0, 2, 3):
+        got, want = batch.tree(r), trees[r]
+        assert torch.equal(got.tokens, want.tokens) and torch.equal(got.parents, want.parents)
+        assert torch.equal(got.logprobs, want.logprobs)
+    assert batch.parents[2, 1:].eq(-1).all() and batch.tokens[2, 1:].eq(0).all()  # padding
+
+
+def test_invalid_rows_agree_with_validate_tree():
+    """Against the per-tree reference, on trees broken in every way validate_tree knows."""
+    gen = torch.Generator().manual_seed(1)
+    max_nodes = 8
+    for _ in range(40):
+        trees = []
+        for _ in range(6):
+            n = int(torch.randint(1, 11, (1,), generator=gen))
+            tree = _random_tree(gen, n)
+            kind = int(torch.randint(0, 5, (1,), generator=gen))
+            i = int(torch.randint(0, n, (1,), generator=gen))
+            if kind == 1:  # a parent at or after its node, or out of range
+                tree.parents[i] = i + int(torch.randint(0, 3, (1,), generator=gen)) if i else 0
+            elif kind == 2:
+                tree.tokens[i] = VOCAB + 3
+            elif kind == 3:
+                tree.tokens[i] = -1
+            trees.append(tree)
+        want = []
+        for t in trees:
+            try:
+                validate_tree(t.tokens, t.parents, VOCAB, max_nodes)
+                want.append(False)
+            except ValueError:
+                want.append(True)
+        assert TreeBatch.from_trees(trees).invalid_rows(VOCAB, max_nodes).tolist() == want
+
+
+def test_a_bad_row_in_a_tree_batch_is_named_and_nothing_changes():
+    target = tiny_target("eagle3")
+    verifier = BatchVerifier(target, BatchKVCache(target.config.num_hidden_layers, 4, 64, torch.device("cpu")))
+    verifier.join([NewSession(f"s{i}", (1 + i, 2, 3), SamplingParams(), StopCriteria(8)) for i in range(3)])
+    last = [r.generated[-1] for r in verifier.rows]
+
+    def batch(bad_row=None, parent=1):
+        trees = [DraftTree(torch.tensor([t, 5, 6]), torch.tensor([-1, 0, parent if i == bad_row else 1]),
+                           torch.zeros(3)) for i, t in enumerate(last)]
+        return TreeBatch.from_trees(trees)
+
+    before = ([list(r.generated) for r in verifier.rows], list(verifier.cache.lengths))
+    with pytest.raises(InputError, match="session s1: node 2 has parent 2"):
+        verifier.verify(batch(bad_row=1, parent=2))
+    wrong_root = batch()
+    wrong_root.tokens[2, 0] = (last[2] + 1) % VOCAB
+    with pytest.raises(InputError, match="session s2: tree root"):
+        verifier.verify(wrong_root)
+    assert ([list(r.generated) for r in verifier.rows], list(verifier.cache.lengths)) == before
+    results = verifier.verify(batch())
+    assert all(r is not None and r.new_tokens for r in results)
