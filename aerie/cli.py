@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(batch)
     batch.set_defaults(handler=cmd_bench_batch)
 
+    host = sub.add_parser("host-work", help="eager ops and host time per batched round, counted on the CPU")
+    host.add_argument("--sessions", default="1,4,16,64", help="comma-separated numbers of sessions at a time")
+    host.add_argument("--modes", default="eagle,vanilla", help="as bench-batch: eagle, vanilla, eagle-d<D>-k<K>-n<N>")
+    host.add_argument("--max-new-tokens", type=int, default=24)
+    host.add_argument("--out", required=True)
+    host.set_defaults(handler=cmd_host_work)
+
     demo = sub.add_parser("demo", help="one answer on the demo model, with tokens/s and tau")
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--max-new-tokens", type=int, default=96)
@@ -275,6 +282,25 @@ def cmd_profile(args) -> int:
     stack = load_stack(args.model, args.head, args.device, args.dtype, need_head="eagle" in modes, kv_cache=args.kv_cache)
     summary = profile_modes(stack, stack.encode_prompt(prompt.text), modes, args.max_new_tokens, Path(args.out))
     print(format_profile(summary))
+    return 0
+
+
+def cmd_host_work(args) -> int:
+    from aerie.bench.host_work import format_host_work, run_host_work
+    from aerie.stack import GPU_TREE
+
+    try:
+        sessions = [int(c) for c in args.sessions.split(",") if c.strip()]
+    except ValueError:
+        raise InputError(f"--sessions takes comma-separated integers, got {args.sessions!r}") from None
+    if not sessions or min(sessions) < 1:
+        raise InputError(f"--sessions needs numbers >= 1, got {args.sessions!r}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    result = run_host_work(modes, sessions, GPU_TREE, args.max_new_tokens, progress=lambda s: print(s, file=sys.stderr))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_host_work(result))
     return 0
 
 
