@@ -46,7 +46,7 @@ def accept_greedy(tokens: torch.Tensor, parents: torch.Tensor, target_argmax: to
 
 
 def accept_greedy_rows(
-    tokens: torch.Tensor, parents: torch.Tensor, target_argmax: torch.Tensor
+    tokens: torch.Tensor, parents: torch.Tensor, target_argmax: torch.Tensor, reach: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`accept_greedy` for a batch of trees at once, as tensor ops (no per-node Python).
 
@@ -55,11 +55,13 @@ def accept_greedy_rows(
     each row's accepted node indices root first, padded with -1; length [b]: nodes on the
     path; bonus [b]: the target's argmax at the path's last node). A node is on the path when
     it and every ancestor below the root carry the target's argmax at their parents; the
-    deepest such node wins, ties to the earliest.
+    deepest such node wins, ties to the earliest. `reach` is `ancestor_closure(parents)` where
+    the caller has it already. Device work only: it runs inside a CUDA graph.
     """
     b, w = parents.shape
     index = torch.arange(w, device=parents.device)
-    reach = ancestor_closure(parents)  # [b, w, w]: node i's ancestors, itself included
+    if reach is None:
+        reach = ancestor_closure(parents)  # [b, w, w]: node i's ancestors, itself included
     matches = tokens == target_argmax.gather(1, parents.clamp_min(0))
     matches = (matches & (parents >= 0)) | (index == 0)  # the root always, padding never
     on_path = ~(reach & ~matches[:, None, :]).any(-1)

@@ -16,6 +16,7 @@ from aerie.batch.draft import rerank_rows
 from aerie.batch.engine import BatchConfig, BatchEngine
 from aerie.batch.inputs import batch_inputs, pack_rows, tree_geometry
 from aerie.batch.model import ForwardShape
+from aerie.batch.trees import TreeBatch
 from aerie.batch.verify import BatchVerifier, NewSession
 from aerie.engine import Engine
 from aerie.errors import InputError
@@ -259,7 +260,8 @@ def test_each_row_of_a_batched_tree_forward_equals_the_unbatched_forward():
     verifier = BatchVerifier(target, BatchKVCache(6, 4, 32, torch.device("cpu")))
     verifier.join([NewSession(i, tuple(p), SamplingParams(), StopCriteria(8)) for i, p in enumerate(prompts)])
     with torch.inference_mode():  # as verify() runs it
-        logits, feats = verifier.batch_model.forward([t for t, _ in trees], [p for _, p in trees], argmax=False)
+        batch = TreeBatch.from_trees([DraftTree(torch.tensor(t), torch.tensor(p), torch.zeros(len(t))) for t, p in trees])
+        logits, feats = verifier.batch_model.forward(batch, argmax=False)
     assert logits.shape[:2] == (4, 8)  # 3 sessions -> 4 rows, 7 nodes -> 8 columns
     for r, (prompt, (tokens, parents)) in enumerate(zip(prompts, trees)):
         cache = target.new_cache()
@@ -276,8 +278,10 @@ def test_plain_decoding_of_any_row_count_is_graphed():
     of 300 sessions is one 1-wide forward over the 512-row bucket, replayed as a graph."""
     target = tiny_target("eagle3")
     model = BatchVerifier(target, BatchKVCache(6, 512, 8, torch.device("cpu"))).batch_model
-    assert model.shape_for([[1]] * 300, argmax=False) == ForwardShape(batch=512, width=1, graphed=True, argmax=False)
-    assert not model.shape_for([[1] * 129], argmax=False).graphed
+    plain = TreeBatch.of_tokens([1] * 300)
+    assert model.shape_for(plain, argmax=False) == ForwardShape(batch=512, width=1, graphed=True, argmax=False)
+    wide = DraftTree(torch.ones(129, dtype=torch.long), torch.arange(-1, 128), torch.zeros(129))
+    assert not model.shape_for(TreeBatch.from_trees([wide]), argmax=False).graphed
 
 
 def test_pack_rows_places_ragged_rows_and_padding():

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from aerie.batch.cache import BatchKVCache, RowCompaction
 from aerie.batch.model import ForwardShape
+from aerie.batch.trees import TreeBatch
 from aerie.batch.verify import BatchVerifier, NewSession
 from aerie.engine import Engine
 from aerie.parallel.mirror import (
@@ -244,8 +245,8 @@ class RecordingBatchModel:
     def prefill(self, prompts):
         self.calls.append(("prefill", prompts))
 
-    def run_forward(self, tokens, parents, shape):
-        self.calls.append(("forward", tokens, parents, shape))
+    def run_forward(self, trees, shape):
+        self.calls.append(("forward", trees.tokens.tolist(), trees.parents.tolist(), trees.sizes, shape))
 
     def compact(self, moves):
         self.calls.append(("compact", moves))
@@ -262,7 +263,9 @@ def test_batch_calls_round_trip_through_the_wire_format():
     moves = [RowCompaction(2, 10, (0, 3, 5)), RowCompaction(0, 4, ()), RowCompaction(1, 7, (0,))]
     calls = [
         batch_prefill_call(3, [[1, 2, 3], [4]]),
-        batch_forward_call(3, [[7, 8, 9], [], [5]], [[-1, 0, 0], [], [-1]], shape),
+        batch_forward_call(3, TreeBatch(torch.tensor([[7, 8, 9], [0, 0, 0], [5, 0, 0]]),
+                                        torch.tensor([[-1, 0, 0], [-1, -1, -1], [-1, -1, -1]]),
+                                        torch.zeros(3, 3), (3, 0, 1)), shape),
         batch_compact_call(3, moves),
         batch_remove_row_call(3, 2),
     ]
@@ -273,11 +276,9 @@ def test_batch_calls_round_trip_through_the_wire_format():
         apply_batch_call(model, back)
     assert model.calls == [
         ("prefill", [[1, 2, 3], [4]]),
-        ("forward", [[7, 8, 9], [], [5]], [[-1, 0, 0], [], [-1]], shape),
+        ("forward", [[7, 8, 9], [0, 0, 0], [5, 0, 0]], [[-1, 0, 0], [-1, -1, -1], [-1, -1, -1]], (3, 0, 1), shape),
         ("compact", moves),
         ("remove_row", 2),
     ]
-    with pytest.raises(ValueError, match="one parent per token"):
-        batch_forward_call(3, [[7, 8]], [[-1]], ForwardShape(1, 2, True, True))
     with pytest.raises(ValueError, match="not an operation on a batch"):
         apply_batch_call(model, opened)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from aerie.batch.cache import BatchKVCache
+from aerie.batch.inputs import batch_inputs, padded_inputs
 from aerie.batch.trees import TreeBatch
 from aerie.batch.verify import BatchVerifier, NewSession
 from aerie.errors import InputError
@@ -31,6 +32,21 @@ def test_trees_round_trip_through_rows():
         assert torch.equal(got.tokens, want.tokens) and torch.equal(got.parents, want.parents)
         assert torch.equal(got.logprobs, want.logprobs)
     assert batch.parents[2, 1:].eq(-1).all() and batch.tokens[2, 1:].eq(0).all()  # padding
+
+
+def test_packed_inputs_equal_the_inputs_of_the_same_trees_as_lists():
+    gen = torch.Generator().manual_seed(2)
+    trees = [_random_tree(gen, 5), None, _random_tree(gen, 3)]
+    batch = TreeBatch.from_trees(trees)
+    lists = [(t.tokens.tolist(), t.parents.tolist()) if t is not None else ([], []) for t in trees]
+    for width, rows in ((5, 3), (8, 4)):
+        want = batch_inputs([t for t, _ in lists], [p for _, p in lists], [4, 0, 9, 2], width, rows, 32)
+        got = padded_inputs(batch.tokens, batch.parents, batch.sizes, [4, 0, 9, 2], width, rows, 32)
+        for name, tensor in want.as_dict().items():
+            assert torch.equal(got.as_dict()[name], tensor), name
+        assert got.sizes == want.sizes
+    with pytest.raises(ValueError, match="more than the width"):
+        padded_inputs(batch.tokens, batch.parents, batch.sizes, [0, 0, 0], 4, 3, 32)
 
 
 def test_invalid_rows_agree_with_validate_tree():

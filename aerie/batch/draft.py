@@ -24,7 +24,7 @@ from aerie.fused import fused_norms, norms_to_fuse
 from aerie.graphs import bucket_for
 from aerie.heads import DraftHead
 from aerie.kvcache import pinned_tensor
-from aerie.tree import CandidatePool, DraftTree, TreeConfig, full_tree, node_depths, rerank, static_level_index
+from aerie.tree import CandidatePool, DraftTree, TreeConfig, full_tree, rerank, static_level_index
 
 
 def expand_rows(
@@ -57,40 +57,66 @@ def order_subtrees(keep: torch.Tensor, scores: torch.Tensor, depth: torch.Tensor
     return keep.gather(1, torch.sort(depth[keep], dim=1, stable=True).indices)
 
 
-def rerank_rows(
+def rerank_tensors(
     tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, depth: torch.Tensor,
     total_tokens: int | None,
-) -> TreeBatch:
-    """`aerie.tree.rerank` (or `full_tree` when total_tokens is None) of every row's candidate
-    pool: tokens, parents, scores [b, N] (node 0 the root), depth [N] (the same in every row).
-    Vectorised; a row whose best nodes are not closed under ancestors (float ties) goes
-    through `rerank` itself."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The vectorised `aerie.tree.rerank` (or `full_tree` when total_tokens is None) of every
+    row's candidate pool: tokens, parents, scores [b, N] (node 0 the root), depth [N] (the
+    same in every row). Returns each row's tree as tokens, parents, scores [b, t + 1], and
+    closed [b]: False for a row whose best nodes are not closed under ancestors (float ties),
+    whose tree must come from `rerank` itself (`finish_rerank`). Device work only: it runs
+    inside the expansion's graph."""
     b, n = tokens.shape
+    device = tokens.device
     if total_tokens is None or total_tokens >= n - 1:
-        keep = torch.arange(1, n).expand(b, n - 1)
+        keep = torch.arange(1, n, device=device).expand(b, n - 1)
     else:
-        keep = torch.sort(scores[:, 1:].double(), dim=1, descending=True, stable=True).indices[:, :total_tokens] + 1
-    kept = torch.zeros(b, n, dtype=torch.bool)
+        keep = torch.sort(scores[:, 1:], dim=1, descending=True, stable=True).indices[:, :total_tokens] + 1
+    kept = torch.zeros(b, n, dtype=torch.bool, device=device)
     kept[:, 0] = True
     kept.scatter_(1, keep, True)
     closed = kept.gather(1, parents.gather(1, keep).clamp_min(0)).all(dim=1)
     keep = order_subtrees(keep, scores, depth)
     t = keep.shape[1]
-    new_index = torch.zeros(b, n, dtype=torch.long)
-    new_index.scatter_(1, keep, torch.arange(1, t + 1).expand(b, t))
-    new_parents = torch.cat([torch.full((b, 1), -1), new_index.gather(1, parents.gather(1, keep))], dim=1)
+    new_index = torch.zeros(b, n, dtype=torch.long, device=device)
+    new_index.scatter_(1, keep, torch.arange(1, t + 1, device=device).expand(b, t))
+    new_parents = torch.cat([parents[:, :1], new_index.gather(1, parents.gather(1, keep))], dim=1)
     new_tokens = torch.cat([tokens[:, :1], tokens.gather(1, keep)], dim=1)
-    new_scores = torch.cat([torch.zeros(b, 1), scores.gather(1, keep).float()], dim=1)
+    new_scores = torch.cat([scores[:, :1], scores.gather(1, keep)], dim=1)
+    return new_tokens, new_parents, new_scores, closed
+
+
+def finish_rerank(
+    reranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    total_tokens: int | None,
+) -> TreeBatch:
+    """The trees of `rerank_tensors` (on the host) as a TreeBatch; a row it could not rerank
+    goes through `rerank` with its candidate `pool` (tokens, parents, scores, read from the
+    device only then)."""
+    tokens, parents, scores, closed = reranked
+    b, width = tokens.shape
     if bool(closed.all()):
-        return TreeBatch(new_tokens, new_parents, new_scores, (t + 1,) * b)
+        return TreeBatch(tokens.long(), parents.long(), scores.float(), (width,) * b)
+    pool_tokens, pool_parents, pool_scores = (t.cpu() for t in pool)
     trees = []
     for r in range(b):
         if bool(closed[r]):
-            trees.append(DraftTree(new_tokens[r], new_parents[r], new_scores[r]))
+            trees.append(DraftTree(tokens[r].long(), parents[r].long(), scores[r].float()))
         else:
-            pool = CandidatePool(tokens[r].tolist(), parents[r].tolist(), scores[r].tolist())
-            trees.append(rerank(pool, total_tokens) if total_tokens is not None else full_tree(pool))
+            row = CandidatePool(pool_tokens[r].tolist(), pool_parents[r].tolist(), pool_scores[r].tolist())
+            trees.append(rerank(row, total_tokens) if total_tokens is not None else full_tree(row))
     return TreeBatch.from_trees(trees)
+
+
+def rerank_rows(
+    tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor, depth: torch.Tensor,
+    total_tokens: int | None,
+) -> TreeBatch:
+    """`aerie.tree.rerank` of every row's candidate pool at once (see `rerank_tensors`)."""
+    pool = (tokens, parents, scores)
+    return finish_rerank(rerank_tensors(*pool, depth, total_tokens), pool, total_tokens)
 
 
 class BatchDrafter:
@@ -155,26 +181,29 @@ class BatchDrafter:
         cache.reserve(max(cache.lengths[:batch]) + commit_width + config.depth * max(config.top_k, config.total_tokens))
         if widest:
             self._commit(features, next_tokens, batch, commit_width)
-        inputs = {"root_hidden": self.root_hidden[:batch], "committed": pinned_tensor(cache.lengths[:batch])}
-        key = ("expand", batch, config.kind, config.depth, config.top_k)  # all that shapes the expansion
+        inputs = {
+            "root_hidden": self.root_hidden[:batch],
+            "roots": pinned_tensor(self.root_tokens[:batch]),
+            "committed": pinned_tensor(cache.lengths[:batch]),
+        }
+        key = ("expand", batch, config.kind, config.depth, config.top_k, config.total_tokens)  # all that shapes it
         with fused_norms(self.fused):
-            drafted = cache.run(key, (0, batch), inputs, self._expand)
+            trees, *pool = cache.run(key, (0, batch), inputs, self._expand)
         # The drafted entries sit past each row's length, so they are already gone: the
-        # next commit overwrites them. One copy of every candidate to the host (float64 holds
-        # every token id exactly), then the rerank of every row at once.
-        tokens, parents, scores = torch.cat(drafted, dim=1)[:n].cpu().split(drafted[0].shape[1], dim=1)
-        roots = torch.tensor(self.root_tokens[:n])[:, None]
-        pool_tokens = torch.cat([roots, tokens.long()], dim=1)
-        pool_parents = torch.cat([torch.full((n, 1), -1), parents.long()], dim=1)
-        pool_scores = torch.cat([torch.zeros(n, 1, dtype=torch.float64), scores], dim=1)
+        # next commit overwrites them. One copy of the reranked trees to the host (float64
+        # holds every token id exactly).
+        width = (trees.shape[1] - 1) // 3
+        reranked = trees[:n].cpu().split([width, width, width, 1], dim=1)
         total = config.total_tokens if config.kind == "dynamic" else None
-        return rerank_rows(pool_tokens, pool_parents, pool_scores, node_depths(pool_parents[0]), total)
+        return finish_rerank((*reranked[:3], reranked[3][:, 0].bool()), [t[:n] for t in pool], total)
 
-    def _expand(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every row's candidates, level by level from its root (`root_hidden` [b, h], after
-        `committed` [b] entries): (tokens, parents, path scores), each [b, candidates] in
-        float64, root excluded, parents counting the root as node 0. Device work only, the
-        same shapes every round: one CUDA graph per batch size.
+    def _expand(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Every row's tree, grown level by level from its root (token `roots` [b], hidden
+        state `root_hidden` [b, h], after `committed` [b] entries) and reranked: (trees, the
+        tokens, parents, scores and closed flag of `rerank_tensors` side by side in one
+        [b, 3 (t + 1) + 1] float64 tensor; then the candidate pool's tokens, parents and path
+        scores, [b, candidates], root first). Device work only, the same shapes every round:
+        one CUDA graph per batch size.
 
         Each level is one head forward of [b, frontier]; the frontier's nodes attend to the
         committed entries and to the drafted entries of their own ancestors."""
@@ -210,7 +239,15 @@ class BatchDrafter:
             frontier_lp = cumulative.gather(1, next_frontier)
             frontier_nodes = base + next_frontier
             fed += m
-        return tuple(torch.cat(part, dim=1).double() for part in (tokens, parents, scores))
+        pool_tokens = torch.cat([b["roots"][:, None], *tokens], dim=1)
+        pool_parents = torch.cat([torch.full((batch, 1), -1, device=device), *parents], dim=1)
+        pool_scores = torch.cat([torch.zeros(batch, 1, device=device), *scores], dim=1)
+        depth = torch.cat([torch.full((t.shape[1],), level, device=device) for level, t in enumerate(tokens, 1)])
+        depth = torch.cat([torch.zeros(1, dtype=depth.dtype, device=device), depth])
+        total = config.total_tokens if config.kind == "dynamic" else None
+        new_tokens, new_parents, new_scores, closed = rerank_tensors(pool_tokens, pool_parents, pool_scores, depth, total)
+        trees = torch.cat([new_tokens.double(), new_parents.double(), new_scores.double(), closed[:, None].double()], 1)
+        return trees, pool_tokens, pool_parents, pool_scores
 
     def _commit(self, features, next_tokens, batch: int, width: int) -> None:
         cache = self.cache

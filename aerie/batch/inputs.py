@@ -68,31 +68,54 @@ def batch_inputs(
     r < len(tokens); the rows after have none (all padding). lengths[r] is row r's committed
     length, for every r < batch. Needs lengths[r] + width <= capacity.
     """
-    sizes = [len(t) for t in tokens] + [0] * (batch - len(tokens))
+    sizes = [len(t) for t in tokens]
+    if max(sizes, default=0) > width:
+        raise ValueError(f"a row has {max(sizes)} new tokens, more than the width {width}")
+    if parents is None:  # a chain: node j's parent is j - 1
+        parents = [range(-1, len(t) - 1) for t in tokens]
+    return padded_inputs(pack_rows(tokens, width, batch, 0), pack_rows(parents, width, batch, -1), sizes, lengths,
+                         width, batch, capacity, first_row)
+
+
+def padded_inputs(
+    ids: torch.Tensor,
+    parents: torch.Tensor,
+    sizes: Sequence[int],
+    lengths: Sequence[int],
+    width: int,
+    batch: int,
+    capacity: int,
+    first_row: int = 0,
+) -> ForwardInputs:
+    """`batch_inputs` for trees already packed into rows: ids and parents [b, w] (b <= batch,
+    each row's sizes[r] nodes first, 0 and -1 after), cut or padded to [batch, width]."""
     if max(sizes, default=0) > width:
         raise ValueError(f"a row has {max(sizes)} new tokens, more than the width {width}")
     length = torch.as_tensor(list(lengths[:batch]), dtype=torch.long)
     if int(length.max()) + width > capacity:
         raise ValueError(f"rows need {int(length.max()) + width} slots, the cache has {capacity}")
-    if parents is None:  # a chain: node j's parent is j - 1
-        parents = [range(-1, len(t) - 1) for t in tokens]
+    w = min(ids.shape[1], width)
+    pad = (0, width - w, 0, batch - ids.shape[0])
     return ForwardInputs(
-        ids=pack_rows(tokens, width, batch, 0),
-        parents=pack_rows(parents, width, batch, -1),
+        ids=torch.nn.functional.pad(ids[:, :w], pad, value=0),
+        parents=torch.nn.functional.pad(parents[:, :w], pad, value=-1),
         lengths=length,
         rows=(first_row + torch.arange(batch))[:, None].expand(batch, width).contiguous(),
         slots=(length[:, None] + torch.arange(width)[None, :]).contiguous(),
-        sizes=sizes,
+        sizes=list(sizes) + [0] * (batch - len(sizes)),
     )
 
 
-def tree_geometry(parents: torch.Tensor, lengths: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+def tree_geometry(parents: torch.Tensor, lengths: torch.Tensor, capacity: int,
+                  reach: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions [b, w] and attention mask [b, 1, w, capacity] of rows of trees `parents`
     [b, w] placed after `lengths` [b] committed entries, on the tensors' device: node j of row
     r sits at position lengths[r] + depth(j) and sees the row's committed entries and its own
-    ancestors (itself included) at slots lengths[r] + i."""
+    ancestors (itself included) at slots lengths[r] + i. `reach` is `ancestor_closure(parents)`
+    where the caller has it already."""
     b, w = parents.shape
-    reach = ancestor_closure(parents)
+    if reach is None:
+        reach = ancestor_closure(parents)
     positions = lengths[:, None] + reach.sum(-1) - 1
     mask = torch.arange(capacity, device=parents.device)[None, None, :] < lengths[:, None, None]
     mask = mask.expand(b, w, capacity).clone()

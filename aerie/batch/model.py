@@ -17,23 +17,35 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from aerie.accept import accept_greedy_rows
 from aerie.batch.cache import BatchKVCache, RowCompaction
-from aerie.batch.inputs import ForwardInputs, batch_inputs, tree_geometry
+from aerie.batch.inputs import ForwardInputs, batch_inputs, padded_inputs, tree_geometry
+from aerie.batch.trees import TreeBatch
 from aerie.fused import fused_norms, norms_to_fuse
 from aerie.graphs import bucket_for
+from aerie.tree import ancestor_closure
 
 if TYPE_CHECKING:
     from aerie.target import Target
 
-# (out, features): out is [b, w] argmaxes, [b, w, vocab] float logits, or (on a rank without
-# the LM head) a zero-width [b, w, 0] stand-in; features are [b, w, F].
+# (out, features): out is a greedy forward's acceptance ([b, w + 2], see `greedy_acceptance`),
+# [b, w, vocab] float logits, or (on a rank without the LM head) a zero-width [b, w, 0]
+# stand-in; features are [b, w, F].
 ForwardOutput = tuple[torch.Tensor, torch.Tensor]
+
+
+def greedy_acceptance(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A greedy forward's out [b, w + 2] -> what `accept_greedy_rows` gave for each row's
+    tree inside the forward: (path [b, w], root first, padded with -1; length [b]; bonus [b],
+    the target's argmax after the path). A one-node row's bonus is its plain next token."""
+    return out[:, :-2], out[:, -2], out[:, -1]
 
 
 @dataclass(frozen=True)
 class ForwardShape:
     """How a forward over rows [0, batch) runs: padded to `width` tokens per row, replayed
-    as a graph when `graphed`, giving argmaxes rather than logits when `argmax`. Part of the
+    as a graph when `graphed`, giving each row's greedy acceptance rather than logits when
+    `argmax`. Part of the
     graph key, so it must be the same on every rank of a sharded target."""
 
     batch: int
@@ -58,10 +70,10 @@ class BatchModel(Protocol):
         each prompt's last token ([n, vocab]) and the features of every token ([n, w, F])."""
         ...
 
-    def forward(self, tokens: Sequence[Sequence[int]], parents: Sequence[Sequence[int]], argmax: bool) -> ForwardOutput:
-        """One forward of rows [0, len(tokens)): tokens[r], a tree given by parents[r] (empty for
-        a row that sits it out), after row r's committed entries. Lengths do not change: the
-        new entries are scratch until `compact` keeps some."""
+    def forward(self, trees: TreeBatch, argmax: bool) -> ForwardOutput:
+        """One forward of rows [0, len(trees)): row r's tree (none for a row that sits it
+        out) after its committed entries. Lengths do not change: the new entries are scratch
+        until `compact` keeps some."""
         ...
 
     def compact(self, moves: Sequence[RowCompaction]) -> None:
@@ -95,7 +107,8 @@ class LocalBatchModel:
     # --- the model -------------------------------------------------------------------------
 
     def _model(self, b: dict[str, torch.Tensor], argmax: bool, logits_at: torch.Tensor | None = None) -> ForwardOutput:
-        positions, mask = tree_geometry(b["parents"], b["lengths"], self._cache.capacity)
+        reach = ancestor_closure(b["parents"])
+        positions, mask = tree_geometry(b["parents"], b["lengths"], self._cache.capacity, reach)
         with fused_norms(self.fused):
             out = self.base(
                 input_ids=b["ids"], position_ids=positions, attention_mask=mask,
@@ -110,7 +123,11 @@ class LocalBatchModel:
         if logits_at is not None:  # one position per row (prefill): skip the others' LM head
             last = last[torch.arange(last.shape[0], device=last.device), logits_at]
         logits = self.lm_head(last)
-        return (logits.argmax(-1) if argmax else logits.float()), feats
+        if not argmax:
+            return logits.float(), feats
+        # Greedy rows are accepted here, inside the graph: the host reads back each row's path.
+        path, length, bonus = accept_greedy_rows(b["ids"], b["parents"], logits.argmax(-1), reach)
+        return torch.cat([path, length[:, None], bonus[:, None]], dim=1), feats
 
     # --- the operations --------------------------------------------------------------------
 
@@ -130,11 +147,11 @@ class LocalBatchModel:
             cache.lengths[row] = len(prompt)
         return out
 
-    def shape_for(self, tokens: Sequence[Sequence[int]], argmax: bool) -> ForwardShape:
+    def shape_for(self, trees: TreeBatch, argmax: bool) -> ForwardShape:
         """Both dimensions rounded up to a power of two, so that a few graphs cover every
         round; wider than the largest graph runs eagerly at its own width."""
-        widest = max(len(t) for t in tokens)
-        n = len(tokens)
+        widest = max(trees.sizes)
+        n = len(trees)
         return ForwardShape(
             batch=bucket_for(n, self._cache.rows) or n,
             width=bucket_for(widest, self.largest_graph) or widest,
@@ -142,16 +159,16 @@ class LocalBatchModel:
             argmax=argmax,
         )
 
-    def forward(self, tokens: Sequence[Sequence[int]], parents: Sequence[Sequence[int]], argmax: bool) -> ForwardOutput:
-        return self.run_forward(tokens, parents, self.shape_for(tokens, argmax))
+    def forward(self, trees: TreeBatch, argmax: bool) -> ForwardOutput:
+        return self.run_forward(trees, self.shape_for(trees, argmax))
 
     @torch.inference_mode()
-    def run_forward(self, tokens: Sequence[Sequence[int]], parents: Sequence[Sequence[int]],
-                    shape: ForwardShape) -> ForwardOutput:
+    def run_forward(self, trees: TreeBatch, shape: ForwardShape) -> ForwardOutput:
         """`forward` at a given shape (a sharded target's ranks run rank 0's)."""
         cache = self._cache
         cache.reserve(max(cache.lengths[: shape.batch]) + shape.width)
-        inputs = batch_inputs(tokens, parents, cache.lengths, shape.width, shape.batch, cache.capacity)
+        inputs = padded_inputs(trees.tokens, trees.parents, trees.sizes, cache.lengths, shape.width, shape.batch,
+                               cache.capacity)
         return cache.run(shape.graph_key, (0, shape.batch), _pinned(inputs), lambda b: self._model(b, shape.argmax))
 
     def compact(self, moves: Sequence[RowCompaction]) -> None:

@@ -39,6 +39,16 @@ class TreeBatch:
             sizes=sizes,
         )
 
+    @classmethod
+    def of_tokens(cls, tokens: Sequence[int]) -> TreeBatch:
+        """One-node trees: each row feeds one token (plain decoding)."""
+        n = len(tokens)
+        return cls(torch.tensor(list(tokens), dtype=torch.long)[:, None], torch.full((n, 1), -1), torch.zeros(n, 1),
+                   (1,) * n)
+
+    def first_rows(self, n: int) -> TreeBatch:
+        return TreeBatch(self.tokens[:n], self.parents[:n], self.logprobs[:n], self.sizes[:n])
+
     def __len__(self) -> int:
         return len(self.sizes)
 

@@ -5,7 +5,7 @@ any size and shape; a `TreeBatch` from the batched drafter, or one `DraftTree` p
 from a service's streams), pads them into one [batch, width] forward (both dimensions rounded up to
 a power of two, so that a few CUDA graphs cover every round), and then, per session, accepts a
 path exactly as `VerifySession.verify` does: greedy as `accept_greedy` (every row at once, with
-`accept_greedy_rows`), sampled with the same per-position random numbers. Accepted nodes of
+`accept_greedy_rows` inside the forward's graph), sampled with the same per-position random numbers. Accepted nodes of
 every row are compacted in one gather.
 
 The acceptance logic lives here only; the forwards and the cache's moves go through a
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aerie.accept import accept_greedy, accept_greedy_rows
+from aerie.accept import accept_greedy
 from aerie.batch.cache import BatchKVCache, RowCompaction
-from aerie.batch.model import BatchModel
+from aerie.batch.model import BatchModel, greedy_acceptance
 from aerie.batch.trees import TreeBatch
 from aerie.errors import InputError
 from aerie.sampling import SamplingParams
@@ -185,14 +185,10 @@ class BatchVerifier:
         n = live[-1] + 1
         greedy = all(self.rows[i].session.params.greedy for i in live)
         committed = list(self.cache.lengths[:n])
-        tokens = [row[:size] for row, size in zip(batch.tokens[:n].tolist(), batch.sizes)]
-        parents = [row[:size] for row, size in zip(batch.parents[:n].tolist(), batch.sizes)]
-        out, feats = self.batch_model.forward(tokens, parents, greedy)
-        if greedy:  # every row at once, from one read of the argmaxes: the round's one sync
-            w = max(batch.sizes)
-            best = out[:n, :w].cpu()
-            path, length, bonus = accept_greedy_rows(batch.tokens[:n, :w], batch.parents[:n, :w], best)
-            path, length, bonus = path.tolist(), length.tolist(), bonus.tolist()
+        out, feats = self.batch_model.forward(batch.first_rows(n), greedy)
+        tokens = batch.tokens[:n].tolist()
+        if greedy:  # accepted inside the forward: one read of every row's path, the round's one sync
+            path, length, bonus = (t.tolist() for t in greedy_acceptance(out[:n].cpu()))
             paths = [path[i][: length[i]] for i in live]
             bonuses = [bonus[i] for i in live]
         else:
@@ -229,12 +225,12 @@ class BatchVerifier:
         if any(r.done for r in rows):
             raise InputError("a session in the batch has already finished")
         greedy = all(r.session.params.greedy for r in rows)
-        out, _ = self.batch_model.forward([[r.generated[-1]] for r in rows], [[-1]] * len(rows), greedy)
+        out, _ = self.batch_model.forward(TreeBatch.of_tokens([r.generated[-1] for r in rows]), greedy)
         # Each row keeps the one entry it fed: a compaction that moves nothing, only lengths
         # (through the batch model, so that a sharded target's ranks count alike).
         self.batch_model.compact([RowCompaction(i, self.cache.lengths[i], (0,)) for i in range(len(rows))])
         # The forward's batch is padded: only its first len(rows) rows are sessions.
-        tokens = (out[: len(rows), 0].tolist() if greedy else
+        tokens = (greedy_acceptance(out[: len(rows)])[2].tolist() if greedy else
                   sample_tokens(out[: len(rows), 0], self.cache.lengths[: len(rows)], [r.session.params for r in rows]))
         for row, token in zip(rows, tokens):
             kept, row.done = row.session.stop.cut(len(row.generated), [token])

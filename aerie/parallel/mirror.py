@@ -27,6 +27,7 @@ from transformers import Cache, DynamicCache
 
 from aerie.batch.cache import BatchKVCache, RowCompaction
 from aerie.batch.model import ForwardOutput, ForwardShape, LocalBatchModel
+from aerie.batch.trees import TreeBatch
 from aerie.parallel.protocol import Call, Channel, Op
 from aerie.target import FeatureSpec, Target, TargetOutput
 
@@ -211,14 +212,9 @@ def batch_prefill_call(batch_id: int, prompts: Sequence[Sequence[int]]) -> Call:
     return Call(Op.BATCH_PREFILL, batch_id, _back_to_back(prompts))
 
 
-def batch_forward_call(batch_id: int, tokens: Sequence[Sequence[int]], parents: Sequence[Sequence[int]],
-                       shape: ForwardShape) -> Call:
-    flat_tokens, sizes = _back_to_back(tokens)
-    flat_parents, parent_sizes = _back_to_back(parents)
-    if not torch.equal(sizes, parent_sizes):
-        raise ValueError("every row needs one parent per token")
-    dims = _ints([shape.batch, shape.width, int(shape.graphed), int(shape.argmax)])
-    return Call(Op.BATCH_FORWARD, batch_id, (flat_tokens, flat_parents, sizes, dims))
+def batch_forward_call(batch_id: int, trees: TreeBatch, shape: ForwardShape) -> Call:
+    dims = _ints([shape.batch, shape.width, int(shape.graphed), int(shape.argmax), trees.width])
+    return Call(Op.BATCH_FORWARD, batch_id, (trees.tokens.flatten(), trees.parents.flatten(), _ints(trees.sizes), dims))
 
 
 def batch_compact_call(batch_id: int, moves: Sequence[RowCompaction]) -> Call:
@@ -245,9 +241,11 @@ def _prefill(model: LocalBatchModel, call: Call) -> ForwardOutput:
 
 def _forward(model: LocalBatchModel, call: Call) -> ForwardOutput:
     flat_tokens, flat_parents, sizes, dims = call.tensors
-    batch, width, graphed, argmax = dims.tolist()
+    batch, width, graphed, argmax, tree_width = dims.tolist()
     shape = ForwardShape(batch, width, bool(graphed), bool(argmax))
-    return model.run_forward(_split(flat_tokens, sizes), _split(flat_parents, sizes), shape)
+    tokens, parents = flat_tokens.view(-1, tree_width), flat_parents.view(-1, tree_width)
+    trees = TreeBatch(tokens, parents, torch.zeros(tokens.shape), tuple(sizes.tolist()))  # no logprobs needed
+    return model.run_forward(trees, shape)
 
 
 def _compact(model: LocalBatchModel, call: Call) -> None:
@@ -296,8 +294,8 @@ class MirroredBatchModel:
         call = batch_prefill_call(self._id, prompts)
         return self._group.run(call, lambda: _prefill(self._local, call))
 
-    def forward(self, tokens: Sequence[Sequence[int]], parents: Sequence[Sequence[int]], argmax: bool) -> ForwardOutput:
-        call = batch_forward_call(self._id, tokens, parents, self._local.shape_for(tokens, argmax))
+    def forward(self, trees: TreeBatch, argmax: bool) -> ForwardOutput:
+        call = batch_forward_call(self._id, trees, self._local.shape_for(trees, argmax))
         return self._group.run(call, lambda: _forward(self._local, call))
 
     def compact(self, moves: Sequence[RowCompaction]) -> None:
