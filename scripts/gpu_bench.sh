@@ -17,6 +17,8 @@
 #   LIMIT (all MT-bench prompts)  SIDE_LIMIT (10)  HUMANEVAL_LIMIT (40)  T1_LIMIT (40)
 #   TOKENS (256)  REPORT_MINUTES (3; 0 skips the tau report)  REPORT_LIMIT (40)
 #   HEAD (a head directory to draft with on the demo target instead of the shipped default)
+#   STEPS (comma-separated step names, default all: mtbench profile report verify-cost side
+#   sweep batch networked humaneval t1 fp32), e.g. STEPS=batch for the batched run alone
 # If the static-cache/CUDA-graph path fails in step 1, the rest runs with dynamic caches.
 set -uo pipefail
 
@@ -25,6 +27,7 @@ data=${2:?usage: gpu_bench.sh RUN_DIR DATA_DIR}
 tokens=${TOKENS:-256}
 aerie() { python3 -m aerie.cli "$@"; }
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
+step() { [ -z "${STEPS:-}" ] || [[ ",$STEPS," == *",$1,"* ]]; }
 mkdir -p "$run"
 mt="$data/mt_bench_questions.jsonl"
 he="$data/HumanEval.jsonl.gz"
@@ -35,54 +38,74 @@ head=()
 [ -n "${HEAD:-}" ] && head=(--head "$HEAD")
 gpu+=("${head[@]}")
 
+if step mtbench; then
 stamp "mt-bench T=0"
 if ! aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" --modes eagle,vanilla,hf-static --out "$run/mtbench_t0.json"; then
     echo "static caches failed: continuing with --kv-cache dynamic"
     gpu+=(--kv-cache dynamic)
 fi
+fi
 
+if step profile; then
 stamp "profile"
 aerie profile --prompts "$mt" "${head[@]}" --device cuda --dtype bfloat16 --max-new-tokens 128 --out "$run/profile"
+fi
 
-if [ "${REPORT_MINUTES:-3}" != 0 ]; then
+if step report && [ "${REPORT_MINUTES:-3}" != 0 ]; then
 stamp "tau report"
 aerie train report --device cuda --head eagle3=heads/smollm2-135m-eagle3 --head eagle1=heads/smollm2-135m-eagle1 \
     --prompts "mt_bench=$mt" --prompts "humaneval=$he" --limit "${REPORT_LIMIT:-40}" --max-new-tokens "$tokens" \
     --workers 4 --minutes "${REPORT_MINUTES:-3}" --out "$run/report"
 fi
+if step verify-cost; then
 stamp "verify cost"
 aerie verify-cost --device cuda --shapes demo,llama-8b --out "$run/verify_cost.json"
+fi
 
+if step side; then
 stamp "hf-dynamic beside eagle and vanilla"
 aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-10}" "${gpu[@]}" --modes eagle,vanilla,hf-dynamic \
     --out "$run/side_by_side.json"
+fi
 
+if step sweep; then
 stamp "tree budget sweep"
 sweep=eagle-auto
 for depth in 5 8; do
     for nodes in 15 31 63 127; do sweep+=",eagle-d$depth-k10-n$nodes"; done
 done
 aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-10}" "${gpu[@]}" --modes "$sweep" --out "$run/budget_sweep.json"
+fi
 
+if step batch; then
 stamp "batched verification"
 aerie bench-batch --prompts "$mt" --limit 64 --concurrency 1,4,16,64 --modes eagle,vanilla,eagle-d4-k8-n15 \
     "${head[@]}" --device cuda --dtype bfloat16 --max-new-tokens 128 --out "$run/batch_demo.json"
 aerie bench-batch --prompts "$mt" --limit 16 --concurrency 1,4,16 --modes eagle,vanilla --shape llama-8b \
     --device cuda --dtype bfloat16 --max-new-tokens 64 --out "$run/batch_8b.json"
+fi
 
+if step networked; then
 stamp "networked"
 aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-10}" "${gpu[@]}" --modes eagle,networked --out "$run/networked.json"
+fi
 
+if step humaneval; then
 stamp "humaneval T=0"
 aerie bench --prompts "$he" --limit "${HUMANEVAL_LIMIT:-40}" "${gpu[@]}" --modes eagle,vanilla \
     --out "$run/humaneval_t0.json"
+fi
 
+if step t1; then
 stamp "mt-bench T=1"
 aerie bench --prompts "$mt" --limit "${T1_LIMIT:-40}" "${gpu[@]}" --temperature 1 --seed 0 --modes eagle,vanilla \
     --out "$run/mtbench_t1.json"
+fi
 
+if step fp32; then
 stamp "float32 losslessness"
 aerie bench --prompts "$mt" --limit 10 --device cuda --dtype float32 --max-new-tokens "$tokens" --modes eagle,vanilla \
     "${head[@]}" --out "$run/mtbench_t0_fp32.json"
+fi
 
 stamp done
