@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aerie.accept import accept_greedy, accept_sampled_path
+from aerie.accept import accept_greedy, accept_sampled_path, walk_point_mass
 from aerie.errors import InputError
 from aerie.kvcache import pinned_tensor
 from aerie.sampling import SamplingParams, position_uniforms, sample_from, warp_probs
@@ -140,31 +140,40 @@ def sample_token(logits: torch.Tensor, position: int, params: SamplingParams) ->
     return int(sample_from(warp_probs(logits, params), torch.tensor(token_u)))
 
 
+def warp_rows(logits: torch.Tensor, params: Sequence[SamplingParams], rows: Sequence[int]) -> torch.Tensor:
+    """`warp_probs(logits[r], params[r])` for each r in `rows` (sampled settings only),
+    stacked in that order: rows that share (temperature, top_k, top_p) are warped together."""
+    groups: dict[tuple[float, int, float], list[int]] = {}
+    for row in rows:
+        p = params[row]
+        groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
+    order = [row for members in groups.values() for row in members]
+    probs = torch.cat([warp_probs(logits[members], params[members[0]]) for members in groups.values()])
+    if order == list(rows):
+        return probs
+    back = {row: i for i, row in enumerate(order)}
+    return probs[torch.tensor([back[r] for r in rows], device=probs.device)]
+
+
 def sample_tokens(logits: torch.Tensor, positions: Sequence[int], params: Sequence[SamplingParams]) -> list[int]:
     """`sample_token` for every row of `logits` [rows, vocab], row r at positions[r] with
-    params[r], in a few tensor operations and one sync: rows that share (temperature, top_k,
-    top_p) are warped together, and every sampled row is drawn in one inverse-CDF pass, each
-    with its own position's random number."""
+    params[r], in a few tensor operations and one sync: every sampled row is drawn in one
+    inverse-CDF pass, each with its own position's random number."""
     tokens = logits.argmax(-1)
-    groups: dict[tuple[float, int, float], list[int]] = {}
-    for row, p in enumerate(params):
-        if not p.greedy:
-            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
-    if groups:
-        rows = [row for members in groups.values() for row in members]
-        probs = torch.cat([warp_probs(logits[members], params[members[0]]) for members in groups.values()])
+    rows = [row for row, p in enumerate(params) if not p.greedy]
+    if rows:
+        probs = warp_rows(logits, params, rows)
         u = torch.tensor([position_uniforms(params[r].seed, positions[r], 0)[0] for r in rows], dtype=torch.float64)
         tokens[torch.tensor(rows, device=tokens.device)] = sample_from(probs, u.to(probs.device))
     return tokens.tolist()
 
 
-def accept_sampled(tree: DraftTree, logits: torch.Tensor, committed: int, params: SamplingParams) -> tuple[list[int], int]:
-    """Sampled acceptance of a tree verified after `committed` tokens: (path, bonus token).
-
-    Node c at depth d is the rank-th candidate for position committed + d; that position's
-    random numbers decide its test (see sampling.position_uniforms), so the same tree gets the
-    same decisions wherever it is verified, alone or in a batch."""
-    parents = tree.parents.tolist()
+def tree_uniforms(parents: Sequence[int], committed: int, params: SamplingParams) -> tuple[list[float], list[float]]:
+    """The random numbers of a tree verified after `committed` tokens: (sibling_u per node,
+    bonus_u per accepted path length). Node c at depth d is the rank-th candidate for position
+    committed + d; that position's random numbers decide its test (see
+    sampling.position_uniforms), so the same tree gets the same decisions wherever it is
+    verified, alone or in a batch."""
     depth, rank, width = [0] * len(parents), [0] * len(parents), [0] * len(parents)
     for c in range(1, len(parents)):
         depth[c] = depth[parents[c]] + 1
@@ -172,6 +181,50 @@ def accept_sampled(tree: DraftTree, logits: torch.Tensor, committed: int, params
         width[parents[c]] += 1
     draws = [position_uniforms(params.seed, committed + d + 1, max(width)) for d in range(max(depth) + 1)]
     sibling_u = [0.0] + [draws[depth[c] - 1][1][rank[c]] for c in range(1, len(parents))]
-    bonus_u = [token_u for token_u, _ in draws]
+    return sibling_u, [token_u for token_u, _ in draws]
+
+
+def accept_sampled(tree: DraftTree, logits: torch.Tensor, committed: int, params: SamplingParams) -> tuple[list[int], int]:
+    """Sampled acceptance of a tree verified after `committed` tokens: (path, bonus token)."""
+    sibling_u, bonus_u = tree_uniforms(tree.parents.tolist(), committed, params)
     acc = accept_sampled_path(tree.tokens, tree.parents, warp_probs(logits, params), sibling_u, bonus_u)
     return acc.path, acc.bonus_token
+
+
+def accept_sampled_rows(
+    tokens: torch.Tensor,
+    parents: torch.Tensor,
+    sizes: Sequence[int],
+    logits: torch.Tensor,
+    rows: Sequence[int],
+    committed: Sequence[int],
+    params: Sequence[SamplingParams],
+) -> list[tuple[list[int], int]]:
+    """`accept_sampled` for rows of a batch at once: row r's tree is tokens[r], parents[r]
+    (host tensors [b, w], its first sizes[r] nodes), verified after committed[r] tokens into
+    logits[r] ([b, w', vocab], w' >= its size), with params[r] (sampled). The same tests on the
+    same random numbers, with two reads from the device for all rows: each node's probability
+    under its parent, then the bonus tokens. Returns (path, bonus) per row of `rows`."""
+    device = logits.device
+    index = torch.tensor(list(rows))
+    w = max(sizes[r] for r in rows)
+    probs = warp_rows(logits[:, :w], params, rows)  # [k, w, vocab] float64
+    tok, par = tokens[index, :w], parents[index, :w]
+    picked = torch.arange(len(rows))[:, None].expand(-1, w)
+    p_token = probs[picked.to(device), par.clamp_min(0).to(device), tok.to(device)].tolist()
+    tok, par = tok.tolist(), par.tolist()
+    walks, ends, bonus_u = [], [], []
+    for i, r in enumerate(rows):
+        n = sizes[r]
+        sibling_u, token_u = tree_uniforms(par[i][:n], committed[r], params[r])
+        path, rejected = walk_point_mass(tok[i][:n], par[i][:n], p_token[i][:n], sibling_u)
+        walks.append((path, rejected))
+        ends.append(path[-1])
+        bonus_u.append(token_u[len(path) - 1])
+    last = probs[torch.arange(len(rows), device=device), torch.tensor(ends, device=device)]  # [k, vocab]
+    dropped = [(i, t) for i, (_, rejected) in enumerate(walks) for t in rejected]
+    if dropped:
+        at_row, at_token = zip(*dropped)
+        last[torch.tensor(at_row, device=device), torch.tensor(at_token, device=device)] = 0.0
+    bonus = sample_from(last, torch.tensor(bonus_u, dtype=torch.float64, device=device)).tolist()
+    return [(path, b) for (path, _), b in zip(walks, bonus)]

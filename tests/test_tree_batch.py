@@ -12,7 +12,7 @@ from aerie.batch.verify import BatchVerifier, NewSession
 from aerie.errors import InputError
 from aerie.sampling import SamplingParams
 from aerie.tree import DraftTree, validate_tree
-from aerie.verifier import StopCriteria
+from aerie.verifier import StopCriteria, accept_sampled, accept_sampled_rows
 from tests.tiny import VOCAB, tiny_target
 
 
@@ -98,3 +98,29 @@ def test_a_bad_row_in_a_tree_batch_is_named_and_nothing_changes():
     assert ([list(r.generated) for r in verifier.rows], list(verifier.cache.lengths)) == before
     results = verifier.verify(batch())
     assert all(r is not None and r.new_tokens for r in results)
+
+
+def test_sampled_rows_equal_sampled_acceptance_row_by_row():
+    """Against `accept_sampled` on each tree alone: mixed settings (warped in groups), ragged
+    trees, different committed lengths, logits peaked enough that paths go deep."""
+    gen = torch.Generator().manual_seed(3)
+    settings = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0.7, top_k=5, seed=2),
+                SamplingParams(temperature=1.3, top_p=0.8, seed=3), SamplingParams(temperature=1.0, seed=4)]
+    deep = 0
+    for trial in range(12):
+        trees = [_random_tree(gen, int(torch.randint(1, 10, (1,), generator=gen))) for _ in range(5)]
+        batch = TreeBatch.from_trees(trees)
+        logits = torch.randn(5, batch.width + 2, VOCAB, generator=gen) * 3
+        for r, t in enumerate(trees):  # most children's tokens likely under their parent, some not
+            for c in range(1, len(t)):
+                if float(torch.rand((), generator=gen)) < 0.7:
+                    logits[r, t.parents[c], t.tokens[c]] += 12
+        params = [settings[(r + trial) % 4] for r in range(5)]
+        committed = [int(torch.randint(0, 50, (1,), generator=gen)) for _ in range(5)]
+        rows = [r for r in range(5) if r != trial % 5]  # one row sits out
+        got = accept_sampled_rows(batch.tokens, batch.parents, batch.sizes, logits, rows, committed, params)
+        for (path, bonus), r in zip(got, rows):
+            want = accept_sampled(trees[r], logits[r, : len(trees[r])], committed[r], params[r])
+            assert (path, bonus) == want
+            deep = max(deep, len(path))
+    assert deep >= 3

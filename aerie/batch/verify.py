@@ -2,10 +2,11 @@
 
 Each session owns a row of a `BatchKVCache`. A round takes one tree per session (ragged:
 any size and shape; a `TreeBatch` from the batched drafter, or one `DraftTree` per session
-from a service's streams), pads them into one [batch, width] forward (both dimensions rounded up to
-a power of two, so that a few CUDA graphs cover every round), and then, per session, accepts a
-path exactly as `VerifySession.verify` does: greedy as `accept_greedy` (every row at once, with
-`accept_greedy_rows` inside the forward's graph), sampled with the same per-position random numbers. Accepted nodes of
+from a service's streams), pads them into one [batch, width] forward (both dimensions
+rounded up to a power of two, so that a few CUDA graphs cover every round), and then, per
+session, accepts a path exactly as `VerifySession.verify` does: greedy as `accept_greedy` (every row at once, with
+`accept_greedy_rows`, inside the forward's graph when every row is greedy), sampled with the
+same per-position random numbers (every row at once, `accept_sampled_rows`). Accepted nodes of
 every row are compacted in one gather.
 
 The acceptance logic lives here only; the forwards and the cache's moves go through a
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aerie.accept import accept_greedy
+from aerie.accept import accept_greedy_rows
 from aerie.batch.cache import BatchKVCache, RowCompaction
 from aerie.batch.model import BatchModel, greedy_acceptance
 from aerie.batch.trees import TreeBatch
@@ -27,7 +28,7 @@ from aerie.errors import InputError
 from aerie.sampling import SamplingParams
 from aerie.target import Target
 from aerie.tree import DraftTree, validate_tree
-from aerie.verifier import RoundResult, StopCriteria, accept_sampled, sample_tokens
+from aerie.verifier import RoundResult, StopCriteria, accept_sampled_rows, sample_tokens
 
 
 @dataclass(frozen=True)
@@ -191,17 +192,18 @@ class BatchVerifier:
             path, length, bonus = (t.tolist() for t in greedy_acceptance(out[:n].cpu()))
             paths = [path[i][: length[i]] for i in live]
             bonuses = [bonus[i] for i in live]
-        else:
-            paths, bonuses = [], []
-            for i in live:
-                tree, params = batch.tree(i), self.rows[i].session.params
-                if params.greedy:
-                    acc = accept_greedy(tree.tokens, tree.parents, out[i, : len(tree)].argmax(-1).cpu())
-                    path, bonus = acc.path, acc.bonus_token
-                else:
-                    path, bonus = accept_sampled(tree, out[i, : len(tree)], committed[i], params)
-                paths.append(path)
-                bonuses.append(bonus)
+        else:  # logits came back: sampled rows at once, then any greedy ones at once
+            params = [row.session.params for row in self.rows[:n]]
+            sampled = [i for i in live if not params[i].greedy]
+            accepted = dict(zip(sampled, accept_sampled_rows(batch.tokens, batch.parents, batch.sizes, out, sampled,
+                                                             committed, params)))
+            if len(sampled) < len(live):
+                w = max(batch.sizes)
+                best = out[:n, :w].argmax(-1).cpu()
+                path, length, bonus = (t.tolist() for t in accept_greedy_rows(batch.tokens[:n, :w], batch.parents[:n, :w], best))
+                accepted.update((i, (path[i][: length[i]], bonus[i])) for i in live if params[i].greedy)
+            paths = [accepted[i][0] for i in live]
+            bonuses = [accepted[i][1] for i in live]
         moves = [RowCompaction(i, committed[i], tuple(path)) for i, path in zip(live, paths)]
         # Every row's accepted features in one gather (copied out of the graph's output).
         width = feats.shape[1]
