@@ -46,14 +46,30 @@ def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp_max(probs.shape[-1] - 1)
 
 
+_U64 = (1 << 64) - 1
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers with full avalanche."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    return x ^ (x >> 31)
+
+
 def position_uniforms(seed: int, position: int, siblings: int) -> tuple[float, list[float]]:
     """The random numbers owned by one sequence position.
 
     Returns (token_u, sibling_us): token_u draws the token emitted at `position` (plain
     decoding, or the bonus token), sibling_us[j] decides the rejection test of the j-th draft
-    candidate for that position. Drawing token_u first keeps it independent of `siblings`.
+    candidate for that position. They are the SplitMix64 stream of (seed, position), counter
+    based: the i-th number is a pure function of (seed, position, i), so token_u does not
+    depend on `siblings`, and the numbers cost plain integer arithmetic on the host (the
+    batched verifier draws them for every session and position of a round).
     """
-    gen = torch.Generator().manual_seed(seed * POSITION_STRIDE + position)
-    token_u = torch.rand((), generator=gen, dtype=torch.float64).item()
-    sibling_us = torch.rand(siblings, generator=gen, dtype=torch.float64).tolist() if siblings else []
-    return token_u, sibling_us
+    state = _mix64((seed * POSITION_STRIDE + position) & _U64)
+    draws = []
+    for _ in range(siblings + 1):
+        state = (state + _GOLDEN_GAMMA) & _U64
+        draws.append((_mix64(state) >> 11) * 2.0**-53)  # 53 bits: a double in [0, 1)
+    return draws[0], draws[1:]
