@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     host.add_argument("--sessions", default="1,4,16,64", help="comma-separated numbers of sessions at a time")
     host.add_argument("--modes", default="eagle,vanilla", help="as bench-batch: eagle, vanilla, eagle-d<D>-k<K>-n<N>")
     host.add_argument("--max-new-tokens", type=int, default=24)
+    host.add_argument("--temperature", type=float, default=0.0, help="0 is greedy; above, every session samples")
     host.add_argument("--out", required=True)
     host.set_defaults(handler=cmd_host_work)
 
@@ -287,6 +288,7 @@ def cmd_profile(args) -> int:
 
 def cmd_host_work(args) -> int:
     from aerie.bench.host_work import format_host_work, run_host_work
+    from aerie.sampling import SamplingParams
     from aerie.stack import GPU_TREE
 
     try:
@@ -296,7 +298,9 @@ def cmd_host_work(args) -> int:
     if not sessions or min(sessions) < 1:
         raise InputError(f"--sessions needs numbers >= 1, got {args.sessions!r}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    result = run_host_work(modes, sessions, GPU_TREE, args.max_new_tokens, progress=lambda s: print(s, file=sys.stderr))
+    params = SamplingParams(temperature=args.temperature)
+    result = run_host_work(modes, sessions, GPU_TREE, args.max_new_tokens, params,
+                           progress=lambda s: print(s, file=sys.stderr))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

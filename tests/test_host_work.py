@@ -8,6 +8,7 @@ import pytest
 
 from aerie.bench.host_work import run_host_work
 from aerie.cli import main
+from aerie.sampling import SamplingParams
 from aerie.tree import TreeConfig
 
 TREE = TreeConfig("dynamic", depth=3, top_k=4, total_tokens=8)
@@ -18,13 +19,21 @@ def census():
     return run_host_work(["eagle", "vanilla"], [1, 8], TREE, max_new_tokens=6, prompt_tokens=8)
 
 
+@pytest.fixture(scope="module")
+def sampled_census():
+    return run_host_work(["eagle", "vanilla"], [1, 8], TREE, 6, SamplingParams(temperature=1.0, seed=3), 8)
+
+
 def _run(census, mode, sessions):
     return next(r for r in census["runs"] if r["mode"] == mode and r["sessions"] == sessions)
 
 
-def test_eager_ops_per_round_do_not_grow_with_sessions(census):
-    """Per-session tensor work on the host (one object or one copy per session) would add
-    ops with every session; the batched round's are the same at 1 and 8 sessions."""
+@pytest.mark.parametrize("which", ["census", "sampled_census"])
+def test_eager_ops_per_round_do_not_grow_with_sessions(which, request):
+    """Per-session tensor work on the host (one object, one copy or one acceptance walk on
+    the device per session) would add ops with every session; the batched round's are the
+    same at 1 and 8 sessions, greedy or sampled."""
+    census = request.getfixturevalue(which)
     for mode in ("eagle", "vanilla"):
         one, eight = _run(census, mode, 1), _run(census, mode, 8)
         assert eight["eager_ops_per_round"] <= one["eager_ops_per_round"] + 4, mode

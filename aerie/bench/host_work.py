@@ -143,7 +143,7 @@ class _CountOps(TorchDispatchMode):
 
 
 def census_run(engine: BatchEngine, census: Census, prompts: list[list[int]], mode: str, max_new_tokens: int,
-               timed_runs: int = 3) -> dict:
+               params: SamplingParams = SamplingParams(), timed_runs: int = 3) -> dict:
     """One batched generation of every prompt at once: a warm-up (captures), `timed_runs`
     timed runs (the least host time per phase is kept) and a counted one (the op counter
     slows the host, so it is not timed). The engine's caches must have been made inside
@@ -151,7 +151,7 @@ def census_run(engine: BatchEngine, census: Census, prompts: list[list[int]], mo
     stop = StopCriteria(max_new_tokens)
 
     def generate() -> BatchRun:
-        return engine.generate_many(prompts, SamplingParams(), stop, mode, concurrency=len(prompts))
+        return engine.generate_many(prompts, params, stop, mode, concurrency=len(prompts))
 
     generate()
     host_ms: dict[str, float] = {}
@@ -196,7 +196,8 @@ def tiny_engine(tree: TreeConfig, seed: int = 0) -> BatchEngine:
 
 
 def run_host_work(modes: list[str], sessions: list[int], default_tree: TreeConfig, max_new_tokens: int,
-                  prompt_tokens: int = 32, progress: Callable[[str], None] = lambda _: None) -> dict:
+                  params: SamplingParams = SamplingParams(), prompt_tokens: int = 32,
+                  progress: Callable[[str], None] = lambda _: None) -> dict:
     """Each mode (`eagle`, `vanilla`, `eagle-d<D>-k<K>-n<N>` as in bench-batch) at each number
     of sessions, on random prompts of `prompt_tokens` tokens."""
     trees = {mode: tree_for_mode(mode, default_tree) for mode in modes}  # refuses unknown modes first
@@ -209,10 +210,10 @@ def run_host_work(modes: list[str], sessions: list[int], default_tree: TreeConfi
             prompts = torch.randint(0, VOCAB, (n, prompt_tokens), generator=generator).tolist()
             for mode, tree in trees.items():
                 progress(f"{mode} at {n} sessions")
-                row = census_run(engines[mode], census, prompts, "eagle" if tree else "vanilla", max_new_tokens)
+                row = census_run(engines[mode], census, prompts, "eagle" if tree else "vanilla", max_new_tokens, params)
                 rows.append({**row, "mode": mode, "tree": vars(tree) if tree else None})
     return {"machine": machine_info("cpu"), "max_new_tokens": max_new_tokens, "prompt_tokens": prompt_tokens,
-            "runs": rows}
+            "sampling": vars(params), "runs": rows}
 
 
 def format_host_work(result: dict) -> str:
