@@ -194,8 +194,12 @@ class BatchDrafter:
         # holds every token id exactly).
         width = (trees.shape[1] - 1) // 3
         reranked = trees[:n].cpu().split([width, width, width, 1], dim=1)
-        total = config.total_tokens if config.kind == "dynamic" else None
-        return finish_rerank((*reranked[:3], reranked[3][:, 0].bool()), [t[:n] for t in pool], total)
+        return finish_rerank((*reranked[:3], reranked[3][:, 0].bool()), [t[:n] for t in pool], self._kept_nodes)
+
+    @property
+    def _kept_nodes(self) -> int | None:
+        """Nodes a rerank keeps: a dynamic tree's budget; a static tree keeps every candidate."""
+        return self.tree.total_tokens if self.tree.kind == "dynamic" else None
 
     def _expand(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Every row's tree, grown level by level from its root (token `roots` [b], hidden
@@ -244,8 +248,8 @@ class BatchDrafter:
         pool_scores = torch.cat([torch.zeros(batch, 1, device=device), *scores], dim=1)
         depth = torch.cat([torch.full((t.shape[1],), level, device=device) for level, t in enumerate(tokens, 1)])
         depth = torch.cat([torch.zeros(1, dtype=depth.dtype, device=device), depth])
-        total = config.total_tokens if config.kind == "dynamic" else None
-        new_tokens, new_parents, new_scores, closed = rerank_tensors(pool_tokens, pool_parents, pool_scores, depth, total)
+        new_tokens, new_parents, new_scores, closed = rerank_tensors(pool_tokens, pool_parents, pool_scores, depth,
+                                                                     self._kept_nodes)
         trees = torch.cat([new_tokens.double(), new_parents.double(), new_scores.double(), closed[:, None].double()], 1)
         return trees, pool_tokens, pool_parents, pool_scores
 
