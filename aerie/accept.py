@@ -7,7 +7,7 @@ row i, and the bonus token is drawn from the row of the last accepted node.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -178,7 +178,7 @@ def accept_sampled_path(
     device = target_probs.device
     rows = torch.tensor(par[1:], device=device)
     p_token = [0.0] + target_probs[rows, torch.tensor(tok[1:], device=device)].tolist() if n > 1 else [0.0]
-    path, rejected = walk_point_mass(tok, par, p_token, sibling_u)
+    path, rejected = walk_point_mass(tok, par, p_token, sibling_u.__getitem__)
     row = target_probs[path[-1]].clone()
     if rejected:
         row[torch.tensor(rejected, device=device)] = 0.0
@@ -187,11 +187,11 @@ def accept_sampled_path(
 
 
 def walk_point_mass(
-    tokens: Sequence[int], parents: Sequence[int], p_token: Sequence[float], sibling_u: Sequence[float]
+    tokens: Sequence[int], parents: Sequence[int], p_token: Sequence[float], sibling_u: Callable[[int], float]
 ) -> tuple[list[int], list[int]]:
     """The walk of `accept_sampled_path` over plain lists: node c (parent parents[c], token
     tokens[c]) has p_token[c], the target's probability of its token under its parent, and is
-    tested with sibling_u[c]. Returns (accepted path, root first; the tokens rejected at its
+    tested with sibling_u(c), asked only for the nodes tested. Returns (accepted path, root first; the tokens rejected at its
     last node, which the bonus token's distribution leaves out)."""
     children: list[list[int]] = [[] for _ in tokens]
     for i in range(1, len(tokens)):
@@ -202,7 +202,7 @@ def walk_point_mass(
         for c in children[path[-1]]:
             mass = 0.0 if tokens[c] in rejected else p_token[c]
             residual = mass / (1.0 - removed) if removed < 1.0 else 0.0
-            if residual > 0 and sibling_u[c] <= residual:
+            if residual > 0 and sibling_u(c) <= residual:
                 path.append(c)
                 rejected, moved = [], True
                 break

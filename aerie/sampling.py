@@ -1,6 +1,6 @@
 """Sampling parameters, logit warping and per-position randomness.
 
-Plain and speculative decoding both go through `warp_probs` and `position_uniforms`, so a
+Plain and speculative decoding both go through `warp_probs` and `position_uniform`, so a
 temperature, top-p or top-k setting means exactly the same distribution in both, and the
 random numbers that decide a token depend only on (seed, position): a run can be repeated,
 and resumed from any round boundary, identically.
@@ -57,19 +57,14 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def position_uniforms(seed: int, position: int, siblings: int) -> tuple[float, list[float]]:
-    """The random numbers owned by one sequence position.
+def position_uniform(seed: int, position: int, index: int) -> float:
+    """The index-th random number owned by one sequence position, in [0, 1): index 0 draws
+    the token emitted at `position` (plain decoding, or the bonus token), index j + 1 decides
+    the rejection test of the j-th draft candidate for that position.
 
-    Returns (token_u, sibling_us): token_u draws the token emitted at `position` (plain
-    decoding, or the bonus token), sibling_us[j] decides the rejection test of the j-th draft
-    candidate for that position. They are the SplitMix64 stream of (seed, position), counter
-    based: the i-th number is a pure function of (seed, position, i), so token_u does not
-    depend on `siblings`, and the numbers cost plain integer arithmetic on the host (the
-    batched verifier draws them for every session and position of a round).
+    Counter based (the SplitMix64 stream of (seed, position), read at `index`): each number is
+    a pure function of (seed, position, index), so any of them can be drawn alone, in any
+    order, with a few integer operations on the host.
     """
-    state = _mix64((seed * POSITION_STRIDE + position) & _U64)
-    draws = []
-    for _ in range(siblings + 1):
-        state = (state + _GOLDEN_GAMMA) & _U64
-        draws.append((_mix64(state) >> 11) * 2.0**-53)  # 53 bits: a double in [0, 1)
-    return draws[0], draws[1:]
+    state = (_mix64((seed * POSITION_STRIDE + position) & _U64) + (index + 1) * _GOLDEN_GAMMA) & _U64
+    return (_mix64(state) >> 11) * 2.0**-53  # 53 bits: a double in [0, 1)

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aerie.accept import accept_greedy, accept_sampled_path, walk_point_mass
+from aerie.accept import accept_greedy, walk_point_mass
 from aerie.errors import InputError
 from aerie.kvcache import pinned_tensor
-from aerie.sampling import SamplingParams, position_uniforms, sample_from, warp_probs
+from aerie.sampling import SamplingParams, position_uniform, sample_from, warp_probs
 from aerie.target import Target
 from aerie.tree import DraftTree, validate_tree
 
@@ -136,7 +136,7 @@ def sample_token(logits: torch.Tensor, position: int, params: SamplingParams) ->
     """The token at `position`, drawn from `logits` with that position's random number."""
     if params.greedy:
         return int(logits.argmax())
-    token_u, _ = position_uniforms(params.seed, position, 0)
+    token_u = position_uniform(params.seed, position, 0)
     return int(sample_from(warp_probs(logits, params), torch.tensor(token_u)))
 
 
@@ -163,32 +163,44 @@ def sample_tokens(logits: torch.Tensor, positions: Sequence[int], params: Sequen
     rows = [row for row, p in enumerate(params) if not p.greedy]
     if rows:
         probs = warp_rows(logits, params, rows)
-        u = torch.tensor([position_uniforms(params[r].seed, positions[r], 0)[0] for r in rows], dtype=torch.float64)
+        u = torch.tensor([position_uniform(params[r].seed, positions[r], 0) for r in rows], dtype=torch.float64)
         tokens[torch.tensor(rows, device=tokens.device)] = sample_from(probs, u.to(probs.device))
     return tokens.tolist()
 
 
-def tree_uniforms(parents: Sequence[int], committed: int, params: SamplingParams) -> tuple[list[float], list[float]]:
-    """The random numbers of a tree verified after `committed` tokens: (sibling_u per node,
-    bonus_u per accepted path length). Node c at depth d is the rank-th candidate for position
-    committed + d; that position's random numbers decide its test (see
-    sampling.position_uniforms), so the same tree gets the same decisions wherever it is
-    verified, alone or in a batch."""
-    depth, rank, width = [0] * len(parents), [0] * len(parents), [0] * len(parents)
-    for c in range(1, len(parents)):
-        depth[c] = depth[parents[c]] + 1
-        rank[c] = width[parents[c]]
-        width[parents[c]] += 1
-    draws = [position_uniforms(params.seed, committed + d + 1, max(width)) for d in range(max(depth) + 1)]
-    sibling_u = [0.0] + [draws[depth[c] - 1][1][rank[c]] for c in range(1, len(parents))]
-    return sibling_u, [token_u for token_u, _ in draws]
+@dataclass(frozen=True)
+class TreeDraws:
+    """The random numbers of a tree verified after `committed` tokens, drawn on demand. Node c
+    at depth d is the rank-th candidate for position committed + d, whose (rank + 1)-th number
+    decides its test; the bonus token after a path of k nodes is drawn with the first number of
+    position committed + k (see sampling.position_uniform). So the same tree gets the same
+    decisions wherever it is verified, alone or in a batch."""
+
+    seed: int
+    committed: int
+    depth: list[int]
+    rank: list[int]
+
+    @classmethod
+    def of(cls, parents: Sequence[int], committed: int, seed: int) -> TreeDraws:
+        depth, rank, width = [0] * len(parents), [0] * len(parents), [0] * len(parents)
+        for c in range(1, len(parents)):
+            depth[c] = depth[parents[c]] + 1
+            rank[c] = width[parents[c]]
+            width[parents[c]] += 1
+        return cls(seed, committed, depth, rank)
+
+    def sibling(self, node: int) -> float:
+        return position_uniform(self.seed, self.committed + self.depth[node], self.rank[node] + 1)
+
+    def bonus(self, path_length: int) -> float:
+        return position_uniform(self.seed, self.committed + path_length, 0)
 
 
 def accept_sampled(tree: DraftTree, logits: torch.Tensor, committed: int, params: SamplingParams) -> tuple[list[int], int]:
     """Sampled acceptance of a tree verified after `committed` tokens: (path, bonus token)."""
-    sibling_u, bonus_u = tree_uniforms(tree.parents.tolist(), committed, params)
-    acc = accept_sampled_path(tree.tokens, tree.parents, warp_probs(logits, params), sibling_u, bonus_u)
-    return acc.path, acc.bonus_token
+    n = len(tree)
+    return accept_sampled_rows(tree.tokens[None], tree.parents[None], (n,), logits[None], [0], [committed], [params])[0]
 
 
 def accept_sampled_rows(
@@ -200,11 +212,13 @@ def accept_sampled_rows(
     committed: Sequence[int],
     params: Sequence[SamplingParams],
 ) -> list[tuple[list[int], int]]:
-    """`accept_sampled` for rows of a batch at once: row r's tree is tokens[r], parents[r]
-    (host tensors [b, w], its first sizes[r] nodes), verified after committed[r] tokens into
-    logits[r] ([b, w', vocab], w' >= its size), with params[r] (sampled). The same tests on the
-    same random numbers, with two reads from the device for all rows: each node's probability
-    under its parent, then the bonus tokens. Returns (path, bonus) per row of `rows`."""
+    """Sampled acceptance (`aerie.accept.accept_sampled_path`, with `TreeDraws`) of rows of a
+    batch at once: row r's tree is tokens[r], parents[r] (host tensors [b, w], its first
+    sizes[r] nodes), verified after committed[r] tokens into logits[r] ([b, w', vocab],
+    w' >= its size), with params[r] (sampled). Two reads from the device for all rows: each
+    node's probability under its parent, then the bonus tokens; the walks run on the host and
+    draw the random numbers of the nodes they test only. Returns (path, bonus) per row of
+    `rows`."""
     device = logits.device
     index = torch.tensor(list(rows))
     w = max(sizes[r] for r in rows)
@@ -216,11 +230,11 @@ def accept_sampled_rows(
     walks, ends, bonus_u = [], [], []
     for i, r in enumerate(rows):
         n = sizes[r]
-        sibling_u, token_u = tree_uniforms(par[i][:n], committed[r], params[r])
-        path, rejected = walk_point_mass(tok[i][:n], par[i][:n], p_token[i][:n], sibling_u)
+        draws = TreeDraws.of(par[i][:n], committed[r], params[r].seed)
+        path, rejected = walk_point_mass(tok[i][:n], par[i][:n], p_token[i][:n], draws.sibling)
         walks.append((path, rejected))
         ends.append(path[-1])
-        bonus_u.append(token_u[len(path) - 1])
+        bonus_u.append(draws.bonus(len(path)))
     last = probs[torch.arange(len(rows), device=device), torch.tensor(ends, device=device)]  # [k, vocab]
     dropped = [(i, t) for i, (_, rejected) in enumerate(walks) for t in rejected]
     if dropped:

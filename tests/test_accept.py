@@ -145,7 +145,7 @@ def test_host_walk_takes_the_same_decisions_as_the_vectorised_walk(seed):
 def test_each_position_decides_its_own_candidates():
     """accept_sampled hands each node the random numbers of its own sequence position (its
     rank among its siblings), as a reference built with the vectorised walk does."""
-    from aerie.sampling import position_uniforms
+    from aerie.sampling import position_uniform
     from aerie.tree import DraftTree
     from aerie.verifier import accept_sampled
 
@@ -159,12 +159,11 @@ def test_each_position_decides_its_own_candidates():
         sibling_u = torch.zeros(1, len(TOKENS), dtype=torch.float64)
         bonus_u = torch.zeros(1, int(depths.max()) + 1, dtype=torch.float64)
         for d in range(int(depths.max()) + 1):
-            token_u, sib = position_uniforms(params.seed, committed + d + 1, children.shape[1])
-            bonus_u[0, d] = token_u
+            bonus_u[0, d] = position_uniform(params.seed, committed + d + 1, 0)
             for parent in (depths == d).nonzero().flatten().tolist():
                 for rank, child in enumerate(children[parent].tolist()):
                     if child >= 0:
-                        sibling_u[0, child] = sib[rank]
+                        sibling_u[0, child] = position_uniform(params.seed, committed + d + 1, rank + 1)
         accepted, _, bonus = accept_sampling(tokens, parents, warp_probs(logits, params), sibling_u, bonus_u)
         want = (torch.nonzero(accepted[0]).flatten().tolist(), int(bonus[0]))
         got = accept_sampled(tree, logits, committed, params)
