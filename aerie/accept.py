@@ -191,8 +191,9 @@ def walk_point_mass(
 ) -> tuple[list[int], list[int]]:
     """The walk of `accept_sampled_path` over plain lists: node c (parent parents[c], token
     tokens[c]) has p_token[c], the target's probability of its token under its parent, and is
-    tested with sibling_u(c), asked only for the nodes tested. Returns (accepted path, root first; the tokens rejected at its
-    last node, which the bonus token's distribution leaves out)."""
+    tested with sibling_u(c), asked only for the nodes tested. Returns (accepted path, root
+    first; the tokens rejected at its last node, which the bonus token's distribution leaves
+    out)."""
     children: list[list[int]] = [[] for _ in tokens]
     for i in range(1, len(tokens)):
         children[parents[i]].append(i)

@@ -197,7 +197,8 @@ class TreeDraws:
         return position_uniform(self.seed, self.committed + path_length, 0)
 
 
-def accept_sampled(tree: DraftTree, logits: torch.Tensor, committed: int, params: SamplingParams) -> tuple[list[int], int]:
+def accept_sampled(tree: DraftTree, logits: torch.Tensor, committed: int,
+                   params: SamplingParams) -> tuple[list[int], int]:
     """Sampled acceptance of a tree verified after `committed` tokens: (path, bonus token)."""
     n = len(tree)
     return accept_sampled_rows(tree.tokens[None], tree.parents[None], (n,), logits[None], [0], [committed], [params])[0]

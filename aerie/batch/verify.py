@@ -4,10 +4,10 @@ Each session owns a row of a `BatchKVCache`. A round takes one tree per session 
 any size and shape; a `TreeBatch` from the batched drafter, or one `DraftTree` per session
 from a service's streams), pads them into one [batch, width] forward (both dimensions
 rounded up to a power of two, so that a few CUDA graphs cover every round), and then, per
-session, accepts a path exactly as `VerifySession.verify` does: greedy as `accept_greedy` (every row at once, with
-`accept_greedy_rows`, inside the forward's graph when every row is greedy), sampled with the
-same per-position random numbers (every row at once, `accept_sampled_rows`). Accepted nodes of
-every row are compacted in one gather.
+session, accepts a path exactly as `VerifySession.verify` does: greedy as `accept_greedy`
+(every row at once, with `accept_greedy_rows`, inside the forward's graph when every row is
+greedy), sampled with the same per-position random numbers (every row at once,
+`accept_sampled_rows`). Accepted nodes of every row are compacted in one gather.
 
 The acceptance logic lives here only; the forwards and the cache's moves go through a
 `BatchModel` (aerie.batch.model), which a sharded target mirrors on every rank.
@@ -187,28 +187,13 @@ class BatchVerifier:
         greedy = all(self.rows[i].session.params.greedy for i in live)
         committed = list(self.cache.lengths[:n])
         out, feats = self.batch_model.forward(batch.first_rows(n), greedy)
-        tokens = batch.tokens[:n].tolist()
-        if greedy:  # accepted inside the forward: one read of every row's path, the round's one sync
-            path, length, bonus = (t.tolist() for t in greedy_acceptance(out[:n].cpu()))
-            paths = [path[i][: length[i]] for i in live]
-            bonuses = [bonus[i] for i in live]
-        else:  # logits came back: sampled rows at once, then any greedy ones at once
-            params = [row.session.params for row in self.rows[:n]]
-            sampled = [i for i in live if not params[i].greedy]
-            accepted = dict(zip(sampled, accept_sampled_rows(batch.tokens, batch.parents, batch.sizes, out, sampled,
-                                                             committed, params)))
-            if len(sampled) < len(live):
-                w = max(batch.sizes)
-                best = out[:n, :w].argmax(-1).cpu()
-                path, length, bonus = (t.tolist() for t in accept_greedy_rows(batch.tokens[:n, :w], batch.parents[:n, :w], best))
-                accepted.update((i, (path[i][: length[i]], bonus[i])) for i in live if params[i].greedy)
-            paths = [accepted[i][0] for i in live]
-            bonuses = [accepted[i][1] for i in live]
+        paths, bonuses = self._accept(batch, out, live, committed, greedy)
         moves = [RowCompaction(i, committed[i], tuple(path)) for i, path in zip(live, paths)]
         # Every row's accepted features in one gather (copied out of the graph's output).
         width = feats.shape[1]
         flat = torch.tensor([i * width + p for i, path in zip(live, paths) for p in path], device=feats.device)
         accepted = feats.reshape(-1, feats.shape[-1]).index_select(0, flat).split([len(p) for p in paths])
+        tokens = batch.tokens[:n].tolist()
         results: list[RoundResult | None] = [None] * len(batch)
         for i, path, bonus, features in zip(live, paths, bonuses, accepted):
             row = self.rows[i]
@@ -218,6 +203,26 @@ class BatchVerifier:
             results[i] = RoundResult(kept, features, len(path) - 1, row.done)
         self.batch_model.compact(moves)
         return results
+
+    def _accept(self, batch: TreeBatch, out: torch.Tensor, live: list[int], committed: list[int],
+                greedy: bool) -> tuple[list[list[int]], list[int]]:
+        """Each live row's accepted path and bonus token, from the forward's `out`: the greedy
+        acceptance made inside it when every row is greedy, else its logits."""
+        n = live[-1] + 1
+        if greedy:  # one read of every row's path: the round's one sync
+            path, length, bonus = (t.tolist() for t in greedy_acceptance(out[:n].cpu()))
+            return [path[i][: length[i]] for i in live], [bonus[i] for i in live]
+        params = [row.session.params for row in self.rows[:n]]
+        sampled = [i for i in live if not params[i].greedy]
+        accepted = dict(zip(sampled, accept_sampled_rows(batch.tokens, batch.parents, batch.sizes, out, sampled,
+                                                         committed, params)))
+        if len(sampled) < len(live):
+            w = max(batch.sizes)
+            best = out[:n, :w].argmax(-1).cpu()
+            rows = accept_greedy_rows(batch.tokens[:n, :w], batch.parents[:n, :w], best)
+            path, length, bonus = (t.tolist() for t in rows)
+            accepted.update((i, (path[i][: length[i]], bonus[i])) for i in live if params[i].greedy)
+        return [accepted[i][0] for i in live], [accepted[i][1] for i in live]
 
     @torch.inference_mode()
     def step_plain(self) -> list[int]:

@@ -218,7 +218,8 @@ def run_host_work(modes: list[str], sessions: list[int], default_tree: TreeConfi
 
 def format_host_work(result: dict) -> str:
     lines = [
-        "| mode | sessions | eager ops / round (draft + verify) | graph replays / round | host ms / round (draft + verify) |",
+        "| mode | sessions | eager ops / round (draft + verify) | graph replays / round "
+        "| host ms / round (draft + verify) |",
         "|---|---|---|---|---|",
     ]
     for r in result["runs"]:
