@@ -66,8 +66,7 @@ def _phase() -> str:
 class Census:
     """What ran outside and inside the stand-in graphs, per phase."""
 
-    counting_ops: bool = False
-    in_replay: int = 0
+    in_replay: int = 0  # > 0 inside a replay or a capture
     ops: Counter = field(default_factory=Counter)  # (phase, aten op) -> calls outside replays
     replays: Counter = field(default_factory=Counter)  # phase -> replays
     replay_s: Counter = field(default_factory=Counter)  # phase -> seconds inside replays
