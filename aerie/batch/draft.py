@@ -5,9 +5,10 @@ grow an EAGLE-2 tree level by level and rerank. Trees have the same shape at eve
 every session (the root expands into top_k candidates, each later frontier of top_k nodes
 into top_k * top_k, the next frontier is the best top_k by path score; a static tree has
 fixed slots), so a level is one head forward of [sessions, frontier] and one batched top-k,
-and the whole expansion, every level, is one CUDA graph per batch size. Only the final
-rerank differs per session in content; it runs vectorised over rows on the host after a
-single copy of the candidates.
+and the whole expansion, every level, is one CUDA graph per batch size. The rerank of every
+session's candidates runs vectorised inside that graph too (`rerank_tensors`); the host reads
+back the reranked trees in one copy, and reranks on its own only a session whose best
+candidates tie so that they are not closed under ancestors (`finish_rerank`).
 
 The head's KV lives in its own `BatchKVCache` whose rows match the verifier's."""
 

@@ -69,12 +69,12 @@ def batch_inputs(
     length, for every r < batch. Needs lengths[r] + width <= capacity.
     """
     sizes = [len(t) for t in tokens]
-    if max(sizes, default=0) > width:
-        raise ValueError(f"a row has {max(sizes)} new tokens, more than the width {width}")
     if parents is None:  # a chain: node j's parent is j - 1
         parents = [range(-1, len(t) - 1) for t in tokens]
-    return padded_inputs(pack_rows(tokens, width, batch, 0), pack_rows(parents, width, batch, -1), sizes, lengths,
-                         width, batch, capacity, first_row)
+    # Packed at their own width; padded_inputs checks it against `width` and pads the rest.
+    widest = max(sizes, default=0)
+    return padded_inputs(pack_rows(tokens, widest, len(tokens), 0), pack_rows(parents, widest, len(tokens), -1),
+                         sizes, lengths, width, batch, capacity, first_row)
 
 
 def padded_inputs(

@@ -45,8 +45,8 @@ def greedy_acceptance(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, to
 class ForwardShape:
     """How a forward over rows [0, batch) runs: padded to `width` tokens per row, replayed
     as a graph when `graphed`, giving each row's greedy acceptance rather than logits when
-    `argmax`. Part of the
-    graph key, so it must be the same on every rank of a sharded target."""
+    `argmax`. Part of the graph key, so it must be the same on every rank of a sharded
+    target."""
 
     batch: int
     width: int
