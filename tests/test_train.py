@@ -278,6 +278,30 @@ def test_trained_head_reloads_into_the_engine_lossless(trained):
     assert sum(taus) / len(taus) > 1.6, taus
 
 
+def test_training_continues_from_a_trained_head(trained, tmp_path):
+    """--init: the first steps already show the trained head's loss, not a new head's, and an
+    EAGLE-3 head keeps its draft vocabulary."""
+    target, samples, initial, out, summary = trained
+    kind = summary["kind"]
+    config = train_config(kind, steps=5, log_every=1, eval_every=0, warmup_steps=0)
+    fresh = train(target, samples, samples[:4], config, tmp_path / "fresh", progress=False)
+    more = train(target, samples, samples[:4], config, tmp_path / "more", progress=False, init=out)
+    first_fresh = read_history(tmp_path / "fresh" / "train_log.jsonl")[0]["loss"]
+    first_more = read_history(tmp_path / "more" / "train_log.jsonl")[0]["loss"]
+    assert first_more < 0.8 * first_fresh, (first_fresh, first_more)
+    assert more["heldout"]["loss"] < fresh["heldout"]["loss"]
+    if kind == "eagle3":
+        saved, continued = load_head(out, target), load_head(tmp_path / "more", target)
+        assert torch.equal(saved.d2t, continued.d2t) and torch.equal(saved.t2d, continued.t2d)
+        with pytest.raises(InputError, match="--draft-vocab 48"):
+            train(target, samples, samples[:4], train_config(kind, steps=1, draft_vocab=32), tmp_path / "x",
+                  progress=False, init=out)
+    other = "eagle1" if kind == "eagle3" else "eagle3"
+    with pytest.raises(InputError, match=f"is an {kind} head, not {other}"):
+        train(tiny_target(other), samples, samples[:4], train_config(other, steps=1), tmp_path / "y",
+              progress=False, init=out)
+
+
 def test_missing_matplotlib_only_skips_the_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     history = [{"step": 1, "loss": 2.0, "acc": [0.1, 0.2]}, {"step": 2, "loss": 1.0, "acc": [0.3, 0.2]}]

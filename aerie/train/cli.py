@@ -54,6 +54,8 @@ def add_train_parser(subparsers) -> None:
         p.add_argument("--max-minutes", type=float, default=None, help="shorten the schedule to fit this time")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+        p.add_argument("--init", default=None, metavar="HEAD",
+                       help="start from this trained head (its weights and draft vocabulary), e.g. to train it on more data")
         if kind == "eagle3":
             p.add_argument("--ttt-steps", type=int, default=7, help="training-time-test unroll steps")
             p.add_argument("--step-decay", type=float, default=0.8, help="loss weight decay**k of step k")
@@ -168,7 +170,7 @@ def cmd_train(args) -> int:
     if vocab_size != target.vocab_size:
         raise InputError(f"the data was made for a vocabulary of {vocab_size} tokens, "
                          f"but the target's has {target.vocab_size}: make the data with this model")
-    summary = train(target, train_samples, heldout, config, args.out, resume=args.resume)
+    summary = train(target, train_samples, heldout, config, args.out, resume=args.resume, init=args.init)
     acc = summary["heldout"].get("acc", [])
     print(f"{summary['steps']} steps; held-out top-1 agreement per step: " + " ".join(f"{a:.3f}" for a in acc))
     print(f"head written to {args.out}")

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from aerie.errors import InputError
-from aerie.heads import DraftHead, build_draft_vocab, new_head, save_head
+from aerie.heads import DraftHead, build_draft_vocab, load_head, new_head, save_head
 from aerie.target import Target
 from aerie.train.data import Sample, answer_token_counts, collate, make_batches
 from aerie.train.ttt import (
@@ -109,6 +109,17 @@ def init_eagle3_head(head: DraftHead, target: Target, counts: torch.Tensor) -> N
             head.norm.weight.copy_(norm.weight.to(head.norm.weight))
 
 
+def initial_head(path: str | Path, target: Target, kind: str, draft_vocab: int | None) -> DraftHead:
+    """A trained head to continue training from (on more or newer data), in float32."""
+    head = load_head(path, target)
+    if head.kind != kind:
+        raise InputError(f"--init: '{path}' is an {head.kind} head, not {kind}")
+    if draft_vocab is not None and head.config.draft_vocab_size != draft_vocab:
+        raise InputError(f"--init: '{path}' drafts from {head.config.draft_vocab_size} tokens: "
+                         f"pass --draft-vocab {head.config.draft_vocab_size}")
+    return head.float()
+
+
 def compute_stats(head: DraftHead, target: Target, batch, config: TrainConfig) -> StepStats:
     tb = target_forward(target.model, target.features, batch.input_ids)
     mask = prediction_mask(batch.lengths, batch.prompt_lens, batch.input_ids.shape[1])
@@ -159,11 +170,13 @@ def train(
     out_dir: str | Path,
     resume: bool = False,
     progress: bool = True,
+    init: str | Path | None = None,
 ) -> dict:
     """Train a head of `config.kind` for `target`; writes the head (config.json +
     model.safetensors), checkpoint.pt, train_log.jsonl and training.png into `out_dir`.
     With `resume`, continue from out_dir/checkpoint.pt (the saved schedule, unless
-    `config.steps` differs from the saved run's: then it is the new total)."""
+    `config.steps` differs from the saved run's: then it is the new total). With `init`, start
+    from that head's weights (and its draft vocabulary) instead of a new head."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = target.device
@@ -173,7 +186,10 @@ def train(
 
     torch.manual_seed(config.seed)
     draft_vocab = min(config.draft_vocab, target.vocab_size) if config.kind == "eagle3" else None
-    head = new_head(target, config.kind, draft_vocab).float()
+    if init is not None and not resume:
+        head = initial_head(init, target, config.kind, draft_vocab)
+    else:
+        head = new_head(target, config.kind, draft_vocab).float()
     state = None
     if resume:
         if not ckpt_path.is_file():
@@ -184,7 +200,7 @@ def train(
             if saved.get(key) != getattr(config, key):
                 raise InputError(f"--resume: the checkpoint was made with {key}={saved.get(key)}, not {getattr(config, key)}")
         head.load_state_dict(state["head"])
-    elif config.kind == "eagle3":
+    elif config.kind == "eagle3" and init is None:
         init_eagle3_head(head, target, answer_token_counts(train_samples, target.vocab_size))
     head.train()
 
