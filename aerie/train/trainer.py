@@ -176,7 +176,8 @@ def train(
     model.safetensors), checkpoint.pt, train_log.jsonl and training.png into `out_dir`.
     With `resume`, continue from out_dir/checkpoint.pt (the saved schedule, unless
     `config.steps` differs from the saved run's: then it is the new total). With `init`, start
-    from that head's weights (and its draft vocabulary) instead of a new head."""
+    from that head's weights (and its draft vocabulary) instead of a new head; a resumed run
+    takes its weights from the checkpoint, so `init` then changes nothing."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = target.device
