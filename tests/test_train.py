@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -422,6 +423,28 @@ def test_datagen_resumes_without_duplicates(tmp_path, monkeypatch, engine):
                                                                engine=other), frozenset(), 0, progress=False)
 
 
+def test_datagen_parts_together_write_the_shards_of_one_run(tmp_path):
+    model = tiny_llama(vocab=VOCAB)
+    config = DatagenConfig(max_new_tokens=10, batch_size=3, temperature=1.0, seed=5, engine="batch")
+
+    def run(out, part=(0, 1)):
+        return run_datagen(model, encode, PROMPTS, out, replace(config, part=part), frozenset(), 0, progress=False)
+
+    whole = run(tmp_path / "whole")
+    parts = [run(tmp_path / f"part{k}", (k, 2)) for k in range(2)]
+    assert all(p["complete"] for p in parts)
+    assert [[s["file"] for s in p["shards"]] for p in parts] == [["shard-00000.npz", "shard-00002.npz"], ["shard-00001.npz"]]
+    want = shards_of(tmp_path / "whole")
+    for k in range(2):
+        for name, arrays in shards_of(tmp_path / f"part{k}").items():
+            assert all(np.array_equal(arrays[key], want[name][key]) for key in want[name]), name
+    assert sum(p["samples"] for p in parts) == whole["samples"] == len(PROMPTS)
+    with pytest.raises(InputError, match="part"):
+        run(tmp_path / "part0", (1, 2))
+    with pytest.raises(InputError, match="0 <= K < N"):
+        run(tmp_path / "bad", (2, 2))
+
+
 @pytest.mark.parametrize("temperature, stop", [(0.0, {8}), (1.0, {8, 6})], ids=["greedy", "sampled"])
 def test_streamed_datagen_writes_the_shards_of_answering_each_shard_alone(tmp_path, monkeypatch, temperature, stop):
     """The batched engine answers every shard in one stream, rows going on to the next
@@ -657,6 +680,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(cli_dirs, tmp_path, capsys):
         (train_args("eagle3", model_dir, data, tmp_path / "x", "--log-every", 0), "--log-every must be >= 1"),
         (train_args("eagle3", model_dir, other_vocab, tmp_path / "x"), "vocabulary of 128 tokens"),
         (["train", "datagen", *m, "--out", tmp_path / "d", "--temperature", "-1", "--limit", 2], "--temperature must be >= 0"),
+        (["train", "datagen", *m, "--out", tmp_path / "d", "--part", "2/2", "--limit", 2], "--part must be K/N"),
         (["train", "datagen", *m, "--out", tmp_path / "d", "--gsm8k", tmp_path / "none.jsonl"], "none.jsonl' does not exist"),
         (["train", "datagen", "--model", tmp_path / "no-model", "--out", tmp_path / "d", "--limit", 2, *gsm8k], "no-model"),
         (["train", "eval", *m, "--head", eagle3, "--prompts", prompts, "--out", tmp_path / "e.json",

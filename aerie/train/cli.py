@@ -28,6 +28,8 @@ def add_train_parser(subparsers) -> None:
     gen.add_argument("--made-scale", type=float, default=1.0, help="scale the number of made (non-GSM8K) prompts")
     gen.add_argument("--max-seconds", type=float, default=None, help="start no new shard after this long")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--part", default="0/1", metavar="K/N",
+                     help="answer only every N-th shard from shard K: N processes, each with its own --out, share the prompts")
     gen.add_argument("--engine", choices=("generate", "batch"), default="generate",
                      help="generate: transformers' generate (dynamic cache); batch: our batched engine "
                           "(static caches and CUDA graphs on a GPU, continuous batching)")
@@ -111,6 +113,13 @@ def _positive(value, flag: str) -> None:
         raise InputError(f"{flag} must be > 0, got {value}")
 
 
+def _part(text: str) -> tuple[int, int]:
+    part, _, parts = text.partition("/")
+    if not (part.isdigit() and parts.isdigit() and int(part) < int(parts)):
+        raise InputError(f"--part must be K/N with 0 <= K < N (this process's share of N), got {text!r}")
+    return int(part), int(parts)
+
+
 def cmd_datagen(args) -> int:
     from aerie.train.datagen import DatagenConfig, run_datagen
     from aerie.train.loading import encode_chat, load_model, pick_device, pick_dtype, stop_token_ids
@@ -129,7 +138,7 @@ def cmd_datagen(args) -> int:
     stop = stop_token_ids(tokenizer, model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(stop) if stop else 0)
     config = DatagenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                           temperature=args.temperature, seed=args.seed, engine=args.engine)
+                           temperature=args.temperature, seed=args.seed, engine=args.engine, part=_part(args.part))
     manifest = run_datagen(
         model, lambda text: encode_chat(tokenizer, text), prompts, args.out, config, stop, pad,
         model_name=str(model_dir), max_seconds=args.max_seconds,

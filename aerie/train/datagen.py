@@ -55,6 +55,9 @@ class DatagenConfig:
     max_prompt_tokens: int = 1024
     seed: int = 0
     engine: Literal["generate", "batch"] = "generate"
+    # (k, n): answer only the shards i with i % n == k, so that n processes, each writing its
+    # own directory, share one prompt list (a launch-bound engine leaves the GPU room for more).
+    part: tuple[int, int] = (0, 1)
 
 
 def prompts_digest(prompts: Sequence[TrainPrompt]) -> str:
@@ -204,7 +207,7 @@ def run_datagen(
     """Generate answers for `prompts` into shards under `out_dir` with `config.engine`.
 
     Shard i holds prompts [i * batch_size, (i + 1) * batch_size) and is written as soon as
-    they are all answered. With `max_seconds`, no new prompt is started once that much time
+    they are all answered; `config.part` (k, n) keeps the shards i with i % n == k. With `max_seconds`, no new prompt is started once that much time
     has passed; the shards that the prompts under way complete are written, and a rerun
     continues. Returns the manifest, and beside it what this run did: `stopped_early`,
     `new_tokens` (the answer tokens of the shards it wrote) and `seconds` (spent answering)."""
@@ -218,14 +221,20 @@ def run_datagen(
         "prompts_digest": prompts_digest(prompts), "shard_size": config.batch_size,
         "max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
         "max_prompt_tokens": config.max_prompt_tokens, "engine": config.engine,
+        "part": f"{config.part[0]}/{config.part[1]}",
     }
     manifest_path = out / "manifest.json"
     if manifest_path.is_file():
-        old = {"engine": "generate", **json.loads(manifest_path.read_text())}  # made before engines had a name
+        # Defaults for manifests made before engines and parts had a name.
+        old = {"engine": "generate", "part": "0/1", **json.loads(manifest_path.read_text())}
         differing = [k for k, v in settings.items() if old.get(k) != v and k != "model"]
         if differing:
             raise InputError(f"'{out}' holds data made with other settings ({', '.join(differing)}): use another --out")
-    n_shards = (len(prompts) + config.batch_size - 1) // config.batch_size
+    part, parts = config.part
+    if not 0 <= part < parts:
+        raise InputError(f"part {part}/{parts} does not exist: use K/N with 0 <= K < N")
+    own_shards = range(part, (len(prompts) + config.batch_size - 1) // config.batch_size, parts)
+    n_shards = len(own_shards)
     done_shards = {s["file"]: s for s in (json.loads(manifest_path.read_text()).get("shards", []) if manifest_path.is_file() else [])}
     if config.engine not in ENGINES:
         raise InputError(f"unknown datagen engine {config.engine!r}: use one of {', '.join(ENGINES)}")
@@ -233,13 +242,14 @@ def run_datagen(
                 else generate_answerer(model, config, stop_ids, pad_id))
     start = time.perf_counter()
     dtype = token_dtype(vocab)
-    written = {i: done_shards[shard_name(i)] for i in range(n_shards)
+    written = {i: done_shards[shard_name(i)] for i in own_shards
                if (out / shard_name(i)).is_file() and shard_name(i) in done_shards}
     batches = {i: prompts[i * config.batch_size : (i + 1) * config.batch_size]
-               for i in range(n_shards) if i not in written}
+               for i in own_shards if i not in written}
     encoded = {i: [encode(p.text)[-config.max_prompt_tokens :] for p in batch] for i, batch in batches.items()}
     answers: dict[int, dict[int, Answer]] = {i: {} for i in batches}
-    bar = tqdm(total=len(prompts), initial=len(prompts) - sum(map(len, batches.values())), desc="datagen",
+    own_prompts = sum(len(prompts[i * config.batch_size : (i + 1) * config.batch_size]) for i in own_shards)
+    bar = tqdm(total=own_prompts, initial=own_prompts - sum(map(len, batches.values())), desc="datagen",
                unit="prompt", disable=not progress, dynamic_ncols=True)
     new_tokens = 0
     answering = last_written = time.perf_counter()
