@@ -107,6 +107,10 @@ def run_bench_batch(
                 "mismatched_prompts": mismatched,
                 "gpu_allocated_gib": torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None,
             })
+            done = runs[-1]
+            # A line per run, so that a long benchmark cut short still shows what it measured.
+            tqdm.write(f"{mode} x{c}: {done['tokens_per_s']:.1f} tok/s, tau {done['tau']:.2f}, "
+                       f"{done['ms_per_round']:.2f} ms/round, identical: {done['identical_to_reference']}")
     return {
         "machine": machine_info(device),
         "config": {
