@@ -436,3 +436,26 @@ def test_bench_batch_reports_every_mode_and_concurrency(pair):
     assert "| eagle | 4 |" in format_batch_table(result)
     with pytest.raises(InputError, match="bench-batch mode"):
         run_bench_batch(setup, ["eagle-x"], [1], 4, SamplingParams(), "cpu")
+
+
+def test_bench_batch_captures_every_graph_before_the_timed_runs(pair):
+    """A graph captured inside a timed run puts its capture in the run's seconds: the warm-up
+    sizes the caches for the longest prompt and the full answer, and visits every batch the
+    run shrinks through as its last sessions finish."""
+    from aerie.bench.batch import BatchBenchSetup, run_bench_batch
+    from aerie.bench.host_work import Census, stand_in_graphs
+
+    target, head = pair
+    prompts = BATCH_PROMPTS[:7]
+    with stand_in_graphs(Census()):
+        setup = BatchBenchSetup(target, head, TREE, prompts, [f"p{i}" for i in range(7)], frozenset(), "tiny")
+        result = run_bench_batch(setup, ["eagle", "vanilla"], [1, 4], 24, SamplingParams(), "cpu")
+        assert [r["graph_captures"] for r in result["runs"]] == [0, 0, 0, 0]
+        assert result["summary"]["all_identical"] is True
+
+        # Without the warm-up's sizing, the run that follows a short one captures again.
+        engine = BatchEngine(target, head, TREE)
+        engine.generate_many(prompts[:4], SamplingParams(), StopCriteria(4), "eagle", 4)
+        before = engine.graph_captures
+        engine.generate_many(prompts, SamplingParams(), StopCriteria(24), "eagle", 4)
+        assert before > 0 and engine.graph_captures > before

@@ -105,6 +105,30 @@ class BatchEngine:
             cache.remove_row(cache.in_use - 1)
         return cache
 
+    @property
+    def graph_captures(self) -> int:
+        """CUDA graphs captured so far by the caches in use (each recapture counted)."""
+        return sum(cache.graphs.captures for cache in self._caches.values())
+
+    def reserve(self, max_prompt_tokens: int, max_new_tokens: int, concurrency: int, mode: Mode = "eagle") -> None:
+        """Size the KV caches for `concurrency` sessions of up to these lengths before the
+        first generation: a cache that grows later (a longer prompt, more new tokens) drops
+        every graph captured over it, and the next rounds capture them again."""
+        self._caches_for(max_prompt_tokens, max_new_tokens, concurrency, mode)
+
+    def _caches_for(
+        self, max_prompt_tokens: int, max_new_tokens: int, concurrency: int, mode: Mode
+    ) -> tuple[BatchKVCache, BatchKVCache | None]:
+        """The target's and (eagle) the head's caches, with room for every row's prompt, its
+        new tokens and a drafted tree beyond them."""
+        rows = bucket_for(concurrency, 1 << 30)
+        tree_width = max(self.tree.total_tokens + 1, self.tree.depth * max(self.tree.top_k, self.tree.total_tokens))
+        m = self.config.capacity_multiple
+        capacity = -(-(max_prompt_tokens + max_new_tokens + tree_width + 1) // m) * m
+        target = self._cache("target", self.target.config.num_hidden_layers, rows, capacity)
+        head = self._cache("head", 1, rows, capacity) if mode == "eagle" else None
+        return target, head
+
     def generate_many(
         self,
         prompts: Sequence[Sequence[int]],
@@ -132,19 +156,12 @@ class BatchEngine:
             raise InputError(f"got {len(per_prompt)} sampling settings for {len(prompts)} prompts")
         if not prompts:
             return BatchRun([], 0.0, 0)
-        rows = bucket_for(concurrency, 1 << 30)
-        tree_width = max(self.tree.total_tokens + 1, self.tree.depth * max(self.tree.top_k, self.tree.total_tokens))
-        need = max(len(p) for p in prompts) + stop.max_new_tokens + tree_width + 1
-        m = self.config.capacity_multiple
-        capacity = -(-need // m) * m
         cfg = self.config
-        verifier = BatchVerifier(
-            self.target, self._cache("target", self.target.config.num_hidden_layers, rows, capacity),
-            cfg.largest_graph, cfg.max_tree_nodes,
-        )
+        target_cache, head_cache = self._caches_for(max(len(p) for p in prompts), stop.max_new_tokens, concurrency, mode)
+        verifier = BatchVerifier(self.target, target_cache, cfg.largest_graph, cfg.max_tree_nodes)
         drafter = None
         if mode == "eagle":
-            drafter = BatchDrafter(self.head, self.tree, self._cache("head", 1, rows, capacity), cfg.largest_graph)
+            drafter = BatchDrafter(self.head, self.tree, head_cache, cfg.largest_graph)
 
         results: list[SessionResult | None] = [None] * len(prompts)
         queue = deque(range(len(prompts)))

@@ -59,6 +59,15 @@ def tree_for_mode(mode: str, default: TreeConfig) -> TreeConfig | None:
         raise InputError(f"bench-batch mode {mode}: {e}") from None
 
 
+def warm_up_batches(concurrency: int) -> list[int]:
+    """One session count per graph bucket that a run of `concurrency` sessions can reach."""
+    sizes, b = [], 1
+    while b < concurrency:
+        sizes.append(b)
+        b *= 2
+    return [*sizes, concurrency]
+
+
 def run_bench_batch(
     setup: BatchBenchSetup,
     modes: list[str],
@@ -82,8 +91,14 @@ def run_bench_batch(
         for c in concurrencies:
             engine = engines[mode]
             kind = "eagle" if trees[mode] else "vanilla"
-            # Untimed: allocates the caches and captures the full batch's graphs.
-            engine.generate_many(setup.prompts[:c], params, StopCriteria(WARM_UP_TOKENS, stop.stop_token_ids), kind, c)
+            # Untimed: allocates the caches at the timed run's size, then captures the graphs of
+            # every batch the run passes through (the full one, and the smaller ones it shrinks
+            # to as its last sessions finish), as a long-running server would have them.
+            engine.reserve(max(len(p) for p in setup.prompts), max_new_tokens, c, kind)
+            for sessions in warm_up_batches(c):
+                engine.generate_many(setup.prompts[:sessions], params, StopCriteria(WARM_UP_TOKENS, stop.stop_token_ids),
+                                     kind, sessions)
+            captured = engine.graph_captures
             with tqdm(total=len(setup.prompts) * max_new_tokens, desc=f"{mode} x{c}", unit="tok") as bar:
                 run = engine.generate_many(setup.prompts, params, stop, kind, c, on_tokens=bar.update)
             tokens = [r.token_ids for r in run.results]
@@ -102,6 +117,8 @@ def run_bench_batch(
                 "draft_s": run.draft_s,
                 "verify_s": run.verify_s,
                 "ms_per_round": 1e3 * (run.draft_s + run.verify_s) / max(run.forwards, 1),
+                # Captures inside the timed run (their cost is in its seconds): 0 once warmed up.
+                "graph_captures": engine.graph_captures - captured,
                 "mean_session_s": statistics.fmean(r.seconds for r in run.results),
                 "identical_to_reference": not mismatched,
                 "mismatched_prompts": mismatched,
