@@ -10,9 +10,11 @@
 # step resumes or skips when its output exists, so a rerun after an interruption continues.
 # The sizes come from the environment, so that the same script runs a tiny smoke test on a CPU:
 #   DEVICE (cuda)  DATAGEN_SECONDS (240)  DATAGEN_BATCH (512)  ANSWER_TOKENS (512)  DATAGEN_ENGINE (generate)
+#   DATAGEN_PARTS (1): the greedy datagen as that many processes on the one GPU (`--part K/N`)
 #   SAMPLED_SECONDS (0: none) and SAMPLED_TEMPERATURE (0.8): a second datagen, sampled, trained on too
 #   (RUN_DIR/data_sampled, also when an earlier run made it)
 #   HEADS ("eagle3 eagle1")  TRAIN_MINUTES (5)  TRAIN_STEPS, or per head EAGLE3_STEPS and EAGLE1_STEPS
+#   EAGLE3_INIT, EAGLE1_INIT: a trained head of that kind to continue from (`--init`), e.g. the shipped one
 #   REPORT_HEADS (more NAME=DIR heads to report beside the trained ones, e.g. the shipped ones)
 #   REPORT_MINUTES (7)  REPORT_WORKERS (12)  LIMIT (all prompts)  REPORT_LIMIT (LIMIT)  EVAL_TOKENS (256)
 #   STOP_AFTER (datagen, train or report): end there, so that the steps can run in separate calls
@@ -44,8 +46,22 @@ datagen() {
 }
 
 stamp datagen
-datagen "$run/data" "${DATAGEN_SECONDS:-240}"
-datasets=("$run/data")
+parts=${DATAGEN_PARTS:-1}
+if [ "$parts" = 1 ]; then
+    datagen "$run/data" "${DATAGEN_SECONDS:-240}"
+    datasets=("$run/data")
+else
+    # Every process answers every parts-th shard into its own directory; they train together.
+    datasets=()
+    for k in $(seq 0 $((parts - 1))); do
+        datagen "$run/data_part$k" "${DATAGEN_SECONDS:-240}" --part "$k/$parts" > "$run/datagen_part$k.log" 2>&1 &
+        datasets+=("$run/data_part$k")
+    done
+    for job in $(jobs -p); do
+        wait "$job" || { tail -n 20 "$run"/datagen_part*.log; exit 1; }
+    done
+    tail -q -n 2 "$run"/datagen_part*.log
+fi
 if [ "${SAMPLED_SECONDS:-0}" != 0 ]; then
     stamp "datagen, sampled"
     datagen "$run/data_sampled" "$SAMPLED_SECONDS" --temperature "${SAMPLED_TEMPERATURE:-0.8}" --seed 1
@@ -64,7 +80,9 @@ for kind in $heads; do
     [ -f "$run/$kind/train_summary.json" ] && continue
     steps_var=${kind^^}_STEPS
     steps=${!steps_var:-${TRAIN_STEPS:-}}
+    init_var=${kind^^}_INIT
     resume=()
+    [ -n "${!init_var:-}" ] && resume=(--init "${!init_var}")
     [ -f "$run/$kind/checkpoint.pt" ] && resume=(--resume)
     aerie train "$kind" "${train_args[@]}" ${steps:+--steps "$steps"} "${resume[@]}" --out "$run/$kind" >> "$run/train_$kind.log" 2>&1 &
 done
