@@ -207,10 +207,11 @@ def run_datagen(
     """Generate answers for `prompts` into shards under `out_dir` with `config.engine`.
 
     Shard i holds prompts [i * batch_size, (i + 1) * batch_size) and is written as soon as
-    they are all answered; `config.part` (k, n) keeps the shards i with i % n == k. With `max_seconds`, no new prompt is started once that much time
-    has passed; the shards that the prompts under way complete are written, and a rerun
-    continues. Returns the manifest, and beside it what this run did: `stopped_early`,
-    `new_tokens` (the answer tokens of the shards it wrote) and `seconds` (spent answering)."""
+    they are all answered; `config.part` (k, n) keeps the shards i with i % n == k. With
+    `max_seconds`, no new prompt is started once that much time has passed; the shards that
+    the prompts under way complete are written, and a rerun continues. Returns the manifest,
+    and beside it what this run did: `stopped_early`, `new_tokens` (the answer tokens of the
+    shards it wrote) and `seconds` (spent answering)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not prompts:
@@ -244,11 +245,11 @@ def run_datagen(
     dtype = token_dtype(vocab)
     written = {i: done_shards[shard_name(i)] for i in own_shards
                if (out / shard_name(i)).is_file() and shard_name(i) in done_shards}
-    batches = {i: prompts[i * config.batch_size : (i + 1) * config.batch_size]
-               for i in own_shards if i not in written}
+    own = {i: prompts[i * config.batch_size : (i + 1) * config.batch_size] for i in own_shards}
+    batches = {i: batch for i, batch in own.items() if i not in written}
     encoded = {i: [encode(p.text)[-config.max_prompt_tokens :] for p in batch] for i, batch in batches.items()}
     answers: dict[int, dict[int, Answer]] = {i: {} for i in batches}
-    own_prompts = sum(len(prompts[i * config.batch_size : (i + 1) * config.batch_size]) for i in own_shards)
+    own_prompts = sum(map(len, own.values()))
     bar = tqdm(total=own_prompts, initial=own_prompts - sum(map(len, batches.values())), desc="datagen",
                unit="prompt", disable=not progress, dynamic_ncols=True)
     new_tokens = 0
