@@ -14,8 +14,9 @@ from collections.abc import Callable, Hashable
 import torch
 
 # Graphs per cache before the least recently captured is dropped: a handful of buckets per
-# forward kind is the steady state, so this only bounds pathological shape churn.
-MAX_GRAPHS_PER_CACHE = 24
+# forward kind is the steady state (a batched target cache holds up to ten batch buckets of
+# rounds and fifteen of prefills), so this only bounds pathological shape churn.
+MAX_GRAPHS_PER_CACHE = 48
 
 
 def capture_stream(device: torch.device | None = None) -> torch.cuda.Stream:

@@ -112,11 +112,12 @@ class Target:
     def new_cache(self) -> DynamicCache | SlotCache:
         return DynamicCache(config=self.config) if self._caches is None else self._caches.take()
 
-    def batch_model(self, cache: BatchKVCache, largest_graph: int = 128) -> LocalBatchModel:
+    def batch_model(self, cache: BatchKVCache, largest_graph: int = 128,
+                    prefill_graph_tokens: int = 512) -> LocalBatchModel:
         """The forwards of a batch of sessions over `cache` (what `BatchVerifier` runs)."""
         from aerie.batch.model import LocalBatchModel  # aerie.batch imports this module
 
-        return LocalBatchModel(self, cache, largest_graph)
+        return LocalBatchModel(self, cache, largest_graph, prefill_graph_tokens=prefill_graph_tokens)
 
     def release_cache(self, cache: DynamicCache | SlotCache) -> None:
         """Hand a finished sequence's cache back, so that the next one reuses its storage

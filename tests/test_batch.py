@@ -273,6 +273,62 @@ def test_each_row_of_a_batched_tree_forward_equals_the_unbatched_forward():
     assert torch.isfinite(logits).all() and torch.isfinite(feats).all()  # padding rows too
 
 
+def test_graphed_prefills_equal_each_prompt_alone_and_touch_no_other_row():
+    """Joins replayed as graphs (the CPU stand-in): prompts padded to a [batch, width] bucket,
+    the padding rows' tokens sent to a scratch slot. Each joining row's logits, features and
+    cache entries equal the prompt's own forward, the rows already in use keep theirs, and a
+    later join of the same bucket replays the graph without touching an earlier join's outputs."""
+    from aerie.bench.host_work import Census, stand_in_graphs
+
+    target = tiny_target("eagle3")
+    with stand_in_graphs(Census()):
+        cache = BatchKVCache(6, 8, 128, torch.device("cpu"))
+    model = target.batch_model(cache)
+    joins = [[PROMPTS[0], [9] * 40], [[5, 6, 7], [3] * 33, [11]], [[30, 31], [8] * 50]]
+    assert [model.prefill_shape(len(j), max(map(len, j))) for j in joins] == [(2, 64, True), (4, 64, True), (2, 64, True)]
+
+    outputs, rows = [], []
+    for join in joins:
+        before = cache.storage.clone() if cache.storage is not None else None
+        first = cache.in_use
+        logits, feats = model.prefill(join)
+        outputs.append((join, logits, feats, logits.clone(), feats.clone()))
+        rows += [(first + i, p) for i, p in enumerate(join)]
+        if before is not None:  # every entry of the rows in use before the join is as it was
+            for row in range(first):
+                n = cache.lengths[row]
+                assert torch.equal(cache.storage[:, :, row, :, :n], before[:, :, row, :, :n])
+    assert cache.graphs.captures == 2  # the third join replayed the first one's graph
+
+    for join, logits, feats, logits_then, feats_then in outputs:
+        assert torch.equal(logits, logits_then) and torch.equal(feats, feats_then)
+        for r, prompt in enumerate(join):
+            want = target.forward(target.new_cache(), torch.tensor(prompt))
+            torch.testing.assert_close(logits[r], want.logits[-1], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(feats[r, : len(prompt)], want.features, rtol=1e-4, atol=1e-4)
+    # The entries themselves: a plain forward over each row's cache continues as the prompt's own.
+    with torch.inference_mode():
+        batch = TreeBatch.of_tokens([4] * cache.in_use)
+        logits, _ = model.forward(batch, argmax=False)
+    for row, prompt in rows:
+        want = target.forward(target.new_cache(), torch.tensor([*prompt, 4]))
+        torch.testing.assert_close(logits[row, 0], want.logits[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_prefills_past_the_graph_budget_or_the_cache_run_eagerly():
+    from aerie.bench.host_work import Census, stand_in_graphs
+
+    target = tiny_target("eagle3")
+    with stand_in_graphs(Census()):
+        model = target.batch_model(BatchKVCache(6, 8, 128, torch.device("cpu")), prefill_graph_tokens=256)
+    assert model.prefill_shape(3, 5) == (4, 32, True)
+    assert model.prefill_shape(4, 64) == (4, 64, True)
+    assert model.prefill_shape(5, 64) == (5, 64, False)  # 8 x 64 tokens: past the budget
+    assert model.prefill_shape(1, 128) == (1, 128, False)  # no scratch slot left in the cache
+    eager = target.batch_model(BatchKVCache(6, 8, 128, torch.device("cpu")))
+    assert eager.prefill_shape(3, 5) == (3, 5, False)  # no graphs
+
+
 def test_plain_decoding_of_any_row_count_is_graphed():
     """`largest_graph` bounds a forward's width (tokens per row), not its rows: plain decoding
     of 300 sessions is one 1-wide forward over the 512-row bucket, replayed as a graph."""
@@ -446,7 +502,8 @@ def test_bench_batch_captures_every_graph_before_the_timed_runs(pair):
     from aerie.bench.host_work import Census, stand_in_graphs
 
     target, head = pair
-    prompts = BATCH_PROMPTS[:7]
+    # Prompts of 1 to 40 tokens: joins of one prompt at a time and of several, in two widths.
+    prompts = BATCH_PROMPTS[:6] + [[9] * 40]
     with stand_in_graphs(Census()):
         setup = BatchBenchSetup(target, head, TREE, prompts, [f"p{i}" for i in range(7)], frozenset(), "tiny")
         result = run_bench_batch(setup, ["eagle", "vanilla"], [1, 4], 24, SamplingParams(), "cpu")

@@ -39,6 +39,11 @@ class _BatchLayer(StaticLayer):
         # each token's [heads, dim] in place, with no host sync (graph-capturable).
         self.keys.transpose(1, 2).index_put_((rows, slots), key_states.transpose(1, 2))
         self.values.transpose(1, 2).index_put_((rows, slots), value_states.transpose(1, 2))
+        if owner.own_keys:
+            # A prefill: its rows start empty, so its tokens attend to each other alone. Not
+            # reading the storage keeps the forward free of the rows' place in it (a graph
+            # captured for one join then serves every join of that shape).
+            return key_states, value_states
         lo, hi = owner.window
         return self.keys[lo:hi], self.values[lo:hi]
 
@@ -58,6 +63,7 @@ class BatchKVCache(StaticStorage):
         self.write_rows: torch.Tensor | None = None
         self.write_slots: torch.Tensor | None = None
         self.window = (0, rows)
+        self.own_keys = False  # set by each forward: attend to its own new tokens only (a prefill)
         super().__init__([_BatchLayer(self) for _ in range(num_layers)], capacity, device, cuda_graphs)
 
     # --- storage -------------------------------------------------------------------------
@@ -147,17 +153,24 @@ class BatchKVCache(StaticStorage):
         window: tuple[int, int],
         inputs: dict[str, torch.Tensor],
         fn: Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, ...]],
+        own_keys: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         """Run `fn` over `inputs`, which hold "rows" and "slots" (the [b, n] write targets)
         beside the model's own, unless `fn` sets `write_rows` and `write_slots` itself. With
         a `key` (and graphs enabled) the inputs are copied into buffers kept per key and `fn`
         over those is captured once and replayed; the outputs are then overwritten by the
-        next replay. key=None runs eagerly."""
+        next replay. key=None runs eagerly. The attention reads rows `window` of the storage,
+        or with `own_keys` only the forward's own new keys and values (which are still
+        written to the storage)."""
         self.window = window
 
         def call(buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
             self.write_rows, self.write_slots = buffers.get("rows"), buffers.get("slots")
-            return fn(buffers)
+            self.own_keys = own_keys
+            try:
+                return fn(buffers)
+            finally:
+                self.own_keys = False
 
         if key is None or not self.graphs.enabled:
             return call({name: t.to(self.device, non_blocking=True) for name, t in inputs.items()})

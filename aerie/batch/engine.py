@@ -34,9 +34,10 @@ class BatchConfig:
     max_tree_nodes: int = 128
     capacity_multiple: int = 64  # KV rows are sized to the longest generation, rounded up to this
     prefill_tokens: int = 8192  # sessions joining together are prefilled in forwards of about this many (padded) tokens
+    prefill_graph_tokens: int = 512  # prefills up to this many padded tokens replay CUDA graphs
     # Sessions join once this many rows are free (or the rest of the queue fits): each join
-    # is an eager prefill forward, which can cost more than a few rows left idle for a few
-    # graphed steps.
+    # is a prefill forward (eager past prefill_graph_tokens), which can cost more than a few
+    # rows left idle for a few graphed steps.
     join_rows: int = 1
 
 
@@ -112,9 +113,21 @@ class BatchEngine:
 
     def reserve(self, max_prompt_tokens: int, max_new_tokens: int, concurrency: int, mode: Mode = "eagle") -> None:
         """Size the KV caches for `concurrency` sessions of up to these lengths before the
-        first generation: a cache that grows later (a longer prompt, more new tokens) drops
-        every graph captured over it, and the next rounds capture them again."""
-        self._caches_for(max_prompt_tokens, max_new_tokens, concurrency, mode)
+        first generation, and capture the graph of every prefill that sessions joining such a
+        run can make: a cache that grows later (a longer prompt, more new tokens) drops every
+        graph captured over it, and a graph captured mid-run costs that run its capture."""
+        target_cache, _ = self._caches_for(max_prompt_tokens, max_new_tokens, concurrency, mode)
+        if not target_cache.graphs.enabled:
+            return
+        cfg = self.config
+        model = self.target.batch_model(target_cache, cfg.largest_graph, cfg.prefill_graph_tokens)
+        shapes = {model.prefill_shape(batch, width)
+                  for batch in _powers_of_two(concurrency) for width in _powers_of_two(max_prompt_tokens)}
+        for batch, width, graphed in sorted(shapes):
+            if graphed:
+                model.prefill([[0] * width] * batch)
+                for row in range(batch - 1, -1, -1):
+                    model.remove_row(row)
 
     def _caches_for(
         self, max_prompt_tokens: int, max_new_tokens: int, concurrency: int, mode: Mode
@@ -158,7 +171,8 @@ class BatchEngine:
             return BatchRun([], 0.0, 0)
         cfg = self.config
         target_cache, head_cache = self._caches_for(max(len(p) for p in prompts), stop.max_new_tokens, concurrency, mode)
-        verifier = BatchVerifier(self.target, target_cache, cfg.largest_graph, cfg.max_tree_nodes)
+        verifier = BatchVerifier(self.target, target_cache, cfg.largest_graph, cfg.max_tree_nodes,
+                                 cfg.prefill_graph_tokens)
         drafter = None
         if mode == "eagle":
             drafter = BatchDrafter(self.head, self.tree, head_cache, cfg.largest_graph)
@@ -249,6 +263,14 @@ class BatchEngine:
                 live[row] = last
             if on_result is not None:
                 on_result(s.index, s.result)
+
+
+def _powers_of_two(n: int) -> list[int]:
+    """1, 2, 4, ... up to the first power of two >= n."""
+    out = [1]
+    while out[-1] < n:
+        out.append(out[-1] * 2)
+    return out
 
 
 def _syncer(device: torch.device) -> Callable[[], None]:

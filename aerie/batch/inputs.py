@@ -77,6 +77,32 @@ def batch_inputs(
                          sizes, lengths, width, batch, capacity, first_row)
 
 
+def prefill_inputs(
+    prompts: Sequence[Sequence[int]], batch: int, width: int, first_row: int, scratch_slot: int
+) -> dict[str, torch.Tensor]:
+    """Inputs of a prefill of `prompts` into the empty rows first_row, first_row + 1, ...,
+    padded to [batch, width]: each prompt a causal chain from slot 0, and "last" [batch], the
+    column of each row's last token (whose logits the prefill keeps). The rows past the
+    prompts exist for the padding alone: every token of theirs is written to `scratch_slot`
+    of the last prompt's row (past any entry it will hold), so that no real row is touched."""
+    n = len(prompts)
+    sizes = [len(p) for p in prompts]
+    if max(sizes) > width or n > batch:
+        raise ValueError(f"{n} prompts of up to {max(sizes)} tokens do not fit [{batch}, {width}]")
+    rows = torch.full((batch, width), first_row + n - 1, dtype=torch.long)
+    rows[:n] = (first_row + torch.arange(n))[:, None]
+    slots = torch.full((batch, width), scratch_slot, dtype=torch.long)
+    slots[:n] = torch.arange(width)[None, :]
+    return {
+        "ids": pack_rows(prompts, width, batch, 0),
+        "parents": pack_rows([range(-1, s - 1) for s in sizes], width, batch, -1),
+        "lengths": torch.zeros(batch, dtype=torch.long),
+        "rows": rows,
+        "slots": slots,
+        "last": torch.tensor(sizes + [1] * (batch - n), dtype=torch.long) - 1,
+    }
+
+
 def padded_inputs(
     ids: torch.Tensor,
     parents: torch.Tensor,

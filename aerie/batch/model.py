@@ -19,7 +19,7 @@ import torch
 
 from aerie.accept import accept_greedy_rows
 from aerie.batch.cache import BatchKVCache, RowCompaction
-from aerie.batch.inputs import ForwardInputs, batch_inputs, padded_inputs, tree_geometry
+from aerie.batch.inputs import padded_inputs, prefill_inputs, tree_geometry
 from aerie.batch.trees import TreeBatch
 from aerie.fused import fused_norms, norms_to_fuse
 from aerie.graphs import bucket_for
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 # [b, w, vocab] float logits, or (on a rank without the LM head) a zero-width [b, w, 0]
 # stand-in; features are [b, w, F].
 ForwardOutput = tuple[torch.Tensor, torch.Tensor]
+
+# The narrowest prefill graph: shorter prompts share it, so that a few graphs cover every join.
+MIN_PREFILL_WIDTH = 32
 
 
 def greedy_acceptance(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,12 +92,16 @@ class LocalBatchModel:
     """`BatchModel` on this process's model and cache.
 
     `reads_logits=False` is for the ranks > 0 of a sharded target, which hold no LM head:
-    their forwards exist for the all-reduces, and give a zero-width stand-in for logits."""
+    their forwards exist for the all-reduces, and give a zero-width stand-in for logits.
+    Prefills of up to `prefill_graph_tokens` padded tokens replay CUDA graphs (a join is
+    otherwise one eager forward, which on a small target costs more than several rounds)."""
 
-    def __init__(self, target: Target, cache: BatchKVCache, largest_graph: int = 128, reads_logits: bool = True):
+    def __init__(self, target: Target, cache: BatchKVCache, largest_graph: int = 128, reads_logits: bool = True,
+                 prefill_graph_tokens: int = 512):
         self.target = target
         self._cache = cache
         self.largest_graph = largest_graph
+        self.prefill_graph_tokens = prefill_graph_tokens
         self.reads_logits = reads_logits
         self.base = target.model.base_model
         self.lm_head = target.model.get_output_embeddings()
@@ -106,9 +113,12 @@ class LocalBatchModel:
 
     # --- the model -------------------------------------------------------------------------
 
-    def _model(self, b: dict[str, torch.Tensor], argmax: bool, logits_at: torch.Tensor | None = None) -> ForwardOutput:
+    def _model(self, b: dict[str, torch.Tensor], argmax: bool, logits_at: torch.Tensor | None = None,
+               kv_width: int | None = None) -> ForwardOutput:
+        """The target over `b`; its attention spans `kv_width` entries per row (a prefill's
+        own tokens) or, by default, the cache's capacity."""
         reach = ancestor_closure(b["parents"])
-        positions, mask = tree_geometry(b["parents"], b["lengths"], self._cache.capacity, reach)
+        positions, mask = tree_geometry(b["parents"], b["lengths"], kv_width or self._cache.capacity, reach)
         with fused_norms(self.fused):
             out = self.base(
                 input_ids=b["ids"], position_ids=positions, attention_mask=mask,
@@ -131,21 +141,38 @@ class LocalBatchModel:
 
     # --- the operations --------------------------------------------------------------------
 
+    def prefill_shape(self, prompts: int, longest: int) -> tuple[int, int, bool]:
+        """(batch, width, graphed) of a prefill of `prompts` prompts of up to `longest` tokens:
+        padded to powers of two (the width to at least MIN_PREFILL_WIDTH) and replayed as a
+        graph while that is at most `prefill_graph_tokens` tokens and leaves the cache a
+        scratch slot past it; otherwise eagerly, unpadded."""
+        batch = 1 << (prompts - 1).bit_length()
+        width = max(MIN_PREFILL_WIDTH, 1 << (longest - 1).bit_length())
+        cache = self._cache
+        if cache.graphs.enabled and batch * width <= self.prefill_graph_tokens and width < cache.capacity:
+            return batch, width, True
+        return prompts, longest, False
+
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> ForwardOutput:
+        """Prefill `prompts` into new rows after the rows in use: each row's logits at its last
+        prompt token [n, vocab] and features at every prompt token [n, longest, F]."""
         # no_grad, not inference_mode: the storage may be allocated here, and rows leaving
         # move its entries in place outside any inference block.
         cache = self._cache
         rows = cache.add_rows(len(prompts))
-        width = max(len(p) for p in prompts)
+        longest = max(len(p) for p in prompts)
+        batch, width, graphed = self.prefill_shape(len(prompts), longest)
         cache.reserve(width)
-        inputs = batch_inputs(prompts, None, [0] * len(prompts), width, len(prompts), cache.capacity, rows.start)
-        last = torch.tensor([len(p) - 1 for p in prompts], device=cache.device)
-        out = cache.run(None, (rows.start, rows.stop), _pinned(inputs),
-                        lambda b: self._model(b, argmax=False, logits_at=last))
+        inputs = prefill_inputs(prompts, batch, width, rows.start, cache.capacity - 1)
+        key = ("prefill", batch, width) if graphed else None
+        logits, feats = cache.run(key, (rows.start, rows.stop), _pinned(inputs),
+                                  lambda b: self._model(b, argmax=False, logits_at=b["last"], kv_width=width),
+                                  own_keys=True)
         for row, prompt in zip(rows, prompts):
             cache.lengths[row] = len(prompt)
-        return out
+        # Copies: the next replay of that graph overwrites its outputs.
+        return logits[: len(prompts)].clone(), feats[: len(prompts), :longest].clone()
 
     def shape_for(self, trees: TreeBatch, argmax: bool) -> ForwardShape:
         """Both dimensions rounded up to a power of two, so that a few graphs cover every
@@ -169,7 +196,7 @@ class LocalBatchModel:
         cache.reserve(max(cache.lengths[: shape.batch]) + shape.width)
         inputs = padded_inputs(trees.tokens, trees.parents, trees.sizes, cache.lengths, shape.width, shape.batch,
                                cache.capacity)
-        return cache.run(shape.graph_key, (0, shape.batch), _pinned(inputs), lambda b: self._model(b, shape.argmax))
+        return cache.run(shape.graph_key, (0, shape.batch), _pinned(inputs.as_dict()), lambda b: self._model(b, shape.argmax))
 
     def compact(self, moves: Sequence[RowCompaction]) -> None:
         self._cache.compact(moves)
@@ -178,9 +205,8 @@ class LocalBatchModel:
         return self._cache.remove_row(row)
 
 
-def _pinned(inputs: ForwardInputs) -> dict[str, torch.Tensor]:
-    """The inputs as a dict, in pinned host memory where CUDA is there (async copies)."""
-    d = inputs.as_dict()
+def _pinned(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inputs in pinned host memory where CUDA is there (async copies)."""
     if torch.cuda.is_available():
         d = {k: v.pin_memory() for k, v in d.items()}
     return d

@@ -60,7 +60,8 @@ class Prefilled:
 class BatchVerifier:
     """The target over a batch of sessions; row i of the cache is session `rows[i]`."""
 
-    def __init__(self, target: Target, cache: BatchKVCache, largest_graph: int = 128, max_tree_nodes: int = 128):
+    def __init__(self, target: Target, cache: BatchKVCache, largest_graph: int = 128, max_tree_nodes: int = 128,
+                 prefill_graph_tokens: int = 512):
         self.target = target
         self.cache = cache
         self.largest_graph = largest_graph
@@ -68,7 +69,7 @@ class BatchVerifier:
         self.rows: list[VerifyRow] = []
         # What runs the forwards and moves the cache's entries: on this process, or mirrored
         # on every rank of a sharded target (which hands out its own).
-        self.batch_model: BatchModel = target.batch_model(cache, largest_graph)
+        self.batch_model: BatchModel = target.batch_model(cache, largest_graph, prefill_graph_tokens)
 
     # --- sessions join and leave -----------------------------------------------------------
 
@@ -76,7 +77,7 @@ class BatchVerifier:
     # its entries in place outside any inference block.
     @torch.no_grad()
     def join(self, sessions: Sequence[NewSession]) -> list[Prefilled]:
-        """Prefill new sessions in one eager forward (ragged prompts, padded), each into a
+        """Prefill new sessions in one forward (ragged prompts, padded), each into a
         fresh row after the rows in use, and sample their first tokens. Checks every
         session before touching the cache, so a bad one leaves the batch as it was.
 

@@ -165,9 +165,14 @@ class TensorParallelTarget:
         # The other ranks make their cache on its first forward: no call needed here.
         return self._group.register(self._local.new_cache())
 
-    def batch_model(self, cache: BatchKVCache, largest_graph: int = 128) -> MirroredBatchModel:
-        """The forwards of a batch of sessions over `cache`, mirrored on every rank."""
-        return MirroredBatchModel(self._local.batch_model(cache, largest_graph), self._group)
+    def batch_model(self, cache: BatchKVCache, largest_graph: int = 128,
+                    prefill_graph_tokens: int = 512) -> MirroredBatchModel:
+        """The forwards of a batch of sessions over `cache`, mirrored on every rank. The other
+        ranks run the default graph sizes, so these must be the defaults too: a rank that
+        pads a forward another runs unpadded would wait in a mismatched all-reduce."""
+        if (largest_graph, prefill_graph_tokens) != (128, 512):
+            raise ValueError("a sharded target's batched forwards run at the default graph sizes")
+        return MirroredBatchModel(self._local.batch_model(cache), self._group)
 
     def forward(
         self, cache: DynamicCache, input_ids: torch.Tensor, tree_parents: torch.Tensor | None = None
