@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aerie.fused import fused_norms
+from aerie.fused import fused
 from aerie.heads import DraftHead
 from aerie.kvcache import Attend, SlotCache, pinned_tensor
 from aerie.target import truncate_cache
@@ -82,7 +82,7 @@ class DraftSession:
         cache, config = self.cache, self.tree
         cache.reserve(committed + (config.depth - 1) * config.top_k)
         inputs = {"root": root_hidden, "committed": torch.full((), committed, device=root_hidden.device)}
-        with fused_norms(self.head.fused):
+        with fused(self.head.fused):
             return cache.run(("grow", config.kind, config.depth, config.top_k), inputs,
                              lambda b: self._grow(b["root"], b["committed"]), graphed=cache.graphs.enabled)
 

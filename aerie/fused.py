@@ -1,22 +1,41 @@
-"""Fused RMSNorm for the graphed GPU path.
+"""Fused kernels for the graphed GPU path: RMSNorm and the rotary embedding.
 
-transformers' Llama-family RMSNorm is seven elementwise kernels (upcast, square, mean, add,
-rsqrt, multiply, downcast-and-scale); at batch 1 a forward is bound by kernel launches, and two
-norms per layer are about a quarter of a SmolLM2 layer's kernels. `F.rms_norm` does the same
-in one kernel on CUDA. It rounds once instead of twice in half precision, so it is used only
-inside `fused_norms`, around the forwards that our own static path runs: plain and speculative
+At batch 1 a forward of a small target is bound by kernel launches, even replayed as a CUDA
+graph, and two pieces of transformers' Llama-family layers are most of its small kernels:
+
+- RMSNorm is seven elementwise kernels (upcast, square, mean, add, rsqrt, multiply,
+  downcast-and-scale); `F.rms_norm` does the same in one.
+- The rotary embedding is ten (for the queries and the keys: two multiplies, a negation, a
+  concatenation and an add each); compiled (`torch.compile`, shapes dynamic, so compiled once
+  or twice per process) it is one or two.
+
+Both round once where the reference rounds at every step in half precision, so they are used
+only inside `fused`, around the forwards that our own static path runs: plain and speculative
 decoding both go through it, and the same model called from anywhere else (transformers'
-`generate`, the dynamic-cache path) keeps the reference norm.
+`generate`, the dynamic-cache path, training) keeps the reference kernels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """What `fused` swaps in for one model: its RMSNorm modules, and whether the rotary
+    embedding runs compiled (see `install_rotary_dispatch`)."""
+
+    norms: tuple[nn.Module, ...] = ()
+    rotary: bool = False
 
 
 def rms_norms(*models: nn.Module) -> list[nn.Module]:
@@ -27,29 +46,104 @@ def rms_norms(*models: nn.Module) -> list[nn.Module]:
             and hasattr(m, "variance_epsilon")]
 
 
-def norms_to_fuse(model: nn.Module, device: torch.device) -> list[nn.Module]:
-    """The norms worth fusing: all of them on CUDA, none elsewhere (on the CPU `F.rms_norm`
-    is the same sequence of kernels)."""
-    return rms_norms(model) if device.type == "cuda" else []
-
-
-def _fused_forward(module: nn.Module):
-    shape, weight, eps = (module.weight.shape[-1],), module.weight, module.variance_epsilon
-    return lambda hidden: F.rms_norm(hidden, shape, weight, eps)
+def fusion_for(model: nn.Module, device: torch.device, norms: bool = True, rotary: bool = True) -> Fusion:
+    """The fusions worth making for `model` on `device`: on CUDA the norms and the rotary
+    embedding (each unless turned off), none elsewhere (on the CPU `F.rms_norm` is the same
+    sequence of kernels, and there are no launches to save)."""
+    if device.type != "cuda":
+        return Fusion()
+    return Fusion(tuple(rms_norms(model)) if norms else (), rotary and install_rotary_dispatch(model))
 
 
 @contextmanager
-def fused_norms(norms: list[nn.Module]) -> Iterator[None]:
-    """Within the block, the modules `norms` (from `rms_norms`) run as `F.rms_norm`; on
-    leaving it, also on an error, they are as they were."""
-    saved = [m.__dict__.get("forward") for m in norms]
-    for m in norms:
-        m.forward = _fused_forward(m)
+def fused(fusion: Fusion) -> Iterator[None]:
+    """Within the block, `fusion`'s norms run as `F.rms_norm` and, on this thread, rotary
+    embeddings compiled; on leaving it, also on an error, all is as it was."""
+    saved = [m.__dict__.get("forward") for m in fusion.norms]
+    for m in fusion.norms:
+        m.forward = _fused_norm(m)
+    _local.rotary = getattr(_local, "rotary", 0) + fusion.rotary
     try:
         yield
     finally:
-        for m, forward in zip(norms, saved):
+        _local.rotary -= fusion.rotary
+        for m, forward in zip(fusion.norms, saved):
             if forward is None:
                 del m.forward
             else:
                 m.forward = forward
+
+
+def _fused_norm(module: nn.Module):
+    shape, weight, eps = (module.weight.shape[-1],), module.weight, module.variance_epsilon
+    return lambda hidden: F.rms_norm(hidden, shape, weight, eps)
+
+
+# --- the rotary embedding --------------------------------------------------------------------
+
+# Per thread: the number of `fused` blocks with the rotary fusion that this thread is inside.
+# A thread-local flag rather than swapping the function for the block's duration, so that a
+# service thread running the reference path meanwhile is not affected.
+_local = threading.local()
+_install_lock = threading.Lock()
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `apply_rotary_pos_emb` (the half-split layout of Llama-family models),
+    written as one expression for the compiler to fuse."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    half = q.shape[-1] // 2
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+@functools.cache
+def compiled_rotate() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """`rotate` compiled, or `rotate` itself where compiling fails (a machine without a
+    working Triton or C compiler): slower, never wrong."""
+    compiled = torch.compile(rotate, dynamic=True, fullgraph=True)
+    working = compiled
+
+    def run(*args, **kwargs):
+        nonlocal working
+        try:
+            return working(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure; the eager math is exact
+            if working is rotate or torch.cuda.is_current_stream_capturing():
+                raise
+            print(f"aerie: compiling the rotary embedding failed ({type(e).__name__}: {e}); "
+                  "running it unfused", file=sys.stderr)
+            working = rotate
+            return rotate(*args, **kwargs)
+
+    return run
+
+
+def install_rotary_dispatch(model: nn.Module) -> bool:
+    """Route the `apply_rotary_pos_emb` of `model`'s attention modules through a dispatcher
+    that runs `compiled_rotate` inside `fused` blocks and the reference everywhere else.
+    Idempotent; returns whether any module of `model` now dispatches."""
+    modules = {sys.modules[type(m).__module__] for m in model.modules() if type(m).__name__.endswith("Attention")}
+    modules = [mod for mod in modules if callable(getattr(mod, "apply_rotary_pos_emb", None))]
+    with _install_lock:
+        for mod in modules:
+            if not hasattr(mod.apply_rotary_pos_emb, "reference"):
+                mod.apply_rotary_pos_emb = _dispatching(mod.apply_rotary_pos_emb)
+    return bool(modules)
+
+
+def _dispatching(reference: Callable) -> Callable:
+    @functools.wraps(reference)
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        # Under torch.compile (transformers' static `generate`) the reference is traced as
+        # before: the compiler sees a constant False and never reads the thread-local.
+        if not torch.compiler.is_compiling() and getattr(_local, "rotary", 0):
+            return compiled_rotate()(q, k, cos, sin, *args, **kwargs)
+        return reference(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.reference = reference
+    return apply_rotary_pos_emb

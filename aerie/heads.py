@@ -32,7 +32,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from aerie.errors import HeadError
-from aerie.fused import fused_norms
+from aerie.fused import Fusion, fused
 from aerie.kvcache import Attend, SlotCache, static_forward
 from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers
 
@@ -62,7 +62,7 @@ class DraftHead(nn.Module):
         self._borrowed: dict[str, nn.Module] = {}
         self.static: StaticKV | None = None
         self._caches = None
-        self.fused: list[nn.Module] = []  # the norms the static path fuses (aerie.fused)
+        self.fused = Fusion()  # the kernels the static path fuses (aerie.fused)
 
     def attach(self, target: Target) -> DraftHead:
         """Borrow the target's embedding and LM head, and run the way it runs (static
@@ -86,7 +86,7 @@ class DraftHead(nn.Module):
             return DynamicCache(config=self.config)
         if self._caches is None:  # made on first use: the head may move device after attach
             self._caches = self.static.pool(1, self.fc.weight.device)
-            self.fused = self.static.norms_to_fuse(self, self.fc.weight.device)
+            self.fused = self.static.fusion(self, self.fc.weight.device)
         return self._caches.take()
 
     def release_cache(self, cache: DynamicCache | SlotCache) -> None:
@@ -122,7 +122,7 @@ class DraftHead(nn.Module):
             if isinstance(attention_mask, torch.Tensor):
                 raise TypeError("a static cache takes its mask as an Attend")
             rows = {"x": features, "ids": input_ids, "pos": position_ids}
-            with fused_norms(self.fused):
+            with fused(self.fused):
                 (hidden,) = static_forward(
                     cache, ("head", features.shape[-1]), rows, attention_mask,
                     lambda b: (self.step(b["x"], b["ids"], b["pos"], b["mask"], cache)[0],), self.static.largest_graph,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from aerie.fused import fused_norms, norms_to_fuse
+from aerie.fused import Fusion, fused, fusion_for
 from aerie.kvcache import Attend, CachePool, SlotCache, static_forward
 from aerie.tree import ancestor_mask, node_depths
 
@@ -56,6 +56,7 @@ class StaticKV:
     initial_capacity: int = 1024
     pooled: int = 4  # released caches kept, with their graphs, for the next sessions
     fused_norms: bool = True  # RMSNorm as one kernel on CUDA (aerie.fused)
+    compiled_rotary: bool = True  # the rotary embedding compiled into one or two kernels on CUDA
 
     @staticmethod
     def default_for(device: str | torch.device) -> StaticKV | None:
@@ -63,8 +64,8 @@ class StaticKV:
         the CPU, where there is no launch overhead to save and a padded cache only costs."""
         return StaticKV() if torch.device(device).type == "cuda" else None
 
-    def norms_to_fuse(self, model: torch.nn.Module, device: torch.device) -> list[torch.nn.Module]:
-        return norms_to_fuse(model, device) if self.fused_norms else []
+    def fusion(self, model: torch.nn.Module, device: torch.device) -> Fusion:
+        return fusion_for(model, device, self.fused_norms, self.compiled_rotary)
 
     def pool(self, num_layers: int, device: torch.device) -> CachePool:
         return CachePool(lambda: SlotCache(num_layers, self.initial_capacity, device, self.cuda_graphs), self.pooled)
@@ -86,9 +87,9 @@ class Target:
         self.features = features
         self.static = static
         self._caches = None if static is None else static.pool(self.config.num_hidden_layers, self.device)
-        # The norms the static path fuses (aerie.fused): it serves plain and speculative
+        # The kernels the static path fuses (aerie.fused): it serves plain and speculative
         # decoding alike.
-        self.fused = [] if static is None else static.norms_to_fuse(model, self.device)
+        self.fused = Fusion() if static is None else static.fusion(model, self.device)
         n_layers = self.config.num_hidden_layers
         if features.kind == "eagle3" and not all(0 <= i <= n_layers for i in features.layers):
             raise ValueError(f"EAGLE-3 feature layers {features.layers} out of range for {n_layers} layers")
@@ -160,7 +161,7 @@ class Target:
         return TargetOutput(logits=logits, features=feats)
 
     def _run(self, cache, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
-        with fused_norms(self.fused if isinstance(cache, SlotCache) else []):
+        with fused(self.fused if isinstance(cache, SlotCache) else Fusion()):
             out = self.model(
                 input_ids=input_ids, position_ids=positions, attention_mask=mask,
                 past_key_values=cache, use_cache=True, output_hidden_states=True,

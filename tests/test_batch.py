@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from aerie.batch.cache import BatchKVCache, RowCompaction
-from aerie.batch.draft import rerank_rows
+from aerie.batch.draft import BatchDrafter, rerank_rows
 from aerie.batch.engine import BatchConfig, BatchEngine
 from aerie.batch.inputs import batch_inputs, pack_rows, tree_geometry
 from aerie.batch.model import ForwardShape
@@ -313,6 +313,39 @@ def test_graphed_prefills_equal_each_prompt_alone_and_touch_no_other_row():
     for row, prompt in rows:
         want = target.forward(target.new_cache(), torch.tensor([*prompt, 4]))
         torch.testing.assert_close(logits[row, 0], want.logits[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_graphed_head_joins_equal_eager_joins(pair):
+    """The head's join replayed as a graph (the CPU stand-in), padded to its bucket: every
+    joining row's root and cache entries equal an eager join's, the rows in use keep theirs,
+    and the trees drafted next are the same."""
+    from aerie.bench.host_work import Census, stand_in_graphs
+
+    target, head = pair
+    with stand_in_graphs(Census()):
+        graphed = BatchDrafter(head, TREE, BatchKVCache(1, 8, 128, torch.device("cpu")))
+    eager = BatchDrafter(head, TREE, BatchKVCache(1, 8, 128, torch.device("cpu"), cuda_graphs=False))
+    for join in [[PROMPTS[0], [9] * 40], [[5, 6, 7], [3] * 33, [11]], [[30, 31], [8] * 50]]:
+        features = [target.forward(target.new_cache(), torch.tensor(p)).features for p in join]
+        pairs = [[*p[1:], 4] for p in join]
+        first = graphed.cache.in_use
+        before = None if graphed.cache.storage is None else graphed.cache.storage.clone()
+        for drafter in (graphed, eager):
+            drafter.join(features, pairs)
+        for row in range(first):
+            n = graphed.cache.lengths[row]
+            assert torch.equal(graphed.cache.storage[:, :, row, :, :n], before[:, :, row, :, :n])
+    assert graphed.cache.graphs.captures == 2  # the third join replayed the first one's graph
+
+    n = eager.cache.in_use
+    assert graphed.cache.lengths[:n] == eager.cache.lengths[:n] and graphed.root_tokens[:n] == eager.root_tokens[:n]
+    torch.testing.assert_close(graphed.root_hidden[:n], eager.root_hidden[:n], rtol=1e-4, atol=1e-4)
+    for row in range(n):
+        length = eager.cache.lengths[row]
+        torch.testing.assert_close(graphed.cache.storage[:, :, row, :, :length], eager.cache.storage[:, :, row, :, :length],
+                                   rtol=1e-4, atol=1e-4)
+    trees = [d.draft([None] * n, [[]] * n) for d in (graphed, eager)]
+    assert torch.equal(trees[0].tokens, trees[1].tokens) and torch.equal(trees[0].parents, trees[1].parents)
 
 
 def test_prefills_past_the_graph_budget_or_the_cache_run_eagerly():

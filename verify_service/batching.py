@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from aerie.batch.trees import TreeBatch
 from aerie.batch.verify import BatchVerifier, NewSession, Prefilled
 from aerie.errors import InputError
 from aerie.sampling import SamplingParams
@@ -174,7 +175,8 @@ class SessionBatch:
             if not ready:
                 return
             try:
-                results = self.verifier.verify(trees)
+                # As one TreeBatch, checked again in a few tensor operations rather than tree by tree.
+                results = self.verifier.verify(TreeBatch.from_trees(trees))
             except BaseException as e:  # noqa: BLE001 - every waiting stream hears of it
                 for p, _ in ready:
                     p.future.set_exception(e)

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 
 from aerie.batch.cache import BatchKVCache
-from aerie.batch.inputs import ForwardInputs, batch_inputs, tree_geometry
+from aerie.batch.inputs import batch_inputs, prefill_inputs, prefill_shape, tree_geometry
 from aerie.batch.trees import TreeBatch
-from aerie.fused import fused_norms, norms_to_fuse
+from aerie.fused import fused, fusion_for
 from aerie.graphs import bucket_for
 from aerie.heads import DraftHead
 from aerie.kvcache import pinned_tensor
@@ -123,39 +123,52 @@ def rerank_rows(
 class BatchDrafter:
     """The draft head over a batch of sessions; row i of its cache is row i of the verifier's."""
 
-    def __init__(self, head: DraftHead, tree: TreeConfig, cache: BatchKVCache, largest_graph: int = 128):
+    def __init__(self, head: DraftHead, tree: TreeConfig, cache: BatchKVCache, largest_graph: int = 128,
+                 prefill_graph_tokens: int = 512):
         self.head = head
         self.tree = tree
         self.cache = cache
         self.largest_graph = largest_graph
+        self.prefill_graph_tokens = prefill_graph_tokens
         self.device = head.fc.weight.device
         self.dtype = head.fc.weight.dtype
         # The head's output at each row's last committed pair: the root of its next tree.
         self.root_hidden = torch.zeros(cache.rows, head.hidden_size, device=self.device, dtype=self.dtype)
         self.root_tokens = [0] * cache.rows  # and its token, the root itself
-        self.fused = norms_to_fuse(head, self.device)
+        self.fused = fusion_for(head, self.device)
 
-    def _head(self, key, batch: int, inputs: ForwardInputs, x: torch.Tensor, first_row: int = 0) -> torch.Tensor:
-        """The head over rows of new pairs after each row's committed entries (`batch_inputs`)."""
+    def _head(self, key, window: tuple[int, int], inputs: dict[str, torch.Tensor],
+              kv_width: int | None = None) -> torch.Tensor:
+        """The head over rows of new pairs (inputs "x" and "ids") after each row's committed
+        entries, attending over the cache's rows `window`, or with `kv_width` (a join) over
+        the new pairs alone."""
         def step(b: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
-            positions, mask = tree_geometry(b["parents"], b["lengths"], self.cache.capacity)
+            positions, mask = tree_geometry(b["parents"], b["lengths"], kv_width or self.cache.capacity)
             return (self.head.step(b["x"], b["ids"], positions, mask, self.cache),)
 
-        with fused_norms(self.fused):
-            (hidden,) = self.cache.run(key, (first_row, first_row + batch), {**inputs.as_dict(), "x": x}, step)
+        with fused(self.fused):
+            (hidden,) = self.cache.run(key, window, inputs, step, own_keys=kv_width is not None)
         return hidden
+
+    def join_shape(self, sessions: int, longest: int) -> tuple[int, int, bool]:
+        """(batch, width, graphed) of a join of `sessions` sessions of up to `longest` pairs."""
+        cache = self.cache
+        return prefill_shape(sessions, longest, self.prefill_graph_tokens, cache.capacity, cache.graphs.enabled)
 
     @torch.inference_mode()
     def join(self, features: Sequence[torch.Tensor], next_tokens: Sequence[Sequence[int]]) -> None:
-        """New sessions (after the rows in use): commit their prompts' pairs in one eager
-        forward, remembering the last one's output as the root of the first tree."""
+        """New sessions (after the rows in use): commit their prompts' pairs in one forward
+        (as the target's prefill: a graph per bucket, attending to the new pairs alone),
+        remembering the last one's output as the root of the first tree."""
         cache = self.cache
         rows = cache.add_rows(len(features))
-        width = max(len(t) for t in next_tokens)
+        longest = max(len(t) for t in next_tokens)
+        batch, width, graphed = self.join_shape(len(features), longest)
         cache.reserve(width)
-        inputs = batch_inputs(next_tokens, None, [0] * len(rows), width, len(rows), cache.capacity, rows.start)
-        x = _pad_features(features, width, self.dtype, self.device)
-        hidden = self._head(None, len(rows), inputs, x, rows.start)
+        inputs = prefill_inputs(next_tokens, batch, width, rows.start, cache.capacity - 1)
+        inputs["x"] = _pad_features([*features, *[None] * (batch - len(features))], width, self.dtype, self.device)
+        key = ("join", batch, width) if graphed else None
+        hidden = self._head(key, (rows.start, rows.stop), inputs, kv_width=width)
         for i, row in enumerate(rows):
             cache.lengths[row] = len(next_tokens[i])
             self.root_hidden[row] = hidden[i, len(next_tokens[i]) - 1]
@@ -188,7 +201,7 @@ class BatchDrafter:
             "committed": pinned_tensor(cache.lengths[:batch]),
         }
         key = ("expand", batch, config.kind, config.depth, config.top_k, config.total_tokens)  # all that shapes it
-        with fused_norms(self.fused):
+        with fused(self.fused):
             trees, *pool = cache.run(key, (0, batch), inputs, self._expand)
         # The drafted entries sit past each row's length, so they are already gone: the
         # next commit overwrites them. One copy of the reranked trees to the host (float64
@@ -259,7 +272,7 @@ class BatchDrafter:
         inputs = batch_inputs(next_tokens, None, cache.lengths, width, batch, cache.capacity)
         x = _pad_features(list(features) + [None] * (batch - len(features)), width, self.dtype, self.device)
         key = ("commit", batch, width, x.shape[-1]) if width <= self.largest_graph else None
-        hidden = self._head(key, batch, inputs, x)
+        hidden = self._head(key, (0, batch), {**inputs.as_dict(), "x": x})
         rows = [r for r, t in enumerate(next_tokens) if len(t)]
         for r in rows:
             cache.lengths[r] += len(next_tokens[r])

@@ -116,18 +116,28 @@ class BatchEngine:
         first generation, and capture the graph of every prefill that sessions joining such a
         run can make: a cache that grows later (a longer prompt, more new tokens) drops every
         graph captured over it, and a graph captured mid-run costs that run its capture."""
-        target_cache, _ = self._caches_for(max_prompt_tokens, max_new_tokens, concurrency, mode)
+        target_cache, head_cache = self._caches_for(max_prompt_tokens, max_new_tokens, concurrency, mode)
         if not target_cache.graphs.enabled:
             return
         cfg = self.config
         model = self.target.batch_model(target_cache, cfg.largest_graph, cfg.prefill_graph_tokens)
+        drafter = None
+        if head_cache is not None:
+            drafter = BatchDrafter(self.head, self.tree, head_cache, cfg.largest_graph, cfg.prefill_graph_tokens)
+            feature_dim = self.target.features.dim(self.target.hidden_size)
         shapes = {model.prefill_shape(batch, width)
                   for batch in _powers_of_two(concurrency) for width in _powers_of_two(max_prompt_tokens)}
         for batch, width, graphed in sorted(shapes):
-            if graphed:
-                model.prefill([[0] * width] * batch)
-                for row in range(batch - 1, -1, -1):
-                    model.remove_row(row)
+            if not graphed:
+                continue
+            model.prefill([[0] * width] * batch)
+            if drafter is not None:  # the head's join of the same sessions has the same shape
+                features = torch.zeros(width, feature_dim, dtype=drafter.dtype, device=drafter.device)
+                drafter.join([features] * batch, [[0] * width] * batch)
+            for row in range(batch - 1, -1, -1):
+                model.remove_row(row)
+                if drafter is not None:
+                    drafter.leave(row)
 
     def _caches_for(
         self, max_prompt_tokens: int, max_new_tokens: int, concurrency: int, mode: Mode
@@ -175,7 +185,7 @@ class BatchEngine:
                                  cfg.prefill_graph_tokens)
         drafter = None
         if mode == "eagle":
-            drafter = BatchDrafter(self.head, self.tree, head_cache, cfg.largest_graph)
+            drafter = BatchDrafter(self.head, self.tree, head_cache, cfg.largest_graph, cfg.prefill_graph_tokens)
 
         results: list[SessionResult | None] = [None] * len(prompts)
         queue = deque(range(len(prompts)))

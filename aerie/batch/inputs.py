@@ -13,6 +13,10 @@ The host packs each row's tokens and parents (`batch_inputs`: a few small tensor
 over rows, so that host work per round does not grow with the sessions in Python); the
 positions and the [batch, 1, width, capacity] mask follow from the parents and the lengths
 (`tree_geometry`), which the forward computes on the device, inside its CUDA graph.
+
+A prefill (`prefill_inputs`) is the case of empty rows: its prompts are chains from slot 0,
+they attend to each other alone (a [batch, 1, width, width] mask), and padding rows, which
+have no cache row of their own, write to a scratch slot instead.
 """
 
 from __future__ import annotations
@@ -75,6 +79,22 @@ def batch_inputs(
     widest = max(sizes, default=0)
     return padded_inputs(pack_rows(tokens, widest, len(tokens), 0), pack_rows(parents, widest, len(tokens), -1),
                          sizes, lengths, width, batch, capacity, first_row)
+
+
+# The narrowest prefill graph: shorter prompts share it, so that a few graphs cover every join.
+MIN_PREFILL_WIDTH = 32
+
+
+def prefill_shape(prompts: int, longest: int, graph_tokens: int, capacity: int, graphs: bool) -> tuple[int, int, bool]:
+    """(batch, width, graphed) of a prefill of `prompts` prompts of up to `longest` tokens into
+    a cache of `capacity` slots: padded to powers of two (the width to at least
+    MIN_PREFILL_WIDTH) and replayed as a graph while that is at most `graph_tokens` tokens
+    and leaves a scratch slot past it; otherwise (or without `graphs`) eagerly, unpadded."""
+    batch = 1 << (prompts - 1).bit_length()
+    width = max(MIN_PREFILL_WIDTH, 1 << (longest - 1).bit_length())
+    if graphs and batch * width <= graph_tokens and width < capacity:
+        return batch, width, True
+    return prompts, longest, False
 
 
 def prefill_inputs(

@@ -19,9 +19,9 @@ import torch
 
 from aerie.accept import accept_greedy_rows
 from aerie.batch.cache import BatchKVCache, RowCompaction
-from aerie.batch.inputs import padded_inputs, prefill_inputs, tree_geometry
+from aerie.batch.inputs import padded_inputs, prefill_inputs, prefill_shape, tree_geometry
 from aerie.batch.trees import TreeBatch
-from aerie.fused import fused_norms, norms_to_fuse
+from aerie.fused import fused
 from aerie.graphs import bucket_for
 from aerie.tree import ancestor_closure
 
@@ -32,9 +32,6 @@ if TYPE_CHECKING:
 # [b, w, vocab] float logits, or (on a rank without the LM head) a zero-width [b, w, 0]
 # stand-in; features are [b, w, F].
 ForwardOutput = tuple[torch.Tensor, torch.Tensor]
-
-# The narrowest prefill graph: shorter prompts share it, so that a few graphs cover every join.
-MIN_PREFILL_WIDTH = 32
 
 
 def greedy_acceptance(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,7 +102,7 @@ class LocalBatchModel:
         self.reads_logits = reads_logits
         self.base = target.model.base_model
         self.lm_head = target.model.get_output_embeddings()
-        self.fused = norms_to_fuse(target.model, target.device)  # as the single-session static path
+        self.fused = target.fused  # as the single-session static path
 
     @property
     def cache(self) -> BatchKVCache:
@@ -119,7 +116,7 @@ class LocalBatchModel:
         own tokens) or, by default, the cache's capacity."""
         reach = ancestor_closure(b["parents"])
         positions, mask = tree_geometry(b["parents"], b["lengths"], kv_width or self._cache.capacity, reach)
-        with fused_norms(self.fused):
+        with fused(self.fused):
             out = self.base(
                 input_ids=b["ids"], position_ids=positions, attention_mask=mask,
                 past_key_values=self._cache, use_cache=True, output_hidden_states=True,
@@ -142,16 +139,9 @@ class LocalBatchModel:
     # --- the operations --------------------------------------------------------------------
 
     def prefill_shape(self, prompts: int, longest: int) -> tuple[int, int, bool]:
-        """(batch, width, graphed) of a prefill of `prompts` prompts of up to `longest` tokens:
-        padded to powers of two (the width to at least MIN_PREFILL_WIDTH) and replayed as a
-        graph while that is at most `prefill_graph_tokens` tokens and leaves the cache a
-        scratch slot past it; otherwise eagerly, unpadded."""
-        batch = 1 << (prompts - 1).bit_length()
-        width = max(MIN_PREFILL_WIDTH, 1 << (longest - 1).bit_length())
+        """(batch, width, graphed) of a prefill of `prompts` prompts of up to `longest` tokens."""
         cache = self._cache
-        if cache.graphs.enabled and batch * width <= self.prefill_graph_tokens and width < cache.capacity:
-            return batch, width, True
-        return prompts, longest, False
+        return prefill_shape(prompts, longest, self.prefill_graph_tokens, cache.capacity, cache.graphs.enabled)
 
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> ForwardOutput:

@@ -190,9 +190,19 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
     layers = model.config.num_hidden_layers
     target = Target(model, FeatureSpec("eagle3", eagle3_default_layers(layers)), static=StaticKV(cuda_graphs=graphs))
     curve = verify_cost_curve(target)
-    # The same forwards with transformers' own RMSNorm: what fusing the norms saves.
-    reference = Target(model, target.features, static=StaticKV(cuda_graphs=graphs, fused_norms=False))
-    reference_curve = verify_cost_curve(reference, sizes=(1, 64))
+    # The same forwards with transformers' own kernels, and with the norms alone fused: what
+    # each fusion saves (aerie.fused).
+    variants = {
+        "reference": StaticKV(cuda_graphs=graphs, fused_norms=False, compiled_rotary=False),
+        "fused_norms_only": StaticKV(cuda_graphs=graphs, compiled_rotary=False),
+    }
+    unfused = {}
+    for label, static in variants.items():
+        other = Target(model, target.features, static=static)
+        unfused[label] = {
+            "curve": [vars(p) for p in verify_cost_curve(other, sizes=(1, 64))],
+            "kernels": [b for b in (kernel_breakdown(other, 1),) if b],
+        }
     floor_ms = 1e3 * weight_bytes(model) / bandwidth
     one = curve[0].ms_median
     return {
@@ -204,10 +214,7 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
         "one_token_device_vs_floor": floor_ms / curve[0].device_ms if curve[0].device_ms else None,
         "curve": [vars(p) for p in curve],
         "kernels": [b for b in (kernel_breakdown(target, 1), kernel_breakdown(target, 64)) if b],
-        "reference_norms": {
-            "curve": [vars(p) for p in reference_curve],
-            "kernels": [b for b in (kernel_breakdown(reference, 1),) if b],
-        },
+        **unfused,
     }
 
 
@@ -251,8 +258,9 @@ def format_verify_cost(result: dict) -> str:
             cells = " | ".join(f"{p['device_ms']:.2f}" for p in s["curve"])
             share = 100 * s["one_token_device_vs_floor"]
             lines.append(f"| {s['shape']} (graph replay only) | {cells} | {s['bandwidth_floor_ms']:.2f} | {share:.0f}% |")
-        reference = {p["tree_size"]: p for p in s.get("reference_norms", {}).get("curve", [])}
-        if reference:
-            cells = " | ".join(f"{reference[k]['ms_median']:.2f}" if k in reference else "" for k in sizes)
-            lines.append(f"| {s['shape']} (transformers' RMSNorm) | {cells} | | |")
+        for label, what in (("reference", "transformers' kernels"), ("fused_norms_only", "fused norms only")):
+            other = {p["tree_size"]: p for p in s.get(label, {}).get("curve", [])}
+            if other:
+                cells = " | ".join(f"{other[k]['ms_median']:.2f}" if k in other else "" for k in sizes)
+                lines.append(f"| {s['shape']} ({what}) | {cells} | | |")
     return "\n".join(lines)
