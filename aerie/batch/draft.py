@@ -150,11 +150,6 @@ class BatchDrafter:
             (hidden,) = self.cache.run(key, window, inputs, step, own_keys=kv_width is not None)
         return hidden
 
-    def join_shape(self, sessions: int, longest: int) -> tuple[int, int, bool]:
-        """(batch, width, graphed) of a join of `sessions` sessions of up to `longest` pairs."""
-        cache = self.cache
-        return prefill_shape(sessions, longest, self.prefill_graph_tokens, cache.capacity, cache.graphs.enabled)
-
     @torch.inference_mode()
     def join(self, features: Sequence[torch.Tensor], next_tokens: Sequence[Sequence[int]]) -> None:
         """New sessions (after the rows in use): commit their prompts' pairs in one forward
@@ -163,7 +158,8 @@ class BatchDrafter:
         cache = self.cache
         rows = cache.add_rows(len(features))
         longest = max(len(t) for t in next_tokens)
-        batch, width, graphed = self.join_shape(len(features), longest)
+        batch, width, graphed = prefill_shape(len(features), longest, self.prefill_graph_tokens, cache.capacity,
+                                              cache.graphs.enabled)
         cache.reserve(width)
         inputs = prefill_inputs(next_tokens, batch, width, rows.start, cache.capacity - 1)
         inputs["x"] = _pad_features([*features, *[None] * (batch - len(features))], width, self.dtype, self.device)
