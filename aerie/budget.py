@@ -5,7 +5,10 @@ trip. A bigger tree accepts more but costs more, and where the balance lies depe
 machine (a GPU verifies 64 tokens for about the price of one, a CPU does not) and on the
 prompts (code is easier to guess than prose). So both sides are measured while serving:
 
-- acceptance: every `explore_every`-th round drafts the largest tree. Because a dynamic tree
+- acceptance: every `explore_every`-th round drafts the largest tree (every
+  `settled_explore_every`-th once `settle_after` such rounds are logged: an explored round
+  costs more than the chosen one, and the estimate needs fewer new samples once it has many).
+  Because a dynamic tree
   of N nodes and depth d is exactly the N best-scoring candidates of depth <= d among what
   the drafter expanded (the expansion of each level does not depend on N or on deeper
   levels), such a round tells what every smaller tree would have accepted: the accepted
@@ -13,7 +16,8 @@ prompts (code is easier to guess than prose). So both sides are measured while s
   under sampling it is the same estimate, with the path the sampler chose.
 - cost: the measured verify time of each tree-size bucket (the verifier runs padded buckets,
   so cost is a step function of size) and the measured draft time per depth, plus the round
-  trip for a networked verifier. Sizes not yet measured are visited during warm-up; the first round at any size or depth
+  trip for a networked verifier and the round's host work outside both (the decoding loop,
+  this module's own bookkeeping, the caller's handling of each round's tokens). Sizes not yet measured are visited during warm-up; the first round at any size or depth
   captures its CUDA graphs and is not taken as a measurement.
 
 The choice is then the candidate (N, d) with the largest (E[accepted(N, d)] + 1) / cost.
@@ -58,6 +62,24 @@ def accepted_if(round_: ExploredRound, total_tokens: int, depth: int) -> int:
     return accepted
 
 
+def acceptance_table(round_: ExploredRound, sizes: list[int], max_depth: int) -> torch.Tensor:
+    """`accepted_if` of the round for every size in `sizes` and every depth 1..max_depth at
+    once: [len(sizes), max_depth] float64. A path node makes the cut of (n, d) when its depth
+    is at most d and fewer than n candidates of depth <= d score above it."""
+    table = torch.zeros(len(sizes), max_depth, dtype=torch.float64)
+    if not round_.path_scores:
+        return table
+    path_scores = torch.tensor(round_.path_scores, dtype=torch.float64)
+    path_depths = torch.tensor(round_.path_depths)
+    above = (round_.scores[None, :] > path_scores[:, None]).double()  # [path, candidates]
+    by_depth = torch.nn.functional.one_hot(round_.depths - 1, max_depth).double()  # [candidates, depth]
+    rank = (above @ by_depth).cumsum(dim=1)  # [path, depth]: candidates of depth <= d above each node
+    n = torch.tensor(sizes, dtype=torch.float64)
+    depth = torch.arange(1, max_depth + 1)
+    in_cut = (rank[:, None, :] < n[None, :, None]) & (path_depths[:, None, None] <= depth[None, None, :])
+    return in_cut.long().cumprod(dim=0).sum(dim=0).double()
+
+
 def path_nodes(tree: DraftTree, accepted_tokens: list[int]) -> list[int]:
     """The tree nodes (root excluded) that the verifier accepted, found by following the
     accepted tokens down from the root (siblings never repeat a token)."""
@@ -80,18 +102,22 @@ class CostModel:
     verify_ms: dict[int, float] = field(default_factory=dict)
     draft_ms: dict[int, float] = field(default_factory=dict)
     rtt_ms: float = 0.0
+    host_ms: float = 0.0  # the round's work outside drafting, verifying and the round trip
     smoothing: float = 0.2  # weight of a new measurement in the running means
     # Buckets and depths run once: their first round captured CUDA graphs (tens of ms), so
     # it is not a measurement. Recorded, a size would look too dear ever to be tried again.
     _seen: set = field(default_factory=set)
 
-    def observe(self, bucket: int, depth: int, verify_ms: float, draft_ms: float, rtt_ms: float = 0.0) -> None:
+    def observe(self, bucket: int, depth: int, verify_ms: float, draft_ms: float, rtt_ms: float = 0.0,
+                host_ms: float | None = None) -> None:
         if ("verify", bucket) in self._seen:
             self.verify_ms[bucket] = _ema(self.verify_ms.get(bucket), verify_ms, self.smoothing)
         if ("draft", depth) in self._seen:
             self.draft_ms[depth] = _ema(self.draft_ms.get(depth), draft_ms, self.smoothing)
         self._seen |= {("verify", bucket), ("draft", depth)}
         self.rtt_ms = _ema(self.rtt_ms or None, rtt_ms, self.smoothing)
+        if host_ms is not None:
+            self.host_ms = _ema(self.host_ms or None, host_ms, self.smoothing)
 
     def draft(self, depth: int) -> float:
         """Measured, or scaled from the nearest measured depth (0 before any): a round runs
@@ -104,7 +130,7 @@ class CostModel:
         return self.draft_ms[near] * depth / near
 
     def round_ms(self, bucket: int, depth: int) -> float:
-        return self.draft(depth) + self.verify_ms[bucket] + self.rtt_ms
+        return self.draft(depth) + self.verify_ms[bucket] + self.rtt_ms + self.host_ms
 
 
 def _ema(old: float | None, new: float, weight: float) -> float:
@@ -115,12 +141,15 @@ class TreeBudget:
     """Chooses the next round's tree. `largest` is the explored tree (its depth, top-k and
     size bound the choice); `largest_graph` is the verifier's largest graphed forward."""
 
-    def __init__(self, largest: TreeConfig, largest_graph: int = 128, explore_every: int = 8, window: int = 512):
+    def __init__(self, largest: TreeConfig, largest_graph: int = 128, explore_every: int = 8, window: int = 512,
+                 settle_after: int = 64, settled_explore_every: int = 32):
         if largest.kind != "dynamic":
             raise ValueError("--tree-budget auto needs the dynamic tree")
         self.largest = largest
         self.largest_graph = largest_graph
         self.explore_every = explore_every
+        self.settle_after = settle_after
+        self.settled_explore_every = settled_explore_every
         self.log: deque[ExploredRound] = deque(maxlen=window)
         # accepted_if of each logged round for every (size, depth) candidate, computed once
         # when the round is logged: the choice then costs a mean, not a replay of the log.
@@ -147,18 +176,21 @@ class TreeBudget:
         self.rounds += 1
         if self._warmup and self.rounds % 2 == 0:  # measure each size's cost once, between explorations
             return self._tree(*self._warmup.pop())
-        if not self.log or self.rounds % self.explore_every == 1 or self._warmup:
+        every = self.settled_explore_every if len(self.log) >= self.settle_after else self.explore_every
+        if not self.log or self.rounds % every == 1 or self._warmup:
             return self.largest
         n, d = self.choice()
         return self._tree(n, d)
 
     def observe(self, tree_config: TreeConfig, tree: DraftTree, candidates: tuple[torch.Tensor, torch.Tensor] | None,
-                accepted_tokens: list[int], draft_ms: float, verify_ms: float, rtt_ms: float = 0.0) -> None:
+                accepted_tokens: list[int], draft_ms: float, verify_ms: float, rtt_ms: float = 0.0,
+                host_ms: float | None = None) -> None:
         """Record a finished round. `candidates` are (scores, depths) of every drafted
         candidate, given for rounds drafted with the largest tree; `accepted_tokens` are
-        the accepted draft tokens (the bonus token left out)."""
+        the accepted draft tokens (the bonus token left out); `host_ms` the time from the
+        previous round's end to this one's start (None for a generation's first round)."""
         bucket = bucket_for(len(tree), self.largest_graph) or len(tree)
-        self.costs.observe(bucket, tree_config.depth, verify_ms, draft_ms, rtt_ms)
+        self.costs.observe(bucket, tree_config.depth, verify_ms, draft_ms, rtt_ms, host_ms)
         if tree_config == self.largest and candidates is not None:
             path = path_nodes(tree, accepted_tokens)
             depths = tree.depths
@@ -169,8 +201,7 @@ class TreeBudget:
             ))
 
     def add_explored(self, round_: ExploredRound) -> None:
-        table = torch.tensor([[accepted_if(round_, n, d) for d in range(1, self.largest.depth + 1)] for n in self.sizes],
-                             dtype=torch.float64)
+        table = acceptance_table(round_, self.sizes, self.largest.depth)
         if len(self._tables) == self._tables.maxlen:
             self._table_sum -= self._tables[0]
         self.log.append(round_)
@@ -187,12 +218,16 @@ class TreeBudget:
     def choice(self) -> tuple[int, int]:
         """The (total_tokens, depth) with the most expected tokens per ms, among measured sizes."""
         best, best_rate = (self.largest.total_tokens, self.largest.depth), -1.0
-        for n in self.sizes:
+        if not self._tables:
+            return best
+        # Plain floats: this runs every round, and 50-odd tensor reads cost more than the rest.
+        means = (self._table_sum / len(self._tables)).tolist()
+        for n, accepted in zip(self.sizes, means):
             bucket = bucket_for(n + 1, self.largest_graph) or n + 1
             if bucket not in self.costs.verify_ms:
                 continue
             for d in range(1, self.largest.depth + 1):
-                rate = (self.expected_accepted(n, d) + 1) / self.costs.round_ms(bucket, d)
+                rate = (accepted[d - 1] + 1) / self.costs.round_ms(bucket, d)
                 if rate > best_rate:
                     best, best_rate = (n, d), rate
         return best

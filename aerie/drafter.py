@@ -138,4 +138,4 @@ class DraftSession:
         mask = (torch.arange(cache.capacity, device=device) < committed).expand(n, -1).clone()
         mask.scatter_(1, drafted.expand(n, -1), ancestry)
         positions = (committed + level - 1).expand(1, n)
-        return self.head.step(x[None], ids[None], positions, mask[None, None], cache)[0]
+        return self.head.static_step(x[None], ids[None], positions, mask[None, None], cache)[0]

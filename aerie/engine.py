@@ -151,6 +151,7 @@ class Engine:
         verifier: VerifySession, drafter: Drafter, features: torch.Tensor, next_tokens: list[int],
         budget: TreeBudget | None,
     ) -> Iterator[tuple[list[int], RoundStats]]:
+        last_end = None  # when the previous round's verify returned
         while not verifier.done:
             if budget is not None:
                 drafter.tree = budget.next_tree()
@@ -165,7 +166,9 @@ class Engine:
                 explored = drafter.tree == budget.largest
                 budget.observe(drafter.tree, tree, drafter.candidates() if explored else None,
                                result.new_tokens[: result.accepted_draft],
-                               draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1))
+                               draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1),
+                               host_ms=None if last_end is None else 1e3 * (t0 - last_end))
+            last_end = t2
             features = result.features
             # The tokens paired with the returned features: the accepted path (any branch of
             # the tree, not its first nodes) and the bonus token. Only a round that ends

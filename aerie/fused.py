@@ -1,4 +1,5 @@
-"""Fused kernels for the graphed GPU path: RMSNorm and the rotary embedding.
+"""Fused kernels for the graphed GPU path: the whole forward compiled, or RMSNorm and the
+rotary embedding alone.
 
 At batch 1 a forward of a small target is bound by kernel launches, even replayed as a CUDA
 graph, and two pieces of transformers' Llama-family layers are most of its small kernels:
@@ -13,6 +14,12 @@ Both round once where the reference rounds at every step in half precision, so t
 only inside `fused`, around the forwards that our own static path runs: plain and speculative
 decoding both go through it, and the same model called from anywhere else (transformers'
 `generate`, the dynamic-cache path, training) keeps the reference kernels.
+
+Beyond those two, every layer still runs its residual adds, SiLU-and-multiply and casts as
+kernels of their own. Compiling the whole forward (`Compiled`: `torch.compile` with dynamic
+shapes, one graph, the matrix multiplies left to cuBLAS) fuses each chain of elementwise work
+into one kernel, the norms and the rotary embedding included. The single-session static path
+runs that compiled forward where the machine can compile it (`StaticKV.compiled_forward`).
 """
 
 from __future__ import annotations
@@ -75,8 +82,14 @@ def fused(fusion: Fusion) -> Iterator[None]:
 
 
 def _fused_norm(module: nn.Module):
-    shape, weight, eps = (module.weight.shape[-1],), module.weight, module.variance_epsilon
-    return lambda hidden: F.rms_norm(hidden, shape, weight, eps)
+    # One function per module, made once: a compiled forward that traces it guards on its
+    # identity, and a new one at every block would make it compile again each time.
+    forward = module.__dict__.get("_fused_forward")
+    if forward is None:
+        shape = (module.weight.shape[-1],)
+        forward = module.__dict__["_fused_forward"] = (
+            lambda hidden: F.rms_norm(hidden, shape, module.weight, module.variance_epsilon))
+    return forward
 
 
 # --- the rotary embedding --------------------------------------------------------------------
@@ -103,24 +116,40 @@ def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 @functools.cache
 def compiled_rotate() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-    """`rotate` compiled, or `rotate` itself where compiling fails (a machine without a
-    working Triton or C compiler): slower, never wrong."""
-    compiled = torch.compile(rotate, dynamic=True, fullgraph=True)
-    working = compiled
+    """`rotate` compiled, with the eager fallback of `Compiled`."""
+    return Compiled(rotate, "the rotary embedding")
 
-    def run(*args, **kwargs):
-        nonlocal working
+
+class Compiled:
+    """`fn` compiled whole (one graph, shapes dynamic: compiled once for one row and once
+    for any other count), or `fn` itself from the first failure on (a machine without a
+    working Triton or C compiler): slower, never wrong. Compiling happens at the first calls,
+    which the graph cache makes before it captures. Inside a `fused` block it traces the
+    swapped-in norms (the compiler fuses either kind) and the reference rotary embedding."""
+
+    def __init__(self, fn: Callable, what: str):
+        # Each compiled function takes a few graphs (one row or many; a head's two feature
+        # widths), and two targets of one class share a code object: more than the default
+        # eight before dynamo gives up and runs eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        self.fn, self.what = fn, what
+        self.working = torch.compile(fn, dynamic=True, fullgraph=True)
+
+    @property
+    def eager(self) -> bool:
+        """Whether compiling failed and `fn` runs as it is."""
+        return self.working is self.fn
+
+    def __call__(self, *args, **kwargs):
         try:
-            return working(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - any compiler failure; the eager math is exact
-            if working is rotate or torch.cuda.is_current_stream_capturing():
+            return self.working(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure; the eager function is exact
+            if self.eager or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
                 raise
-            print(f"aerie: compiling the rotary embedding failed ({type(e).__name__}: {e}); "
-                  "running it unfused", file=sys.stderr)
-            working = rotate
-            return rotate(*args, **kwargs)
-
-    return run
+            print(f"aerie: compiling {self.what} failed ({type(e).__name__}: {e}); running it uncompiled",
+                  file=sys.stderr)
+            self.working = self.fn
+            return self.fn(*args, **kwargs)
 
 
 def install_rotary_dispatch(model: nn.Module) -> bool:

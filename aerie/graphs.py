@@ -49,6 +49,10 @@ class GraphCache:
     replays the graph of `key`, capturing `fn` first if needed, and returns the outputs
     `fn` produced during capture: static tensors that each replay overwrites."""
 
+    # Captures by every cache of the process: caches are pooled and made deep inside the
+    # engines, and a benchmark reports the captures that fell inside its timed runs.
+    total_captures = 0
+
     def __init__(self, enabled: bool):
         self.enabled = enabled and torch.cuda.is_available()
         # Each graph keeps its own memory pool: a shared pool could place one graph's
@@ -96,4 +100,5 @@ class GraphCache:
             if collecting:
                 gc.enable()
         self.captures += 1
+        GraphCache.total_captures += 1
         return graph, outputs

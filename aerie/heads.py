@@ -63,6 +63,7 @@ class DraftHead(nn.Module):
         self.static: StaticKV | None = None
         self._caches = None
         self.fused = Fusion()  # the kernels the static path fuses (aerie.fused)
+        self.compiled = None  # `step` compiled whole, where the static path compiles it
 
     def attach(self, target: Target) -> DraftHead:
         """Borrow the target's embedding and LM head, and run the way it runs (static
@@ -71,6 +72,7 @@ class DraftHead(nn.Module):
         self._borrowed["lm_head"] = target.model.get_output_embeddings()
         self.static = target.static
         self._caches = None
+        self.compiled = None
         return self
 
     @property
@@ -85,8 +87,10 @@ class DraftHead(nn.Module):
         if self.static is None:
             return DynamicCache(config=self.config)
         if self._caches is None:  # made on first use: the head may move device after attach
-            self._caches = self.static.pool(1, self.fc.weight.device)
-            self.fused = self.static.fusion(self, self.fc.weight.device)
+            device = self.fc.weight.device
+            self._caches = self.static.pool(1, device)
+            self.fused = self.static.fusion(self, device)
+            self.compiled = self.static.compile(self.step, device)
         return self._caches.take()
 
     def release_cache(self, cache: DynamicCache | SlotCache) -> None:
@@ -125,7 +129,8 @@ class DraftHead(nn.Module):
             with fused(self.fused):
                 (hidden,) = static_forward(
                     cache, ("head", features.shape[-1]), rows, attention_mask,
-                    lambda b: (self.step(b["x"], b["ids"], b["pos"], b["mask"], cache)[0],), self.static.largest_graph,
+                    lambda b: (self.static_step(b["x"], b["ids"], b["pos"], b["mask"], cache)[0],),
+                    self.static.largest_graph,
                 )
             return hidden[None]
         if isinstance(attention_mask, Attend):
@@ -140,6 +145,12 @@ class DraftHead(nn.Module):
         what a CUDA graph captures."""
         emb = self.embed(input_ids).to(features.dtype)
         return self.layer(features, emb, position_ids, attention_mask, cache)
+
+    def static_step(self, features, input_ids, position_ids, attention_mask, cache: SlotCache) -> torch.Tensor:
+        """`step` on a static cache: compiled where the static path compiles it, once the
+        cache has allocated its storage (in its first, uncompiled, forward)."""
+        step = self.compiled if self.compiled is not None and cache.storage is not None else self.step
+        return step(features, input_ids, position_ids, attention_mask, cache)
 
 
 class Eagle1Head(DraftHead):

@@ -8,13 +8,14 @@ preallocated `SlotCache` whose forwards run as CUDA graphs; both are compacted i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from aerie.fused import Fusion, fused, fusion_for
+from aerie.fused import Compiled, Fusion, fused, fusion_for
 from aerie.kvcache import Attend, CachePool, SlotCache, static_forward
 from aerie.tree import ancestor_mask, node_depths
 
@@ -57,6 +58,9 @@ class StaticKV:
     pooled: int = 4  # released caches kept, with their graphs, for the next sessions
     fused_norms: bool = True  # RMSNorm as one kernel on CUDA (aerie.fused)
     compiled_rotary: bool = True  # the rotary embedding compiled into one or two kernels on CUDA
+    # The whole forward compiled (aerie.fused.Compiled): on CUDA only ("cuda"), also on the
+    # CPU ("always": the tested path of the compiled one), or not at all ("never").
+    compiled_forward: Literal["cuda", "always", "never"] = "cuda"
 
     @staticmethod
     def default_for(device: str | torch.device) -> StaticKV | None:
@@ -66,6 +70,11 @@ class StaticKV:
 
     def fusion(self, model: torch.nn.Module, device: torch.device) -> Fusion:
         return fusion_for(model, device, self.fused_norms, self.compiled_rotary)
+
+    def compile(self, forward: Callable, device: torch.device) -> Compiled | None:
+        """`forward` compiled whole where `compiled_forward` asks for it on `device`, else None."""
+        wanted = self.compiled_forward == "always" or (self.compiled_forward == "cuda" and device.type == "cuda")
+        return Compiled(forward, getattr(forward, "__qualname__", type(forward).__name__)) if wanted else None
 
     def pool(self, num_layers: int, device: torch.device) -> CachePool:
         return CachePool(lambda: SlotCache(num_layers, self.initial_capacity, device, self.cuda_graphs), self.pooled)
@@ -88,8 +97,10 @@ class Target:
         self.static = static
         self._caches = None if static is None else static.pool(self.config.num_hidden_layers, self.device)
         # The kernels the static path fuses (aerie.fused): it serves plain and speculative
-        # decoding alike.
+        # decoding alike, with the whole forward compiled where it can be (the batched path
+        # fuses the norms and the rotary embedding only).
         self.fused = Fusion() if static is None else static.fusion(model, self.device)
+        self.compiled = None if static is None else static.compile(model, self.device)
         n_layers = self.config.num_hidden_layers
         if features.kind == "eagle3" and not all(0 <= i <= n_layers for i in features.layers):
             raise ValueError(f"EAGLE-3 feature layers {features.layers} out of range for {n_layers} layers")
@@ -161,11 +172,14 @@ class Target:
         return TargetOutput(logits=logits, features=feats)
 
     def _run(self, cache, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
-        with fused(self.fused if isinstance(cache, SlotCache) else Fusion()):
-            out = self.model(
-                input_ids=input_ids, position_ids=positions, attention_mask=mask,
-                past_key_values=cache, use_cache=True, output_hidden_states=True,
-            )
+        args = dict(input_ids=input_ids, position_ids=positions, attention_mask=mask,
+                    past_key_values=cache, use_cache=True, output_hidden_states=True)
+        static = isinstance(cache, SlotCache)
+        # A new cache's first forward allocates its storage: run uncompiled, it costs the
+        # compiled forward no graph of its own.
+        forward = self.compiled if static and self.compiled is not None and cache.storage is not None else self.model
+        with fused(self.fused if static else Fusion()):
+            out = forward(**args)
         hidden = out.hidden_states
         if self.features.kind == "eagle3":
             feats = torch.cat([hidden[i] for i in self.features.layers], dim=-1)

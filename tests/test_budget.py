@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from aerie.budget import CostModel, ExploredRound, TreeBudget, accepted_if, path_nodes
+from aerie.budget import CostModel, ExploredRound, TreeBudget, acceptance_table, accepted_if, path_nodes
 from aerie.engine import Engine
 from aerie.sampling import SamplingParams
 from aerie.target import StaticKV, Target
@@ -75,9 +75,24 @@ def test_accepted_if_equals_rebuilding_the_smaller_tree(seed):
         scores=torch.tensor(pool.logprobs[1:], dtype=torch.float64), depths=torch.tensor(depths[1:]),
         path_scores=tuple(pool.logprobs[i] for i in path), path_depths=tuple(depths[i] for i in path),
     )
-    for total in (1, 3, 7, 15, 31, len(pool.tokens) - 1):
+    sizes = [1, 3, 7, 15, 31, len(pool.tokens) - 1]
+    table = acceptance_table(round_, sizes, DEPTH)
+    for i, total in enumerate(sizes):
         for depth in range(1, DEPTH + 1):
             assert accepted_if(round_, total, depth) == rebuilt_acceptance(pool, path, total, depth), (total, depth)
+            assert table[i, depth - 1] == accepted_if(round_, total, depth), (total, depth)
+
+
+def test_acceptance_table_of_a_rejected_root_and_of_tied_scores():
+    tied = ExploredRound(scores=torch.tensor([-1.0, -1.0, -1.0, -2.0], dtype=torch.float64),
+                         depths=torch.tensor([1, 1, 2, 2]), path_scores=(-1.0, -2.0), path_depths=(1, 2))
+    nothing = ExploredRound(tied.scores, tied.depths, (), ())
+    sizes = [1, 2, 3, 4]
+    assert acceptance_table(nothing, sizes, 2).sum() == 0
+    table = acceptance_table(tied, sizes, 2)
+    for i, n in enumerate(sizes):
+        for d in (1, 2):
+            assert table[i, d - 1] == accepted_if(tied, n, d), (n, d)
 
 
 def test_path_nodes_follows_the_accepted_tokens():
@@ -148,6 +163,41 @@ def test_auto_budget_generation_is_lossless_and_learns():
     assert set(budget.costs.draft_ms) == {1, 2, 3, 4}  # and every depth: none is left to capture later
     assert budget.warmup_rounds == 0
     assert {r.tree_size for r in eagle.rounds} >= {1, 3, 7, 15}
+
+
+def test_exploration_thins_out_once_the_estimate_has_samples():
+    budget = TreeBudget(TreeConfig("dynamic", DEPTH, TOP_K, 63), largest_graph=64, explore_every=4,
+                        settle_after=3, settled_explore_every=16)
+    budget._warmup.clear()
+    budget.costs.verify_ms = {b: 1.0 + b for b in (2, 4, 8, 16, 32, 64)}  # the largest tree is never the choice
+    pool = random_pool(0)
+    depths = depths_of(pool)
+    explored = []
+    for round_ in range(1, 101):
+        if budget.next_tree() == budget.largest:
+            explored.append(round_)
+            budget.add_explored(ExploredRound(torch.tensor(pool.logprobs[1:], dtype=torch.float64),
+                                              torch.tensor(depths[1:]), (pool.logprobs[1],), (1,)))
+    assert explored[:4] == [1, 5, 9, 17]  # every 4th until 3 are logged, then every 16th
+    assert explored[4:] == list(range(33, 101, 16))
+
+
+def test_host_work_between_rounds_is_part_of_the_cost():
+    """A fixed cost per round makes rounds that commit more worth more: with enough of it the
+    choice moves to a larger tree than the same curve without it."""
+    verify = lambda tokens: 1.0 + 0.05 * tokens  # noqa: E731
+    lean = synthetic_budget(verify, draft_ms_per_level=0.3).choice()
+    heavy = synthetic_budget(verify, draft_ms_per_level=0.3)
+    heavy.costs.observe(2, 1, verify(2), 0.3, host_ms=20.0)
+    assert heavy.costs.host_ms == 20.0
+    got = heavy.choice()
+    rates = {}
+    for n in heavy.sizes:
+        for d in range(1, DEPTH + 1):
+            mean = sum(accepted_if(r, n, d) for r in heavy.log) / len(heavy.log)
+            rates[(n, d)] = (mean + 1) / (heavy.costs.draft(d) + verify(n + 1) + 20.0)
+    assert got == max(rates, key=rates.get)
+    assert (got[0], got[1]) != lean and got[0] * got[1] > lean[0] * lean[1]
 
 
 def test_running_means_follow_the_window():

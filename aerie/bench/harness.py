@@ -23,6 +23,7 @@ from transformers import StaticCache
 from aerie.bench.prompts import Prompt
 from aerie.budget import auto_engine
 from aerie.errors import InputError
+from aerie.graphs import GraphCache
 from aerie.engine import Engine
 from aerie.sampling import SamplingParams
 from aerie.stack import Stack
@@ -117,6 +118,10 @@ def _hf_generate(
     return out[0, len(prompt_ids):].tolist()
 
 
+def _compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -162,6 +167,7 @@ def run_bench(
     for prompt, ids in tqdm(list(zip(prompts, encoded)), desc="bench", unit="prompt"):
         vanilla_tokens = None
         for mode in order:
+            captures, compiles = GraphCache.total_captures, _compiled_graphs()
             _sync(device)
             t0 = time.perf_counter()
             run = runners[mode](ids, params, stop)
@@ -179,6 +185,10 @@ def run_bench(
                 "accepted_per_round": run.accepted_per_round,
                 "per_round": run.per_round,
                 "identical_to_vanilla": None if vanilla_tokens is None else run.token_ids == vanilla_tokens,
+                # Graphs captured and graphs compiled inside the timed run: a warm engine has
+                # none, so a slow row with some names its cause.
+                "graph_captures": GraphCache.total_captures - captures,
+                "compiles": _compiled_graphs() - compiles,
             })
     return {
         "machine": machine_info(device),
@@ -257,6 +267,8 @@ def summarize(rows: list[dict], modes: list[str], greedy: bool) -> dict:
         "tau_pooled": {mode: pooled_tau([r for r in rows if r["mode"] == mode]) for mode in modes},
         "tokens_per_s": per_mode,
         "per_round": per_round,
+        "timed_graph_captures": {mode: sum(r.get("graph_captures", 0) for r in rows if r["mode"] == mode)
+                                 for mode in modes},
     }
     if "eagle" in per_mode and "vanilla" in per_mode and per_mode["vanilla"]:
         summary["speedup_vs_vanilla"] = per_mode["eagle"] / per_mode["vanilla"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -30,6 +30,15 @@ def llama_8b_config() -> LlamaConfig:
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
         tie_word_embeddings=False,
+    )
+
+
+def smollm2_135m_config() -> LlamaConfig:
+    """The demo target's shape (SmolLM2-135M), for timing it with nothing downloaded."""
+    return LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+        tie_word_embeddings=True,
     )
 
 
@@ -163,7 +172,7 @@ def kernel_breakdown(target: Target, k: int, prefix: int = 512) -> dict | None:
 
 
 # The random-weight shapes, by name.
-SHAPES = {"llama-8b": llama_8b_config, "llama-70b": llama_70b_config}
+SHAPES = {"smollm2-135m": smollm2_135m_config, "llama-8b": llama_8b_config, "llama-70b": llama_70b_config}
 
 
 def llama_8b_shaped(device: torch.device, dtype: torch.dtype = torch.bfloat16,
@@ -190,11 +199,14 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
     layers = model.config.num_hidden_layers
     target = Target(model, FeatureSpec("eagle3", eagle3_default_layers(layers)), static=StaticKV(cuda_graphs=graphs))
     curve = verify_cost_curve(target)
-    # The same forwards with transformers' own kernels, and with the norms alone fused: what
-    # each fusion saves (aerie.fused).
+    # The same forwards with transformers' own kernels, with the norms alone fused, and with
+    # the norms and the rotary embedding fused but the forward not compiled: what each
+    # fusion saves (aerie.fused).
+    uncompiled = StaticKV(cuda_graphs=graphs, compiled_forward="never")
     variants = {
-        "reference": StaticKV(cuda_graphs=graphs, fused_norms=False, compiled_rotary=False),
-        "fused_norms_only": StaticKV(cuda_graphs=graphs, compiled_rotary=False),
+        "reference": replace(uncompiled, fused_norms=False, compiled_rotary=False),
+        "fused_norms_only": replace(uncompiled, compiled_rotary=False),
+        "fused_uncompiled": uncompiled,
     }
     unfused = {}
     for label, static in variants.items():
@@ -258,7 +270,8 @@ def format_verify_cost(result: dict) -> str:
             cells = " | ".join(f"{p['device_ms']:.2f}" for p in s["curve"])
             share = 100 * s["one_token_device_vs_floor"]
             lines.append(f"| {s['shape']} (graph replay only) | {cells} | {s['bandwidth_floor_ms']:.2f} | {share:.0f}% |")
-        for label, what in (("reference", "transformers' kernels"), ("fused_norms_only", "fused norms only")):
+        for label, what in (("reference", "transformers' kernels"), ("fused_norms_only", "fused norms only"),
+                            ("fused_uncompiled", "fused norms and rotary, not compiled")):
             other = {p["tree_size"]: p for p in s.get(label, {}).get("curve", [])}
             if other:
                 cells = " | ".join(f"{other[k]['ms_median']:.2f}" if k in other else "" for k in sizes)
