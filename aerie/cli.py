@@ -21,6 +21,9 @@ def _add_model_args(p: argparse.ArgumentParser, head: bool = True) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--kv-cache", choices=("auto", "static", "dynamic"), default="auto",
                    help="static: preallocated KV caches and CUDA graphs; auto: static on cuda, dynamic on cpu")
+    p.add_argument("--compiled-forward", choices=("cuda", "always", "never"), default="cuda",
+                   help="with static caches, run the forwards compiled whole (torch.compile, a minute or more at "
+                        "the first rounds): on cuda only, also on the cpu, or never")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -165,7 +168,8 @@ def cmd_generate(args) -> int:
         # The services chose these when they started; silently ignoring them would mislead.
         local = {"--mode": args.mode != "eagle", "--model": args.model is not None, "--head": args.head is not None,
                  "--device": args.device != "cpu", "--dtype": args.dtype != "float32",
-                 "--kv-cache": args.kv_cache != "auto", "--tree-budget": args.tree_budget != "fixed"}
+                 "--kv-cache": args.kv_cache != "auto", "--compiled-forward": args.compiled_forward != "cuda",
+                 "--tree-budget": args.tree_budget != "fixed"}
         if any(local.values()):
             given = ", ".join(flag for flag, set_ in local.items() if set_)
             raise InputError(f"{given} cannot apply with --gateway: the services' own settings decide them")
@@ -181,7 +185,7 @@ def cmd_generate(args) -> int:
         from aerie.verifier import StopCriteria
 
         stack = load_stack(args.model, args.head, args.device, args.dtype, need_head=args.mode == "eagle",
-                           kv_cache=args.kv_cache)
+                           kv_cache=args.kv_cache, compiled_forward=args.compiled_forward)
         ids = stack.encode_prompt(args.prompt, chat=not args.no_chat)
         engine = Engine(stack.target, stack.head, stack.tree)
         if args.tree_budget == "auto" and args.mode == "eagle":
@@ -217,7 +221,8 @@ def cmd_bench(args) -> int:
     prompts = read_prompts(args.prompts, args.limit)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     speculative = any(m.startswith("eagle") or m == "networked" for m in modes)
-    stack = load_stack(args.model, args.head, args.device, args.dtype, need_head=speculative, kv_cache=args.kv_cache)
+    stack = load_stack(args.model, args.head, args.device, args.dtype, need_head=speculative, kv_cache=args.kv_cache,
+                       compiled_forward=args.compiled_forward)
     with ExitStack() as services:
         extra = {}
         if "networked" in modes:
@@ -226,10 +231,14 @@ def cmd_bench(args) -> int:
             extra["networked"] = services.enter_context(
                 NetworkedMode(args.model, args.head, args.device, args.dtype, str(stack.model_dir))
             )
-        result = run_bench(stack, prompts, modes, stop.max_new_tokens, params, args.device, extra)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(result: dict) -> None:
+            out.write_text(json.dumps(result, indent=2) + "\n")
+
+        result = run_bench(stack, prompts, modes, stop.max_new_tokens, params, args.device, extra, on_prompt=write)
+    write(result)
     print(format_table(result))
     return 0
 
@@ -280,7 +289,8 @@ def cmd_profile(args) -> int:
 
     prompt = read_prompts(args.prompts, 1)[0]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    stack = load_stack(args.model, args.head, args.device, args.dtype, need_head="eagle" in modes, kv_cache=args.kv_cache)
+    stack = load_stack(args.model, args.head, args.device, args.dtype, need_head="eagle" in modes,
+                       kv_cache=args.kv_cache, compiled_forward=args.compiled_forward)
     summary = profile_modes(stack, stack.encode_prompt(prompt.text), modes, args.max_new_tokens, Path(args.out))
     print(format_profile(summary))
     return 0
@@ -363,7 +373,8 @@ def cmd_demo(args) -> int:
     from aerie.stack import load_stack
     from aerie.verifier import StopCriteria
 
-    stack = load_stack(args.model, args.head, args.device, args.dtype, kv_cache=args.kv_cache)
+    stack = load_stack(args.model, args.head, args.device, args.dtype, kv_cache=args.kv_cache,
+                       compiled_forward=args.compiled_forward)
     engine = Engine(stack.target, stack.head, stack.tree)
     ids = stack.encode_prompt(args.prompt)
     stop = StopCriteria(args.max_new_tokens, stack.stop_token_ids())

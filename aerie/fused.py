@@ -131,7 +131,7 @@ class Compiled:
         # Each compiled function takes a few graphs (one row or many; a head's two feature
         # widths), and two targets of one class share a code object: more than the default
         # eight before dynamo gives up and runs eagerly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         self.fn, self.what = fn, what
         self.working = torch.compile(fn, dynamic=True, fullgraph=True)
 

@@ -129,7 +129,7 @@ class SlotCache(StaticStorage):
 
     def __init__(self, num_layers: int, capacity: int, device: torch.device, cuda_graphs: bool = True):
         self.length = 0
-        self.write_at = torch.arange(capacity, device=torch.device(device))
+        self.write_at = _slots(capacity, torch.device(device))
         super().__init__([_SlotLayer(self) for _ in range(num_layers)], capacity, device, cuda_graphs)
 
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -141,11 +141,12 @@ class SlotCache(StaticStorage):
     def reserve(self, needed: int) -> None:
         if needed > self.capacity:
             super().reserve(needed)
-            self.write_at = torch.arange(self.capacity, device=self.device)
+            self.write_at = _slots(self.capacity, self.device)
 
     def set_write_slots(self, start: int, count: int) -> None:
         """The next forward writes `count` rows at slots start, start + 1, ..."""
-        self.write_at[:count] = torch.arange(start, start + count, device=self.device)
+        with torch.inference_mode():  # `write_at` is an inference tensor (see `_slots`)
+            self.write_at[:count] = torch.arange(start, start + count, device=self.device)
 
     def run(
         self,
@@ -157,7 +158,7 @@ class SlotCache(StaticStorage):
         """Run `fn` over `inputs` (already padded to the forward's static shape), replayed as
         a graph when `graphed`."""
         if not graphed:
-            return fn({name: t.to(self.device, non_blocking=True) for name, t in inputs.items()})
+            return fn({name: _inference(t.to(self.device, non_blocking=True)) for name, t in inputs.items()})
         return self._replay(key, inputs, fn)
 
     @torch.inference_mode()
@@ -175,6 +176,21 @@ class SlotCache(StaticStorage):
 
     def reset(self) -> None:
         self.length = 0
+
+
+# A compiled forward (aerie.fused.Compiled) guards on whether each tensor it reads is an
+# inference tensor, and compiles again whenever one flips. Every tensor a static forward reads
+# is made one: the forwards run in inference mode, so whatever they allocate already is.
+def _slots(capacity: int, device: torch.device) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.arange(capacity, device=device)
+
+
+def _inference(t: torch.Tensor) -> torch.Tensor:
+    if t.is_inference():
+        return t
+    with torch.inference_mode():
+        return t.clone()
 
 
 class CachePool:

@@ -63,10 +63,10 @@ class StaticKV:
     compiled_forward: Literal["cuda", "always", "never"] = "cuda"
 
     @staticmethod
-    def default_for(device: str | torch.device) -> StaticKV | None:
+    def default_for(device: str | torch.device, compiled_forward: str = "cuda") -> StaticKV | None:
         """Static caches and CUDA graphs on a GPU, where launches dominate; dynamic caches on
         the CPU, where there is no launch overhead to save and a padded cache only costs."""
-        return StaticKV() if torch.device(device).type == "cuda" else None
+        return StaticKV(compiled_forward=compiled_forward) if torch.device(device).type == "cuda" else None
 
     def fusion(self, model: torch.nn.Module, device: torch.device) -> Fusion:
         return fusion_for(model, device, self.fused_norms, self.compiled_rotary)

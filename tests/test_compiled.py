@@ -20,28 +20,34 @@ def test_compiled_forwards_generate_what_the_uncompiled_ones_do():
     torch._dynamo.reset()
     reference = tiny_target("eagle3")
     reference_head = tiny_head(reference, "eagle3", 48)
-    # A small capacity, so that the cache grows (its mask widens) between compiled calls.
+    # A small capacity and graph size: later prompts run past the largest graph and grow the
+    # cache (its mask widens, its buffers move) between compiled calls.
     static = StaticKV(cuda_graphs=False, largest_graph=16, initial_capacity=16, compiled_forward="always")
     target = Target(reference.model, reference.features, static=static)
     head = tiny_head(target, "eagle3", 48)
     tree = TreeConfig(depth=4, top_k=3, total_tokens=9)
     engine = Engine(target, head, tree)
     stop = StopCriteria(40)
+    # The warm-up: one generation per mode, long enough to commit several tokens at once.
+    for mode in ("eagle", "vanilla"):
+        engine.generate(PROMPTS[0], SamplingParams(), stop, mode)
+    compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    long_prompt = [(7 * i + 3) % 64 for i in range(40)]
     for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=5)):
-        for prompt in PROMPTS[:3]:
+        for prompt in [*PROMPTS[:3], long_prompt]:
             want = Engine(reference, reference_head, tree).generate(prompt, params, stop)
             got = engine.generate(prompt, params, stop)
             assert got.token_ids == want.token_ids
             assert [r.accepted for r in got.rounds] == [r.accepted for r in want.rounds]
-    plain = engine.generate(PROMPTS[0], SamplingParams(), stop, "vanilla")
-    assert plain.token_ids == Engine(reference, None, tree).generate(PROMPTS[0], SamplingParams(), stop,
-                                                                     "vanilla").token_ids
-    # The compiled functions ran (none fell back to eager), and compiled once per shape
-    # family: one row or many, and for the head its two feature widths.
+            plain = engine.generate(prompt, params, stop, "vanilla")
+            assert plain.token_ids == Engine(reference, None, tree).generate(prompt, params, stop, "vanilla").token_ids
+    # The compiled functions ran (none fell back to eager), compiled once per shape family
+    # (one row or many; for the head also its two feature widths) and never again: not for
+    # a longer prompt, a grown cache or another session's cache.
     assert isinstance(target.compiled, Compiled) and not target.compiled.eager
     assert isinstance(head.compiled, Compiled) and not head.compiled.eager
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert 3 <= graphs <= 8, graphs
+    assert 3 <= compiled <= 8, compiled
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
 
 
 def test_a_failing_compiler_falls_back_to_the_uncompiled_function(monkeypatch, capsys):

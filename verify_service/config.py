@@ -39,6 +39,10 @@ class VerifyConfig(TlsServerOptions):
         True, "on cuda: static KV caches, with every forward of up to 128 tokens replayed as a captured CUDA graph "
         "(with --tensor-parallel the all-reduces are captured too); --no-cuda-graphs: static caches, eager forwards"
     )
+    compiled_forward: bool = option(
+        True, "on cuda with static caches and one process: run the target's forward compiled whole (torch.compile; "
+        "the first rounds of each shape compile for a minute or more); --no-compiled-forward: the eager kernels"
+    )
     workers: int = option(64, "server threads (each open stream holds one)")
     grace_s: float = option(20.0, "on SIGTERM, how long in-flight rounds may take to finish")
 
@@ -54,9 +58,13 @@ class VerifyConfig(TlsServerOptions):
             raise InputError("--batch-sessions and --batch-window-ms must be >= 0 (--batch-sessions 0: no batching)")
 
     def static_kv(self, device: torch.device) -> StaticKV | None:
-        """How targets on `device` run: static caches on CUDA (graphed unless --no-cuda-graphs),
-        dynamic caches on the CPU."""
-        return StaticKV(cuda_graphs=self.cuda_graphs) if torch.device(device).type == "cuda" else None
+        """How targets on `device` run: static caches on CUDA (graphed unless --no-cuda-graphs,
+        compiled unless --no-compiled-forward or sharded), dynamic caches on the CPU."""
+        if torch.device(device).type != "cuda":
+            return None
+        # A sharded forward holds collectives, which the compiled forward was never tried with.
+        compiled = self.compiled_forward and self.tensor_parallel == 1
+        return StaticKV(cuda_graphs=self.cuda_graphs, compiled_forward="cuda" if compiled else "never")
 
     @property
     def session_limit(self) -> tuple[int, str]:

@@ -33,6 +33,9 @@ from aerie.verifier import StopCriteria
 # hf-dynamic and hf-static are transformers' own `generate` with its default dynamic cache and
 # with `cache_implementation="static"` (which compiles the decode step); hf is hf-dynamic.
 MODES = ("eagle", "vanilla", "hf-dynamic", "hf-static", "hf")
+# Untimed tokens per mode before timing: enough for rounds that commit several tokens at once,
+# so that every graph (and, with the compiled forward, every shape family) exists before.
+WARM_UP_TOKENS = 32
 # Untimed tokens that take `--tree-budget auto` through its warm-up (TreeBudget.warmup_rounds
 # rounds of one to a few tokens each on the demo target), as a long-running server would be.
 AUTO_WARM_UP_TOKENS = 256
@@ -135,7 +138,10 @@ def run_bench(
     params: SamplingParams,
     device: str,
     extra_modes: dict[str, ModeRunner] | None = None,
+    on_prompt: Callable[[dict], None] | None = None,
 ) -> dict:
+    """Every mode on every prompt, side by side. `on_prompt` gets the result so far after each
+    prompt (the CLI writes it out, so that a run cut short keeps what it measured)."""
     extra_modes = extra_modes or {}
     unknown = [m for m in modes if m not in MODES and m not in extra_modes and not EAGLE_VARIANT.match(m)]
     if unknown:
@@ -160,7 +166,7 @@ def run_bench(
         **{m: _eagle_variant(stack, m) for m in modes if EAGLE_VARIANT.match(m)},
         **extra_modes,
     }
-    _warm_up([runners[m] for m in order], encoded[0], params, StopCriteria(4, stop.stop_token_ids), device)
+    _warm_up([runners[m] for m in order], encoded[0], params, StopCriteria(WARM_UP_TOKENS, stop.stop_token_ids), device)
     if "eagle-auto" in modes:  # its warm-up rounds capture every size's and depth's graphs
         _warm_up([runners["eagle-auto"]], encoded[0], params, StopCriteria(AUTO_WARM_UP_TOKENS), device)
     rows = []
@@ -190,6 +196,13 @@ def run_bench(
                 "graph_captures": GraphCache.total_captures - captures,
                 "compiles": _compiled_graphs() - compiles,
             })
+        if on_prompt is not None:
+            on_prompt(_result(stack, prompts, modes, max_new_tokens, params, device, rows))
+    return _result(stack, prompts, modes, max_new_tokens, params, device, rows)
+
+
+def _result(stack: Stack, prompts: list[Prompt], modes: list[str], max_new_tokens: int, params: SamplingParams,
+            device: str, rows: list[dict]) -> dict:
     return {
         "machine": machine_info(device),
         "config": {
@@ -202,6 +215,7 @@ def run_bench(
             "tree": vars(stack.tree),
             "prompts": len(prompts),
         },
+        "complete": len(rows) == len(prompts) * len(modes),
         "rows": rows,
         "summary": summarize(rows, modes, params.greedy),
     }
