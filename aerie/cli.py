@@ -13,7 +13,7 @@ from aerie.errors import AerieError, InputError
 DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
 
 
-def _add_model_args(p: argparse.ArgumentParser, head: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser, head: bool = True, compiled: bool = True) -> None:
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the SmolLM2 demo)")
     if head:
         p.add_argument("--head", default=None, help="EAGLE-1/EAGLE-3 head directory (default: the shipped one)")
@@ -21,9 +21,10 @@ def _add_model_args(p: argparse.ArgumentParser, head: bool = True) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--kv-cache", choices=("auto", "static", "dynamic"), default="auto",
                    help="static: preallocated KV caches and CUDA graphs; auto: static on cuda, dynamic on cpu")
-    p.add_argument("--compiled-forward", choices=("cuda", "always", "never"), default="cuda",
-                   help="with static caches, run the forwards compiled whole (torch.compile, a minute or more at "
-                        "the first rounds): on cuda only, also on the cpu, or never")
+    if compiled:  # the single-session static path's option; the batched engine never compiles whole
+        p.add_argument("--compiled-forward", choices=("cuda", "always", "never"), default="cuda",
+                       help="with static caches, run the forwards compiled whole (torch.compile, a minute or more "
+                            "at the first rounds): on cuda only, also on the cpu, or never")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a random-weight Llama-3-8B-shaped target and head instead of --model")
     batch.add_argument("--no-graphs", action="store_true", help="run the forwards eagerly")
     batch.add_argument("--out", required=True)
-    _add_model_args(batch)
+    _add_model_args(batch, compiled=False)
     _add_sampling_args(batch)
     batch.set_defaults(handler=cmd_bench_batch)
 

@@ -266,6 +266,12 @@ class Attend:
         return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive one (0 where seen, -inf where not) that SDPA
+    would make of it in every layer, two kernels each: made once per forward instead."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     """Extend dim 1 of `t` to `rows` by repeating its last row (valid ids, positions and
     features for the padding rows, whose outputs nobody reads)."""

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from aerie.fused import Compiled, Fusion, fused, fusion_for
-from aerie.kvcache import Attend, CachePool, SlotCache, static_forward
+from aerie.kvcache import Attend, CachePool, SlotCache, additive_mask, static_forward
 from aerie.tree import ancestor_mask, node_depths
 
 if TYPE_CHECKING:
@@ -172,9 +172,11 @@ class Target:
         return TargetOutput(logits=logits, features=feats)
 
     def _run(self, cache, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
+        static = isinstance(cache, SlotCache)
+        if static:
+            mask = additive_mask(mask, self.model.dtype)
         args = dict(input_ids=input_ids, position_ids=positions, attention_mask=mask,
                     past_key_values=cache, use_cache=True, output_hidden_states=True)
-        static = isinstance(cache, SlotCache)
         # A new cache's first forward allocates its storage: run uncompiled, it costs the
         # compiled forward no graph of its own.
         forward = self.compiled if static and self.compiled is not None and cache.storage is not None else self.model
