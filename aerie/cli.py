@@ -13,7 +13,8 @@ from aerie.errors import AerieError, InputError
 DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
 
 
-def _add_model_args(p: argparse.ArgumentParser, head: bool = True, compiled: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser, head: bool = True, compiled: str | None = "cuda") -> None:
+    """The model options; `compiled` is the default of --compiled-forward (None: no such option)."""
     p.add_argument("--model", default=None, help="HF model directory or .gguf file (default: the SmolLM2 demo)")
     if head:
         p.add_argument("--head", default=None, help="EAGLE-1/EAGLE-3 head directory (default: the shipped one)")
@@ -21,10 +22,11 @@ def _add_model_args(p: argparse.ArgumentParser, head: bool = True, compiled: boo
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--kv-cache", choices=("auto", "static", "dynamic"), default="auto",
                    help="static: preallocated KV caches and CUDA graphs; auto: static on cuda, dynamic on cpu")
-    if compiled:  # the single-session static path's option; the batched engine never compiles whole
-        p.add_argument("--compiled-forward", choices=("cuda", "always", "never"), default="cuda",
-                       help="with static caches, run the forwards compiled whole (torch.compile, a minute or more "
-                            "at the first rounds): on cuda only, also on the cpu, or never")
+    if compiled is not None:
+        p.add_argument("--compiled-forward", choices=("cuda", "always", "never"), default=compiled,
+                       help="with static caches, run the forwards compiled whole (torch.compile: a minute or more "
+                            f"before the first tokens, faster after): on cuda only, also on the cpu, or never "
+                            f"(default: {compiled})")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.add_argument("--tree-budget", choices=("fixed", "auto"), default="fixed",
                      help="auto: choose each round's tree size and depth from measured acceptance and costs")
-    _add_model_args(gen)
+    _add_model_args(gen, compiled="never")  # one answer: compiling would cost more than it saves
     _add_sampling_args(gen)
     _add_gateway_tls_args(gen)
     gen.set_defaults(handler=cmd_generate)
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a random-weight Llama-3-8B-shaped target and head instead of --model")
     batch.add_argument("--no-graphs", action="store_true", help="run the forwards eagerly")
     batch.add_argument("--out", required=True)
-    _add_model_args(batch, compiled=False)
+    _add_model_args(batch, compiled=None)  # the batched engine does not compile whole
     _add_sampling_args(batch)
     batch.set_defaults(handler=cmd_bench_batch)
 
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.add_argument("--in-process", action="store_true", help="skip the services, run in one process")
-    _add_model_args(demo)
+    _add_model_args(demo, compiled="never")
     demo.set_defaults(handler=cmd_demo)
 
     _add_optional_commands(sub)
@@ -169,7 +171,7 @@ def cmd_generate(args) -> int:
         # The services chose these when they started; silently ignoring them would mislead.
         local = {"--mode": args.mode != "eagle", "--model": args.model is not None, "--head": args.head is not None,
                  "--device": args.device != "cpu", "--dtype": args.dtype != "float32",
-                 "--kv-cache": args.kv_cache != "auto", "--compiled-forward": args.compiled_forward != "cuda",
+                 "--kv-cache": args.kv_cache != "auto", "--compiled-forward": args.compiled_forward != "never",
                  "--tree-budget": args.tree_budget != "fixed"}
         if any(local.values()):
             given = ", ".join(flag for flag, set_ in local.items() if set_)
