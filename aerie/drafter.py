@@ -139,3 +139,22 @@ class DraftSession:
         mask.scatter_(1, drafted.expand(n, -1), ancestry)
         positions = (committed + level - 1).expand(1, n)
         return self.head.static_step(x[None], ids[None], positions, mask[None, None], cache)[0]
+
+
+@torch.inference_mode()
+def precompile_head(head: DraftHead, tree: TreeConfig) -> None:
+    """Compile the head's static step for every shape family that sessions drafting `tree`
+    run, through draft rounds that commit several pairs and one: the step sees the target's
+    features then, and its own hidden states while drafting. Nothing to do uncompiled."""
+    if head.static is None:
+        return
+    session = DraftSession(head, tree)
+    try:
+        if head.compiled is None:  # the session's cache made it, where the static path compiles
+            return
+        target_hidden = int(getattr(head.config, "target_hidden_size", None) or head.hidden_size)
+        features = torch.zeros(2, head.feature_spec.dim(target_hidden), dtype=head.fc.weight.dtype)
+        for pairs in (2, 2, 1):  # a fresh cache's first forward runs uncompiled (it allocates)
+            session.draft(features[:pairs], [0] * pairs)
+    finally:
+        session.close()

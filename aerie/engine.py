@@ -17,7 +17,7 @@ import torch
 from torch.profiler import record_function
 
 from aerie.budget import TreeBudget
-from aerie.drafter import DraftSession
+from aerie.drafter import DraftSession, precompile_head
 from aerie.heads import DraftHead
 from aerie.sampling import SamplingParams
 from aerie.target import Target
@@ -93,6 +93,14 @@ class Engine:
         self.max_tree_nodes = max_tree_nodes
         self.budget = budget
         self.make_drafter = make_drafter or (lambda: DraftSession(self._require_head(), self.tree))
+
+    def precompile(self) -> None:
+        """Compile every shape family of the compiled forwards (aerie.fused.Compiled) now,
+        the target's and the head's: minutes on a GPU that the first requests, or a
+        benchmark's timed runs, would pay otherwise."""
+        self.target.precompile()
+        if self.head is not None:
+            precompile_head(self.head, self.tree)
 
     def _require_head(self) -> DraftHead:
         if self.head is None:

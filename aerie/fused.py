@@ -32,6 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.fx.experimental._config
 import torch.nn.functional as F
 from torch import nn
 
@@ -132,6 +133,10 @@ class Compiled:
         # widths), and two targets of one class share a code object: more than the default
         # eight before dynamo gives up and runs eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+        # By default dims of equal size share one symbol, so a forward of as many rows as the
+        # model has KV heads or head dims (or a cache as wide) is tied to that constant and
+        # compiled apart: each such bucket would cost another compile of minutes.
+        torch.fx.experimental._config.use_duck_shape = False
         self.fn, self.what = fn, what
         self.working = torch.compile(fn, dynamic=True, fullgraph=True)
 

@@ -131,6 +131,20 @@ class Target:
 
         return LocalBatchModel(self, cache, largest_graph, prefill_graph_tokens=prefill_graph_tokens)
 
+    @torch.inference_mode()
+    def precompile(self) -> None:
+        """Compile the static forward's shape families (several rows, one row) now, on a
+        scratch cache, rather than inside the first requests. Nothing to do uncompiled."""
+        if self.compiled is None:
+            return
+        cache = self.new_cache()
+        try:
+            ids = torch.zeros(2, dtype=torch.long)
+            for rows in (2, 2, 1):  # a fresh cache's first forward runs uncompiled (it allocates)
+                self.forward(cache, ids[:rows])
+        finally:
+            self.release_cache(cache)
+
     def release_cache(self, cache: DynamicCache | SlotCache) -> None:
         """Hand a finished sequence's cache back, so that the next one reuses its storage
         and its captured graphs."""

@@ -21,7 +21,7 @@ import torch
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from aerie.drafter import DraftSession
+from aerie.drafter import DraftSession, precompile_head
 from aerie.errors import InputError
 from aerie.heads import DraftHead
 from aerie.sampling import SamplingParams
@@ -449,6 +449,7 @@ def build_servicer(config: DraftConfig) -> DrafterServicer:
     from aerie_rpc.models import load_draft_head
 
     head, _, _ = load_draft_head(config.model, config.head, config.device, config.dtype)
+    precompile_head(head, config.tree())  # at startup, not in the first sessions' rounds
     return DrafterServicer(head, config.tree(), config)
 
 

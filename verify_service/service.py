@@ -192,7 +192,9 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                 raise InputError(f"feature layers {list(layers)} out of range for a target of {self.num_layers} layers")
         key = FeatureSpec(kind, layers)
         if key not in self._targets:
-            self._targets[key] = self._make_target(key)
+            target = self._make_target(key)
+            target.precompile()  # all at once, not spread over the first rounds
+            self._targets[key] = target
         return self._targets[key]
 
     def _batch(self, target: Target) -> SessionBatch:

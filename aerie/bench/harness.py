@@ -166,6 +166,7 @@ def run_bench(
         **{m: _eagle_variant(stack, m) for m in modes if EAGLE_VARIANT.match(m)},
         **extra_modes,
     }
+    engine.precompile()  # the compiled forwards' shape families, before any run
     _warm_up([runners[m] for m in order], encoded[0], params, StopCriteria(WARM_UP_TOKENS, stop.stop_token_ids), device)
     if "eagle-auto" in modes:  # its warm-up rounds capture every size's and depth's graphs
         _warm_up([runners["eagle-auto"]], encoded[0], params, StopCriteria(AUTO_WARM_UP_TOKENS), device)
