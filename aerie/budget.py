@@ -8,17 +8,18 @@ prompts (code is easier to guess than prose). So both sides are measured while s
 - acceptance: every `explore_every`-th round drafts the largest tree (every
   `settled_explore_every`-th once `settle_after` such rounds are logged: an explored round
   costs more than the chosen one, and the estimate needs fewer new samples once it has many).
-  Because a dynamic tree
-  of N nodes and depth d is exactly the N best-scoring candidates of depth <= d among what
-  the drafter expanded (the expansion of each level does not depend on N or on deeper
-  levels), such a round tells what every smaller tree would have accepted: the accepted
-  path's nodes that make that cut (`accepted_if`). Under greedy acceptance this is exact;
-  under sampling it is the same estimate, with the path the sampler chose.
+  Because a dynamic tree of N nodes and depth d is exactly the N best-scoring candidates of
+  depth <= d among what the drafter expanded (the expansion of each level does not depend on
+  N or on deeper levels), such a round tells what every smaller tree would have accepted:
+  the accepted path's nodes that make that cut (`accepted_if`, `acceptance_table`). Under
+  greedy acceptance this is exact; under sampling it is the same estimate, with the path the
+  sampler chose.
 - cost: the measured verify time of each tree-size bucket (the verifier runs padded buckets,
   so cost is a step function of size) and the measured draft time per depth, plus the round
   trip for a networked verifier and the round's host work outside both (the decoding loop,
-  this module's own bookkeeping, the caller's handling of each round's tokens). Sizes not yet measured are visited during warm-up; the first round at any size or depth
-  captures its CUDA graphs and is not taken as a measurement.
+  this module's own bookkeeping, the caller's handling of each round's tokens). Sizes not yet
+  measured are visited during warm-up; the first round at any size or depth captures its CUDA
+  graphs and is not taken as a measurement.
 
 The choice is then the candidate (N, d) with the largest (E[accepted(N, d)] + 1) / cost.
 """

@@ -163,6 +163,10 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
         # With --batch-sessions: one batch per feature spec (its features come out of the forward).
         self._batches: dict[FeatureSpec, SessionBatch] = {}
         self._batches_lock = threading.Lock()
+        if make_target is None:
+            # Compile the forward (where the static path compiles it) before serving, not in
+            # the first session's rounds: every feature spec's target runs the same model.
+            self._make_target(FeatureSpec("eagle1")).precompile()
         probe = Target(model, FeatureSpec("eagle1"))
         self.vocab_size = probe.vocab_size
         self.max_positions = probe.max_positions
@@ -192,9 +196,7 @@ class VerifierServicer(verifier_pb2_grpc.VerifierServicer):
                 raise InputError(f"feature layers {list(layers)} out of range for a target of {self.num_layers} layers")
         key = FeatureSpec(kind, layers)
         if key not in self._targets:
-            target = self._make_target(key)
-            target.precompile()  # all at once, not spread over the first rounds
-            self._targets[key] = target
+            self._targets[key] = self._make_target(key)
         return self._targets[key]
 
     def _batch(self, target: Target) -> SessionBatch:
