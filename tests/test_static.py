@@ -9,7 +9,7 @@ import torch
 
 from aerie.engine import Engine
 from aerie.graphs import GraphCache, bucket_for
-from aerie.kvcache import Attend, SlotCache, pad_rows
+from aerie.kvcache import Attend, SlotCache, additive_mask, pad_rows
 from aerie.sampling import SamplingParams
 from aerie.target import StaticKV, Target
 from aerie.tree import TreeConfig
@@ -163,3 +163,16 @@ def test_verify_cost_curve_and_floor_on_a_tiny_target():
     assert result["kernels"] == [] and all(p["device_ms"] is None for p in result["curve"])  # CUDA-only parts
     parents = random_tree(20, torch.Generator().manual_seed(1))
     assert parents[0] == -1 and all(0 <= int(p) < i for i, p in enumerate(parents.tolist()) if i)
+
+
+def test_additive_mask_attends_as_the_boolean_one():
+    gen = torch.Generator().manual_seed(0)
+    mask = Attend(2, torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)).padded(
+        3, past=2, rows=4, capacity=8, device=torch.device("cpu"))
+    additive = additive_mask(mask, torch.float32)
+    assert additive.dtype == torch.float32 and torch.equal(additive == 0, mask)
+    assert torch.isneginf(additive[~mask]).all()
+    q, k, v = (torch.randn(1, 2, n, 4, generator=gen) for n in (4, 8, 8))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive)
+    assert torch.allclose(got, want, atol=1e-6)
