@@ -152,8 +152,7 @@ def precompile_head(head: DraftHead, tree: TreeConfig) -> None:
     try:
         if head.compiled is None:  # the session's cache made it, where the static path compiles
             return
-        target_hidden = int(getattr(head.config, "target_hidden_size", None) or head.hidden_size)
-        features = torch.zeros(2, head.feature_spec.dim(target_hidden), dtype=head.fc.weight.dtype)
+        features = torch.zeros(2, head.feature_spec.dim(head.target_hidden_size), dtype=head.fc.weight.dtype)
         for pairs in (2, 2, 1):  # a fresh cache's first forward runs uncompiled (it allocates)
             session.draft(features[:pairs], [0] * pairs)
     finally:

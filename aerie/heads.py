@@ -80,6 +80,11 @@ class DraftHead(nn.Module):
         return self.config.hidden_size
 
     @property
+    def target_hidden_size(self) -> int:
+        """The hidden size of the target whose features the head reads (its own by default)."""
+        return int(getattr(self.config, "target_hidden_size", None) or self.hidden_size)
+
+    @property
     def feature_spec(self) -> FeatureSpec:
         raise NotImplementedError
 
@@ -214,7 +219,7 @@ class Eagle3Head(DraftHead):
     def __init__(self, config: LlamaConfig, feature_layers: tuple[int, ...]):
         super().__init__(config)
         h = config.hidden_size
-        target_h = int(getattr(config, "target_hidden_size", None) or h)
+        target_h = self.target_hidden_size
         self.feature_layers = tuple(feature_layers)
         self.fc = nn.Linear(3 * target_h, h, bias=False)
         self.midlayer = _Eagle3Layer(config)

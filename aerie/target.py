@@ -134,16 +134,15 @@ class Target:
     @torch.inference_mode()
     def precompile(self) -> None:
         """Compile the static forward's shape families (several rows, one row) now, on a
-        scratch cache, rather than inside the first requests. Nothing to do uncompiled."""
+        scratch cache, rather than inside the first requests. Nothing to do uncompiled. The
+        scratch cache is dropped, not pooled: a caller that precompiles on a throwaway target
+        (the verify service) would otherwise keep its storage and graphs for good."""
         if self.compiled is None:
             return
-        cache = self.new_cache()
-        try:
-            ids = torch.zeros(2, dtype=torch.long)
-            for rows in (2, 2, 1):  # a fresh cache's first forward runs uncompiled (it allocates)
-                self.forward(cache, ids[:rows])
-        finally:
-            self.release_cache(cache)
+        cache = self._caches.make()  # a new cache, kept out of the pool
+        ids = torch.zeros(2, dtype=torch.long)
+        for rows in (2, 2, 1):  # a fresh cache's first forward runs uncompiled (it allocates)
+            self.forward(cache, ids[:rows])
 
     def release_cache(self, cache: DynamicCache | SlotCache) -> None:
         """Hand a finished sequence's cache back, so that the next one reuses its storage

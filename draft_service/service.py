@@ -138,7 +138,7 @@ class DrafterServicer(drafter_pb2_grpc.DrafterServicer):
         self.config = config
         self.name = name or config.listen
         self.vocab_size = int(head.config.vocab_size)
-        self.target_hidden = int(getattr(head.config, "target_hidden_size", None) or head.config.hidden_size)
+        self.target_hidden = head.target_hidden_size
         self.pool = VerifierPool(config.verifier, config.verifier_cooldown_s, load_tls(config))
         self.admission = Admission(config.max_sessions, config.max_tokens)
         self.compute = threading.Lock()
