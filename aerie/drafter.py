@@ -61,7 +61,7 @@ class DraftSession:
         if isinstance(self.cache, SlotCache) and self.tree.kind != "static":
             tokens, parents, scores = self._grow_static(hidden[-1:], committed)
         else:
-            tokens, parents, scores = self._grow(hidden[-1:], committed)
+            tokens, parents, scores = grow_candidates(head, self.cache, self.tree, hidden[-1:], committed)
         truncate_cache(self.cache, committed)
         # The round's one read; float64 holds every token id exactly.
         flat = torch.cat([tokens.double(), parents.double(), scores.double()]).tolist()
@@ -76,69 +76,76 @@ class DraftSession:
         return full_tree(self._pool)
 
     def _grow_static(self, root_hidden: torch.Tensor, committed: int) -> tuple[torch.Tensor, ...]:
-        """`_grow` on the static cache as one CUDA graph per tree shape: the committed length
-        is an input on the device, so the same graph serves every round. (Static trees feed
-        a different number of nodes per level and take the per-forward path instead.)"""
+        """`grow_candidates` on the static cache as one CUDA graph per tree shape: the
+        committed length is an input on the device, so the same graph serves every round.
+        (Static trees feed a different number of nodes per level and take the per-forward
+        path instead.)"""
         cache, config = self.cache, self.tree
         cache.reserve(committed + (config.depth - 1) * config.top_k)
         inputs = {"root": root_hidden, "committed": torch.full((), committed, device=root_hidden.device)}
         with fused(self.head.fused):
             return cache.run(("grow", config.kind, config.depth, config.top_k), inputs,
-                             lambda b: self._grow(b["root"], b["committed"]), graphed=cache.graphs.enabled)
+                             lambda b: grow_candidates(self.head, cache, config, b["root"], b["committed"]),
+                             graphed=cache.graphs.enabled)
 
-    def _grow(self, root_hidden: torch.Tensor, committed: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Every candidate of one round, level by level from the root: (tokens, parents,
-        path scores), root excluded, in drafting order (a parent before its children).
 
-        The level's candidates are chosen from the head's next-token scores at the frontier;
-        the ones chosen for the next frontier are fed back through the head, each seeing the
-        committed entries and its own drafted ancestors (which sit in the cache after them).
-        Everything stays on the head's device: the host only queues work."""
-        head, config, device = self.head, self.tree, root_hidden.device
-        tokens, parents, scores = [], [], []  # per level
-        frontier_nodes = torch.zeros(1, dtype=torch.long, device=device)  # candidate indices, root = 0
-        frontier_hidden = root_hidden
-        frontier_scores = torch.zeros(1, device=device)
-        ancestry = torch.zeros(1, 0, dtype=torch.bool, device=device)  # frontier rows over drafted entries
-        size = 1
-        for level in range(1, config.depth + 1):
-            slots, draft_ids, cumulative, chosen = expand_level(
-                frontier_scores, head.draft_logprobs(frontier_hidden), config, level
-            )
-            level_tokens = head.to_target_ids(draft_ids)
-            tokens.append(level_tokens)
-            parents.append(frontier_nodes[slots])
-            scores.append(cumulative)
-            level_nodes = torch.arange(size, size + slots.shape[0], device=device)
-            size += slots.shape[0]
-            if level == config.depth:
-                break
-            fed = chosen.shape[0]
-            ancestry = torch.cat(
-                [ancestry[slots[chosen]], torch.eye(fed, dtype=torch.bool, device=device)], dim=1
-            )
-            frontier_hidden = self._feed(frontier_hidden[slots[chosen]], level_tokens[chosen], ancestry, committed, level)
-            frontier_nodes, frontier_scores = level_nodes[chosen], cumulative[chosen]
-        return torch.cat(tokens), torch.cat(parents), torch.cat(scores)
+def grow_candidates(head: DraftHead, cache, config: TreeConfig, root_hidden: torch.Tensor,
+                    committed: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every candidate of one round, level by level from the root: (tokens, parents,
+    path scores), root excluded, in drafting order (a parent before its children). A
+    candidate's index is its place in that order plus one; the root is 0.
 
-    def _feed(self, x: torch.Tensor, ids: torch.Tensor, ancestry: torch.Tensor, committed: int | torch.Tensor,
-              level: int) -> torch.Tensor:
-        """Run the head on a new frontier ([n, F] features, [n] tokens) at position
-        committed + level - 1; row i sees the committed entries and the drafted entries
-        that ancestry[i] marks (the last n are the rows themselves)."""
-        n, device = ids.shape[0], x.device
-        if isinstance(committed, int):
-            positions = torch.full((1, n), committed + level - 1, device=device)
-            return self.head(x[None], ids[None], positions, Attend(committed, ancestry), self.cache)[0]
-        # Inside the graphed expansion: where the rows are written and what they see follow
-        # from the committed length on the device. The cache's length stays `committed`.
-        cache = self.cache
-        drafted = committed + torch.arange(ancestry.shape[1], device=device)  # slots of the drafted entries
-        cache.write_at[:n] = drafted[-n:]
-        mask = (torch.arange(cache.capacity, device=device) < committed).expand(n, -1).clone()
-        mask.scatter_(1, drafted.expand(n, -1), ancestry)
-        positions = (committed + level - 1).expand(1, n)
-        return self.head.static_step(x[None], ids[None], positions, mask[None, None], cache)[0]
+    The level's candidates are chosen from the head's next-token scores at the frontier;
+    the ones chosen for the next frontier are fed back through the head, each seeing the
+    committed entries and its own drafted ancestors (which sit in the cache after them).
+    Everything stays on the head's device: the host only queues work. `committed` is a
+    device scalar inside a captured round, whose length the graph does not know."""
+    device = root_hidden.device
+    tokens, parents, scores = [], [], []  # per level
+    frontier_nodes = torch.zeros(1, dtype=torch.long, device=device)  # candidate indices, root = 0
+    frontier_hidden = root_hidden
+    frontier_scores = torch.zeros(1, device=device)
+    ancestry = torch.zeros(1, 0, dtype=torch.bool, device=device)  # frontier rows over drafted entries
+    size = 1
+    for level in range(1, config.depth + 1):
+        slots, draft_ids, cumulative, chosen = expand_level(
+            frontier_scores, head.draft_logprobs(frontier_hidden), config, level
+        )
+        level_tokens = head.to_target_ids(draft_ids)
+        tokens.append(level_tokens)
+        parents.append(frontier_nodes[slots])
+        scores.append(cumulative)
+        level_nodes = torch.arange(size, size + slots.shape[0], device=device)
+        size += slots.shape[0]
+        if level == config.depth:
+            break
+        fed = chosen.shape[0]
+        ancestry = torch.cat(
+            [ancestry[slots[chosen]], torch.eye(fed, dtype=torch.bool, device=device)], dim=1
+        )
+        frontier_hidden = _feed(head, cache, frontier_hidden[slots[chosen]], level_tokens[chosen], ancestry,
+                                committed, level)
+        frontier_nodes, frontier_scores = level_nodes[chosen], cumulative[chosen]
+    return torch.cat(tokens), torch.cat(parents), torch.cat(scores)
+
+
+def _feed(head: DraftHead, cache, x: torch.Tensor, ids: torch.Tensor, ancestry: torch.Tensor,
+          committed: int | torch.Tensor, level: int) -> torch.Tensor:
+    """Run the head on a new frontier ([n, F] features, [n] tokens) at position
+    committed + level - 1; row i sees the committed entries and the drafted entries
+    that ancestry[i] marks (the last n are the rows themselves)."""
+    n, device = ids.shape[0], x.device
+    if isinstance(committed, int):
+        positions = torch.full((1, n), committed + level - 1, device=device)
+        return head(x[None], ids[None], positions, Attend(committed, ancestry), cache)[0]
+    # Inside a graph: where the rows are written and what they see follow from the
+    # committed length on the device. The cache's length stays `committed`.
+    drafted = committed + torch.arange(ancestry.shape[1], device=device)  # slots of the drafted entries
+    cache.write_at[:n] = drafted[-n:]
+    mask = (torch.arange(cache.capacity, device=device) < committed).expand(n, -1).clone()
+    mask.scatter_(1, drafted.expand(n, -1), ancestry)
+    positions = (committed + level - 1).expand(1, n)
+    return head.static_step(x[None], ids[None], positions, mask[None, None], cache)[0]
 
 
 @torch.inference_mode()

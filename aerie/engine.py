@@ -17,6 +17,7 @@ import torch
 from torch.profiler import record_function
 
 from aerie.budget import TreeBudget
+from aerie.device_round import DeviceRounds
 from aerie.drafter import DraftSession, precompile_head
 from aerie.heads import DraftHead
 from aerie.sampling import SamplingParams
@@ -39,7 +40,7 @@ class RoundStats:
     accepted: int  # draft tokens accepted
     committed: int  # tokens emitted this round (bonus included, after stop cuts)
     draft_s: float
-    verify_s: float
+    verify_s: float  # a device round is one graph: all its time is here, and draft_s is 0
 
 
 @dataclass
@@ -82,9 +83,12 @@ class Engine:
         max_tree_nodes: int = 128,
         make_drafter: Callable[[], Drafter] | None = None,
         budget: TreeBudget | None = None,
+        device_rounds: bool = True,
     ):
         """`budget` (for `--tree-budget auto`) picks each round's tree instead of `tree`,
-        learning across generations; it needs a drafter with `candidates()`."""
+        learning across generations; it needs a drafter with `candidates()`. `device_rounds`
+        runs greedy rounds on static caches whole on the device (aerie.device_round), from
+        the second round of each generation on; without a budget only."""
         if head is not None and head.feature_spec != target.features:
             raise ValueError(f"target exposes {target.features} but the head reads {head.feature_spec}")
         self.target = target
@@ -92,6 +96,7 @@ class Engine:
         self.tree = tree
         self.max_tree_nodes = max_tree_nodes
         self.budget = budget
+        self.device_rounds = device_rounds
         self.make_drafter = make_drafter or (lambda: DraftSession(self._require_head(), self.tree))
 
     def precompile(self) -> None:
@@ -148,41 +153,50 @@ class Engine:
             return
         drafter = self.make_drafter()
         try:
-            yield from self._speculate(verifier, drafter, features, (list(prompt_ids) + verifier.generated)[1:],
-                                       self.budget)
+            yield from self._speculate(verifier, drafter, features, (list(prompt_ids) + verifier.generated)[1:])
         finally:
             if hasattr(drafter, "close"):
                 drafter.close()
 
-    @staticmethod
     def _speculate(
-        verifier: VerifySession, drafter: Drafter, features: torch.Tensor, next_tokens: list[int],
-        budget: TreeBudget | None,
+        self, verifier: VerifySession, drafter: Drafter, features: torch.Tensor, next_tokens: list[int],
     ) -> Iterator[tuple[list[int], RoundStats]]:
+        budget = self.budget
+        on_device = None  # DeviceRounds, from the second round (the first commits the whole prompt)
         last_end = None  # when the previous round's verify returned
         while not verifier.done:
-            if budget is not None:
-                drafter.tree = budget.next_tree()
-            t0 = time.perf_counter()
-            with record_function("aerie.draft"):  # named spans for `aerie profile`
-                tree = drafter.draft(features, next_tokens)
-            t1 = time.perf_counter()
-            with record_function("aerie.verify"):
-                result = verifier.verify(tree)
-            t2 = time.perf_counter()
-            if budget is not None:
-                explored = drafter.tree == budget.largest
-                budget.observe(drafter.tree, tree, drafter.candidates() if explored else None,
-                               result.new_tokens[: result.accepted_draft],
-                               draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1),
-                               host_ms=None if last_end is None else 1e3 * (t0 - last_end))
+            if on_device is not None:
+                t0 = t1 = time.perf_counter()  # one graph: its whole time counts as verify
+                with record_function("aerie.round"):
+                    result = on_device.step(features, next_tokens)
+                t2 = time.perf_counter()
+                size = on_device.nodes - 1
+            else:
+                if budget is not None:
+                    drafter.tree = budget.next_tree()
+                t0 = time.perf_counter()
+                with record_function("aerie.draft"):  # named spans for `aerie profile`
+                    tree = drafter.draft(features, next_tokens)
+                t1 = time.perf_counter()
+                with record_function("aerie.verify"):
+                    result = verifier.verify(tree)
+                t2 = time.perf_counter()
+                size = len(tree) - 1
+                if budget is not None:
+                    explored = drafter.tree == budget.largest
+                    budget.observe(drafter.tree, tree, drafter.candidates() if explored else None,
+                                   result.new_tokens[: result.accepted_draft],
+                                   draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1),
+                                   host_ms=None if last_end is None else 1e3 * (t0 - last_end))
+                elif self.device_rounds and DeviceRounds.supports(verifier, drafter):
+                    on_device = DeviceRounds(verifier, drafter)
             last_end = t2
             features = result.features
             # The tokens paired with the returned features: the accepted path (any branch of
             # the tree, not its first nodes) and the bonus token. Only a round that ends
             # generation is cut short, and nothing is drafted after it.
             next_tokens = list(result.new_tokens)
-            yield result.new_tokens, RoundStats(len(tree) - 1, result.accepted_draft, len(result.new_tokens), t1 - t0, t2 - t1)
+            yield result.new_tokens, RoundStats(size, result.accepted_draft, len(result.new_tokens), t1 - t0, t2 - t1)
 
     def generate(
         self,

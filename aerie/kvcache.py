@@ -13,6 +13,7 @@ overwrites them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -61,6 +62,9 @@ class _SlotLayer(StaticLayer):
         return self.owner.length
 
 
+_STORAGE_IDS = itertools.count()
+
+
 class StaticStorage(Cache):
     """What every static KV cache shares: one storage tensor [layers, 2, rows, heads,
     capacity, head_dim] whose slices are every layer's keys and values (so that compaction
@@ -85,6 +89,9 @@ class StaticStorage(Cache):
 
     def _bind(self, storage: torch.Tensor) -> None:
         self.storage = storage
+        # Names this storage for graphs kept elsewhere that read or write it (a device round's,
+        # in the head cache's graphs): a grown cache gets a new name, unlike id(), never reused.
+        self.storage_id = next(_STORAGE_IDS)
         for i, layer in enumerate(self.layers):
             layer.keys, layer.values = storage[i, 0], storage[i, 1]
             layer.is_initialized = True

@@ -174,7 +174,7 @@ class Target:
         if isinstance(cache, SlotCache):
             rows = {"ids": input_ids.cpu()[None], "pos": positions[None]}
             logits, feats = static_forward(
-                cache, "target", rows, attend, lambda b: self._run(cache, b["ids"], b["pos"], b["mask"]),
+                cache, "target", rows, attend, lambda b: self.run_static(cache, b["ids"], b["pos"], b["mask"]),
                 self.static.largest_graph,
             )
             return TargetOutput(logits=logits, features=feats)
@@ -183,6 +183,13 @@ class Target:
         mask = None if past == 0 and tree_parents is None else attend.dense(n, past).to(device)
         logits, feats = self._run(cache, input_ids.to(device)[None], positions.to(device)[None], mask)
         return TargetOutput(logits=logits, features=feats)
+
+    def run_static(self, cache: SlotCache, input_ids: torch.Tensor, positions: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward on a static cache whose write slots are set, under a boolean mask over
+        its whole width ([1, 1, n, capacity]): logits [n, V] (float32) and features [n, F].
+        What a captured graph runs (`static_forward`, `aerie.device_round`)."""
+        return self._run(cache, input_ids, positions, mask)
 
     def _run(self, cache, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None):
         static = isinstance(cache, SlotCache)

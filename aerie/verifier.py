@@ -107,9 +107,14 @@ class VerifySession:
         """Plain decoding: feed the pending token, sample the next one."""
         out = self.target.forward(self.cache, torch.tensor(self.generated[-1:]))
         token = sample_token(out.logits[-1], self.committed, self.params)
-        kept, self.done = self.stop.cut(len(self.generated), [token])
-        self.generated += kept
+        self.emit([token])
         return token
+
+    def emit(self, proposed: list[int]) -> list[int]:
+        """Append a round's tokens up to a stop token or the length limit; the ones kept."""
+        kept, self.done = self.stop.cut(len(self.generated), proposed)
+        self.generated += kept
+        return kept
 
     def verify(self, tree: DraftTree) -> RoundResult:
         validate_tree(tree.tokens, tree.parents, self.target.vocab_size, self.max_tree_nodes)
@@ -125,9 +130,7 @@ class VerifySession:
         else:
             path, bonus = accept_sampled(tree, out.logits, committed, self.params)
         self.target.compact(self.cache, committed, path)
-        proposed = tree.tokens[path[1:]].tolist() + [bonus]
-        kept, self.done = self.stop.cut(len(self.generated), proposed)
-        self.generated += kept
+        kept = self.emit(tree.tokens[path[1:]].tolist() + [bonus])
         features = out.features[pinned_tensor(path).to(out.features.device, non_blocking=True)]
         return RoundResult(new_tokens=kept, features=features, accepted_draft=len(path) - 1, done=self.done)
 

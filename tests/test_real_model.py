@@ -94,3 +94,25 @@ def test_shipped_head_is_lossless_and_accepts(stack, references, name):
         accepted += sum(r.accepted for r in result.rounds)
         rounds += len(result.rounds)
     assert 1 + accepted / rounds > 1.5
+
+
+def test_device_rounds_with_the_shipped_head_are_lossless(stack, references):
+    """Static caches (run eagerly on the CPU) take greedy rounds whole on the device path
+    (aerie.device_round); the shipped head's long acceptances move entries in both caches."""
+    from aerie.heads import load_head
+    from aerie.stack import SHIPPED_HEADS
+    from aerie.target import StaticKV, Target
+
+    target = Target(stack.target.model, stack.target.features, StaticKV(compiled_forward="never"))
+    head = load_head(SHIPPED_HEADS / "smollm2-135m-eagle3", target)
+    target.features = head.feature_spec
+    tree = TreeConfig(depth=5, top_k=6, total_tokens=16)
+    stop = StopCriteria(NEW_TOKENS, stack.stop_token_ids())
+    accepted = []
+    for ids, reference in references[:3]:
+        result = Engine(target, head, tree).generate(ids, SamplingParams(), stop, "eagle")
+        split = Engine(target, head, tree, device_rounds=False).generate(ids, SamplingParams(), stop, "eagle")
+        assert result.token_ids == split.token_ids == reference
+        assert [r.accepted for r in result.rounds] == [r.accepted for r in split.rounds]
+        accepted += [r.accepted for r in result.rounds]
+    assert max(accepted) >= 4 and 1 + sum(accepted) / len(accepted) > 1.5

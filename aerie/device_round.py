@@ -1,0 +1,146 @@
+"""Greedy speculative rounds run whole on the device: one CUDA graph, one read.
+
+The split round (aerie.drafter, then aerie.verifier) hands its tree from the drafter to the
+verifier through the host: the drafter reads its candidates and reranks them there; the
+verifier validates the tree, builds its mask and walks the acceptance there. The network
+split needs that shape, but in one process it costs two syncs a round and host work while
+the GPU waits. Here the same round is device work only, captured as one graph per tree shape
+over the target's and the head's static caches:
+
+1. commit the pairs the last round accepted to the head (padded to the most a round accepts);
+2. grow the candidates (`aerie.drafter.grow_candidates`) and keep the best `total_tokens`
+   of them (`select_tree`: the nodes `aerie.tree.rerank` keeps);
+3. run the target over the tree under its ancestor mask;
+4. accept greedily (`aerie.accept.accept_greedy_rows`), move the accepted entries of the
+   target's cache into place and gather the features of the accepted path.
+
+The host then reads the accepted length and tokens, the round's one sync. Greedy only: the
+sampled test draws each node's random number on the host (`aerie.verifier.accept_sampled`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from aerie.accept import accept_greedy_rows
+from aerie.drafter import DraftSession, grow_candidates
+from aerie.fused import fused
+from aerie.kvcache import SlotCache, pad_rows, pinned_tensor
+from aerie.tree import TreeConfig, ancestor_closure
+from aerie.verifier import RoundResult, VerifySession
+
+
+def candidate_count(tree: TreeConfig) -> int:
+    """Candidates a dynamic tree's expansion drafts: top_k at the first level, top_k for each
+    of the top_k frontier nodes at every level below it."""
+    return tree.top_k + (tree.depth - 1) * tree.top_k * tree.top_k
+
+
+def select_tree(root_token: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor,
+                total_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dynamic tree of the `total_tokens` best candidates by path score, on the device:
+    (tokens [n], parents [n]) with the root first and the rest in drafting order.
+
+    `tokens`, `parents`, `scores` are `grow_candidates`' output (parents index candidates
+    from 1, the root is 0). The kept nodes are those of `aerie.tree.rerank`: a stable sort
+    puts a parent before a child of equal score, and a child's score never exceeds its
+    parent's (adding a log-probability <= 0 rounds monotonically), so every kept node's
+    ancestors are kept. Were one not, its child would hang from the root: a worse tree, but
+    one that verifies exactly all the same."""
+    m, device = scores.shape[0], scores.device
+    n = min(total_tokens, m)
+    kept = torch.sort(torch.sort(scores, descending=True, stable=True).indices[:n]).values
+    tree_index = torch.zeros(m + 1, dtype=torch.long, device=device)  # candidate -> tree node, dropped -> root
+    tree_index[kept + 1] = torch.arange(1, n + 1, device=device)
+    tree_tokens = torch.cat([root_token.reshape(1), tokens[kept]])
+    tree_parents = torch.cat([torch.full((1,), -1, dtype=torch.long, device=device), tree_index[parents[kept]]])
+    return tree_tokens, tree_parents
+
+
+class DeviceRounds:
+    """The greedy rounds of one generation on the device, over the static caches of a
+    `VerifySession` and a `DraftSession`. Each `step` returns what
+    `verifier.verify(drafter.draft(features, next_tokens))` would, with the same tokens, and
+    leaves both sessions as that would."""
+
+    def __init__(self, verifier: VerifySession, drafter: DraftSession):
+        if not self.supports(verifier, drafter):
+            raise ValueError("device rounds need greedy decoding, a dynamic tree and static caches on both sides")
+        self.verifier = verifier
+        self.drafter = drafter
+        self.tree = drafter.tree
+        self.rows = min(self.tree.depth, self.tree.total_tokens) + 1  # the most tokens a round commits
+        self.nodes = min(self.tree.total_tokens, candidate_count(self.tree)) + 1
+
+    @staticmethod
+    def supports(verifier: VerifySession, drafter: object) -> bool:
+        return (verifier.params.greedy and isinstance(drafter, DraftSession) and drafter.tree.kind == "dynamic"
+                and isinstance(verifier.cache, SlotCache) and isinstance(drafter.cache, SlotCache))
+
+    @torch.inference_mode()
+    def step(self, features: torch.Tensor, next_tokens: list[int]) -> RoundResult:
+        """Commit the pairs (features[i], next_tokens[i]) (at most depth + 1, what a round
+        accepts), draft, verify and accept."""
+        verifier, tree = self.verifier, self.tree
+        target_cache, head_cache = verifier.cache, self.drafter.cache
+        committed, head_length, count = verifier.committed, self.drafter.length, len(next_tokens)
+        if not 1 <= count <= self.rows:
+            raise ValueError(f"a round commits 1 to {self.rows} pairs, got {count}")
+        head_cache.reserve(head_length + self.rows + (tree.depth - 1) * tree.top_k)
+        target_cache.reserve(committed + self.nodes)
+        device = head_cache.device
+        ids = next_tokens + [next_tokens[-1]] * (self.rows - count)
+        inputs = {
+            "ints": pinned_tensor([committed, head_length, count] + ids),
+            "features": pad_rows(features[None].to(device, self.drafter.head.fc.weight.dtype), self.rows)[0],
+        }
+        # Kept with the head cache's graphs, named by the target storage the graph writes: a
+        # pooled head cache meets other target caches, and a grown one is new storage.
+        key = ("round", tree, target_cache.storage_id)
+        out, path_features = head_cache.run(key, inputs, self._round, graphed=head_cache.graphs.enabled)
+        values = out.tolist()  # the round's one read
+        accepted = values[0]
+        target_cache.length = committed + accepted
+        head_cache.length = head_length + count  # the drafted entries are dropped
+        kept = verifier.emit(values[1 : 1 + accepted])
+        return RoundResult(new_tokens=kept, features=path_features[:accepted], accepted_draft=accepted - 1,
+                           done=verifier.done)
+
+    def _round(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The round as device work over static shapes: what a graph captures. Returns
+        [1 + rows] (the accepted path's length, root included, then the tokens it commits:
+        the accepted drafts and the bonus token) and the features of the path's nodes."""
+        target, head = self.verifier.target, self.drafter.head
+        target_cache, head_cache = self.verifier.cache, self.drafter.cache
+        ints, features = inputs["ints"], inputs["features"]
+        committed, head_length, count, ids = ints[0], ints[1], ints[2], ints[3:]
+        device = features.device
+        rows = torch.arange(self.rows, device=device)
+        last = (count - 1).reshape(1)
+
+        # The pending pairs, causal; padding rows land where drafting writes next.
+        with fused(head.fused):
+            slots = head_length + rows
+            head_cache.write_at[: self.rows] = slots
+            seen = torch.arange(head_cache.capacity, device=device)[None, :] <= slots[:, None]
+            hidden = head.static_step(features[None], ids[None], slots[None], seen[None, None], head_cache)[0]
+            candidates = grow_candidates(head, head_cache, self.tree, hidden.index_select(0, last), head_length + count)
+        tokens, parents = select_tree(ids.index_select(0, last), *candidates, self.tree.total_tokens)
+
+        n = tokens.shape[0]
+        reach = ancestor_closure(parents[None])[0]  # [n, n]: each node's ancestors and itself
+        slots = committed + torch.arange(n, device=device)
+        target_cache.write_at[:n] = slots
+        mask = (torch.arange(target_cache.capacity, device=device) < committed).expand(n, -1).clone()
+        mask.scatter_(1, slots.expand(n, -1), reach)
+        positions = committed + reach.sum(-1) - 1
+        logits, node_features = target.run_static(target_cache, tokens[None], positions[None], mask[None, None])
+
+        path, length, bonus = accept_greedy_rows(tokens[None], parents[None], logits.argmax(-1)[None], reach[None])
+        path = path[0, : self.rows].clamp_min(0)  # past the path's end: the root, read by nobody
+        length = length[0]
+        storage = target_cache.storage
+        storage.index_copy_(4, committed + rows, storage.index_select(4, committed + path))
+        after = torch.cat([path[1:], path[:1]])  # the node of each committed token but the bonus
+        emitted = torch.where(rows == length - 1, bonus[0], tokens[after])
+        return torch.cat([length.reshape(1), emitted]), node_features.index_select(0, path)

@@ -1,0 +1,157 @@
+"""Greedy rounds on the device (aerie.device_round), run eagerly on the CPU: the tree they
+select against the host's rerank, and whole generations against the split rounds and plain
+decoding, through stop tokens, length limits and cache growth."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from aerie.device_round import DeviceRounds, candidate_count, select_tree
+from aerie.drafter import DraftSession, grow_candidates
+from aerie.engine import Engine
+from aerie.kvcache import SlotCache
+from aerie.sampling import SamplingParams
+from aerie.target import StaticKV, Target
+from aerie.tree import CandidatePool, TreeConfig, rerank
+from aerie.verifier import StopCriteria, VerifySession
+from tests.test_engine import PROMPTS
+from tests.tiny import tiny_head, tiny_target
+
+# A capacity of 16 makes the caches grow inside generations.
+STATIC = StaticKV(cuda_graphs=True, largest_graph=16, initial_capacity=16, pooled=2)
+TREES = [TreeConfig(depth=4, top_k=3, total_tokens=9), TreeConfig(depth=1, top_k=4, total_tokens=2),
+         TreeConfig(depth=3, top_k=1, total_tokens=3), TreeConfig(depth=2, top_k=2, total_tokens=50)]
+
+
+def random_expansion(tree: TreeConfig, rng: random.Random, ties: bool) -> tuple[torch.Tensor, ...]:
+    """Candidates shaped like `grow_candidates`' output: top_k children per frontier node,
+    a frontier of the top_k best of each level, path scores that never rise along a path."""
+    tokens, parents, scores = [], [], []
+    frontier, size = [(0, 0.0)], 1
+    for _ in range(tree.depth):
+        level = []
+        for node, score in frontier:
+            for _ in range(tree.top_k):
+                step = 0.0 if ties and rng.random() < 0.3 else -rng.choice([0.5, 1.0, rng.random()])
+                tokens.append(rng.randrange(1000))
+                parents.append(node)
+                scores.append(score + step)
+                level.append((size, score + step))
+                size += 1
+        frontier = sorted(level, key=lambda c: -c[1])[: tree.top_k]
+    return torch.tensor(tokens), torch.tensor(parents), torch.tensor(scores, dtype=torch.float32)
+
+
+def as_paths(tokens: list[int], parents: list[int]) -> set[tuple[int, ...]]:
+    """A tree as the set of its root-to-node token paths: equal for equal trees in any order."""
+    paths: list[tuple[int, ...]] = []
+    for i, (token, parent) in enumerate(zip(tokens, parents)):
+        paths.append((token,) if parent < 0 else paths[parent] + (token,))
+    return set(paths)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("tree", TREES, ids=lambda t: f"d{t.depth}-k{t.top_k}-n{t.total_tokens}")
+def test_select_tree_keeps_the_nodes_rerank_keeps(tree, ties):
+    rng = random.Random(7)
+    for _ in range(20):
+        tokens, parents, scores = random_expansion(tree, rng, ties)
+        assert tokens.shape[0] == candidate_count(tree)
+        got_tokens, got_parents = select_tree(torch.tensor(99), tokens, parents, scores, tree.total_tokens)
+        want = rerank(CandidatePool([99] + tokens.tolist(), [-1] + parents.tolist(),
+                                    [0.0] + scores.double().tolist()), tree.total_tokens)
+        # Parents come before their children, and the trees are the same.
+        assert all(p < i for i, p in enumerate(got_parents.tolist()) if i)
+        assert len(got_tokens) == len(want)
+        assert as_paths(got_tokens.tolist(), got_parents.tolist()) == as_paths(want.tokens.tolist(), want.parents.tolist())
+
+
+def test_candidate_count_is_what_the_expansion_drafts():
+    target = Target(tiny_target("eagle3").model, tiny_target("eagle3").features, static=STATIC)
+    head = tiny_head(target, "eagle3", 48)
+    for tree in TREES:
+        cache = head.new_cache()
+        with torch.inference_mode():
+            head(torch.zeros(1, 3, head.feature_spec.dim(target.hidden_size)), torch.tensor([[1, 2, 3]]),
+                 torch.arange(3)[None], None, cache)
+            tokens, _, _ = grow_candidates(head, cache, tree, torch.zeros(1, head.hidden_size), torch.tensor(3))
+        assert tokens.shape[0] == candidate_count(tree)
+
+
+@pytest.fixture(scope="module", params=["eagle3", "eagle1"])
+def static_pair(request):
+    dynamic = tiny_target(request.param)
+    target = Target(dynamic.model, dynamic.features, static=STATIC)
+    return target, tiny_head(target, request.param, 48 if request.param == "eagle3" else None)
+
+
+def test_device_rounds_generate_what_the_split_rounds_do(static_pair, monkeypatch):
+    target, head = static_pair
+    steps = []
+    step = DeviceRounds.step
+    monkeypatch.setattr(DeviceRounds, "step", lambda self, *a: steps.append(1) or step(self, *a))
+    for tree in TREES:
+        for prompt in PROMPTS:
+            stop = StopCriteria(40)
+            got = Engine(target, head, tree).generate(prompt, SamplingParams(), stop)
+            want = Engine(target, head, tree, device_rounds=False).generate(prompt, SamplingParams(), stop)
+            plain = Engine(target, None, tree).generate(prompt, SamplingParams(), stop, "vanilla")
+            assert got.token_ids == want.token_ids == plain.token_ids
+            assert [r.accepted for r in got.rounds] == [r.accepted for r in want.rounds]
+            assert [r.tree_size for r in got.rounds] == [r.tree_size for r in want.rounds]
+    assert len(steps) > 100  # every generation but its first round ran on the device
+
+
+def test_device_rounds_stop_where_plain_decoding_stops(static_pair):
+    target, head = static_pair
+    tree = TREES[0]
+    free = Engine(target, None, tree).generate(PROMPTS[1], SamplingParams(), StopCriteria(30), "vanilla").token_ids
+    for stop, length in ((StopCriteria(30, frozenset({free[9]})), free.index(free[9]) + 1), (StopCriteria(13), 13)):
+        got = Engine(target, head, tree).generate(PROMPTS[1], SamplingParams(), stop)
+        assert got.token_ids == free[:length]
+
+
+def test_device_rounds_leave_the_sessions_as_the_split_round_does(static_pair):
+    """After a device round, both caches hold what a split round leaves: the same entries in
+    use, the same keys and values there, and the same pending features."""
+    target, head = static_pair
+    tree = TREES[0]
+    prompt = PROMPTS[0]
+    sessions = []
+    for on_device in (True, False):
+        verifier = VerifySession(target, SamplingParams(), StopCriteria(30), list(prompt))
+        drafter = DraftSession(head, tree)
+        features, first = verifier.prefill()
+        result = verifier.verify(drafter.draft(features, list(prompt[1:]) + [first]))
+        for _ in range(4):
+            if on_device:
+                result = DeviceRounds(verifier, drafter).step(result.features, result.new_tokens)
+            else:
+                result = verifier.verify(drafter.draft(result.features, result.new_tokens))
+        sessions.append((verifier, drafter, result))
+    (v1, d1, r1), (v2, d2, r2) = sessions
+    assert v1.generated == v2.generated and r1.new_tokens == r2.new_tokens
+    assert v1.committed == v2.committed and d1.length == d2.length
+    torch.testing.assert_close(r1.features, r2.features)
+    for c1, c2, n in ((v1.cache, v2.cache, v1.committed), (d1.cache, d2.cache, d1.length)):
+        torch.testing.assert_close(c1.storage[..., :n, :], c2.storage[..., :n, :])
+    for v, d, _ in sessions:
+        v.close()
+        d.close()
+
+
+def test_device_rounds_refuse_what_they_cannot_run(static_pair):
+    target, head = static_pair
+    sampled = VerifySession(target, SamplingParams(temperature=1.0, seed=1), StopCriteria(8), [1, 2, 3])
+    greedy = VerifySession(target, SamplingParams(), StopCriteria(8), [1, 2, 3])
+    assert isinstance(greedy.cache, SlotCache)
+    assert not DeviceRounds.supports(sampled, DraftSession(head, TREES[0]))
+    assert not DeviceRounds.supports(greedy, DraftSession(head, TreeConfig.eagle1_static()))
+    with pytest.raises(ValueError, match="greedy"):
+        DeviceRounds(sampled, DraftSession(head, TREES[0]))
+    rounds = DeviceRounds(greedy, DraftSession(head, TREES[0]))
+    with pytest.raises(ValueError, match="commits 1 to 5 pairs"):
+        rounds.step(torch.zeros(6, head.feature_spec.dim(target.hidden_size)), [1] * 6)
