@@ -121,7 +121,7 @@ def _hf_generate(
     return out[0, len(prompt_ids):].tolist()
 
 
-def _compiled_graphs() -> int:
+def compiled_graph_count() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
@@ -174,7 +174,7 @@ def run_bench(
     for prompt, ids in tqdm(list(zip(prompts, encoded)), desc="bench", unit="prompt"):
         vanilla_tokens = None
         for mode in order:
-            captures, compiles = GraphCache.total_captures, _compiled_graphs()
+            captures, compiles = GraphCache.total_captures, compiled_graph_count()
             _sync(device)
             t0 = time.perf_counter()
             run = runners[mode](ids, params, stop)
@@ -195,7 +195,7 @@ def run_bench(
                 # Graphs captured and graphs compiled inside the timed run: a warm engine has
                 # none, so a slow row with some names its cause.
                 "graph_captures": GraphCache.total_captures - captures,
-                "compiles": _compiled_graphs() - compiles,
+                "compiles": compiled_graph_count() - compiles,
             })
         if on_prompt is not None:
             on_prompt(_result(stack, prompts, modes, max_new_tokens, params, device, rows))

@@ -24,6 +24,8 @@ from aerie.sampling import SamplingParams
 from aerie.stack import Stack
 from aerie.verifier import StopCriteria
 
+# The engine's named spans: a split round drafts then verifies, a device round is one.
+PHASES = ("draft", "verify", "round")
 # Host calls that make the host wait for the device.
 _WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ")
 
@@ -58,14 +60,14 @@ def _summarise(prof, result) -> dict:
         by_kernel.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time)
     top = sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:15]
     phases = {}
-    for name in ("draft", "verify"):
+    for name in PHASES:
         host = [e for e in events if e.name == f"aerie.{name}" and e.device_type == torch.autograd.DeviceType.CPU]
         if host:
-            phases[name] = {"host_ms_per_round": sum(e.cpu_time_total for e in host) / 1e3 / rounds}
+            phases.setdefault(name, {})["host_ms_per_round"] = sum(e.cpu_time_total for e in host) / 1e3 / rounds
         # The span's projection on the GPU: from its first kernel's start to its last one's end.
         device = [e for e in events if e.name == f"aerie.{name}" and e.device_type == torch.autograd.DeviceType.CUDA]
         if device:
-            phases[name]["device_span_ms_per_round"] = sum(e.device_time_total for e in device) / 1e3 / rounds
+            phases.setdefault(name, {})["device_span_ms_per_round"] = sum(e.device_time_total for e in device) / 1e3 / rounds
     return {
         "rounds": len(result.rounds),
         "new_tokens": result.new_tokens,
@@ -85,14 +87,15 @@ def _summarise(prof, result) -> dict:
 
 
 def format_profile(summary: dict) -> str:
-    lines = ["| mode | ms/round | tau | kernels/round | graph replays | host waits | device ms/round | host ms draft / verify "
-             "| GPU span ms draft / verify |",
+    lines = ["| mode | ms/round | tau | kernels/round | graph replays | host waits | device ms/round "
+             "| host ms draft / verify / round | GPU span ms draft / verify / round |",
              "|---|---|---|---|---|---|---|---|---|"]
     for mode, s in summary["modes"].items():
         ph = s["phases"]
-        host = " / ".join(f"{ph[p]['host_ms_per_round']:.2f}" if p in ph else "-" for p in ("draft", "verify"))
+        host = " / ".join(f"{ph[p]['host_ms_per_round']:.2f}" if "host_ms_per_round" in ph.get(p, {}) else "-"
+                          for p in PHASES)
         gpu = " / ".join(f"{ph[p]['device_span_ms_per_round']:.2f}" if "device_span_ms_per_round" in ph.get(p, {})
-                         else "-" for p in ("draft", "verify"))
+                         else "-" for p in PHASES)
         lines.append(f"| {mode} | {s['ms_per_round']:.2f} | {s['tau']:.2f} | {s['kernels_per_round']:.0f} | "
                      f"{s['graph_replays_per_round']:.1f} | {s['host_waits_per_round']:.1f} | "
                      f"{s['device_ms_per_round']:.2f} | {host} | {gpu} |")

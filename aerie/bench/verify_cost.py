@@ -160,6 +160,7 @@ def kernel_breakdown(target: Target, k: int, prefix: int = 512) -> dict | None:
         torch.cuda.synchronize()
     target.release_cache(cache)
     by_kind: dict[str, float] = {}
+    by_name: dict[str, float] = {}
     count = 0
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
@@ -168,7 +169,10 @@ def kernel_breakdown(target: Target, k: int, prefix: int = 512) -> dict | None:
         name = e.name.lower()
         kind = next((kind for kind, keys in _KERNEL_KINDS if any(key in name for key in keys)), "other")
         by_kind[kind] = by_kind.get(kind, 0.0) + e.device_time_total / 1e3 / replays
-    return {"tree_size": k, "kernels": count / replays, "ms_by_kind": by_kind}
+        by_name[e.name[:100]] = by_name.get(e.name[:100], 0.0) + e.device_time_total / 1e3 / replays
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"tree_size": k, "kernels": count / replays, "ms_by_kind": by_kind,
+            "top_kernels_ms": dict(top)}
 
 
 # The random-weight shapes, by name.
