@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark, in one go on one GPU, most important first (each step writes its own
 # JSON under RUN_DIR, so an interrupted run keeps what it finished):
-#   1. MT-bench, T=0, bf16: eagle, vanilla (ours: static cache + CUDA graphs) and hf-static
+#   1. MT-bench, T=0, bf16: eagle (rounds on the device), eagle-split, vanilla (ours: static
+#      cache + CUDA graphs) and hf-static
 #   2. a torch profiler trace of one generation per mode, with kernels per round
 #   3. the tau report of the shipped heads (EAGLE-1 vs EAGLE-3, T=0 and T=1, chain vs tree)
 #   4. the verify cost curve (SmolLM2 and a Llama-3-8B shape) and the bandwidth floor
@@ -43,7 +44,7 @@ gpu+=("${head[@]}")
 
 if step mtbench; then
 stamp "mt-bench T=0"
-if ! aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" --modes eagle,vanilla,hf-static --out "$run/mtbench_t0.json"; then
+if ! aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" --modes eagle,eagle-split,vanilla,hf-static --out "$run/mtbench_t0.json"; then
     echo "static caches failed: continuing with --kv-cache dynamic"
     gpu+=(--kv-cache dynamic)
 fi

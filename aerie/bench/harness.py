@@ -32,7 +32,9 @@ from aerie.verifier import StopCriteria
 
 # hf-dynamic and hf-static are transformers' own `generate` with its default dynamic cache and
 # with `cache_implementation="static"` (which compiles the decode step); hf is hf-dynamic.
-MODES = ("eagle", "vanilla", "hf-dynamic", "hf-static", "hf")
+# eagle-split is eagle with drafter and verifier apart, handing the tree over through the host
+# as the services do, where eagle runs its greedy rounds whole on the device (aerie.device_round).
+MODES = ("eagle", "eagle-split", "vanilla", "hf-dynamic", "hf-static", "hf")
 # Untimed tokens per mode before timing: enough for rounds that commit several tokens at once,
 # so that every graph (and, with the compiled forward, every shape family) exists before.
 WARM_UP_TOKENS = 32
@@ -51,7 +53,8 @@ class ModeRun:
     token_ids: list[int]
     tau: float = 1.0
     accepted_per_round: list[int] | None = None
-    # Mean per round: draft_ms, verify_ms, wire_ms, request_bytes, response_bytes.
+    # Mean per round: draft_ms, verify_ms (a device round's whole time: its draft_ms is 0),
+    # wire_ms, request_bytes, response_bytes.
     per_round: dict[str, float] | None = None
 
 
@@ -152,6 +155,7 @@ def run_bench(
     if any(m.startswith("eagle") for m in modes) and stack.head is None:
         raise InputError("mode eagle needs a draft head")
     engine = Engine(stack.target, stack.head, stack.tree)
+    split = Engine(stack.target, stack.head, stack.tree, device_rounds=False)
     stop = StopCriteria(max_new_tokens, stack.stop_token_ids())
     # Vanilla runs first whenever asked for, so every other mode can be compared with it.
     order = sorted(modes, key=lambda m: m != "vanilla")
@@ -163,6 +167,7 @@ def run_bench(
         "hf-static": lambda ids, p, s: ModeRun(_hf_generate(stack, ids, p, s, hf_static)),
         "vanilla": lambda ids, p, s: ModeRun(engine.generate(ids, p, s, "vanilla").token_ids),
         "eagle": lambda ids, p, s: _engine_run(engine.generate(ids, p, s, "eagle")),
+        "eagle-split": lambda ids, p, s: _engine_run(split.generate(ids, p, s, "eagle")),
         **{m: _eagle_variant(stack, m) for m in modes if EAGLE_VARIANT.match(m)},
         **extra_modes,
     }
