@@ -26,6 +26,7 @@ from aerie.accept import accept_greedy_rows
 from aerie.drafter import DraftSession, grow_candidates
 from aerie.fused import fused
 from aerie.kvcache import SlotCache, pad_rows, pinned_tensor
+from aerie.target import Target
 from aerie.tree import TreeConfig, ancestor_closure
 from aerie.verifier import RoundResult, VerifySession
 
@@ -65,7 +66,8 @@ class DeviceRounds:
 
     def __init__(self, verifier: VerifySession, drafter: DraftSession):
         if not self.supports(verifier, drafter):
-            raise ValueError("device rounds need greedy decoding, a dynamic tree and static caches on both sides")
+            raise ValueError("device rounds need greedy decoding, a dynamic tree, static caches on both sides "
+                             "and an unsharded target")
         self.verifier = verifier
         self.drafter = drafter
         self.tree = drafter.tree
@@ -74,7 +76,10 @@ class DeviceRounds:
 
     @staticmethod
     def supports(verifier: VerifySession, drafter: object) -> bool:
+        """Greedy decoding of a dynamic tree, with static caches on both sides and the target
+        in this process (a sharded one mirrors each call to its other ranks instead)."""
         return (verifier.params.greedy and isinstance(drafter, DraftSession) and drafter.tree.kind == "dynamic"
+                and type(verifier.target) is Target
                 and isinstance(verifier.cache, SlotCache) and isinstance(drafter.cache, SlotCache))
 
     @torch.inference_mode()
@@ -95,8 +100,11 @@ class DeviceRounds:
             "features": pad_rows(features[None].to(device, self.drafter.head.fc.weight.dtype), self.rows)[0],
         }
         # Kept with the head cache's graphs, named by the target storage the graph writes: a
-        # pooled head cache meets other target caches, and a grown one is new storage.
+        # pooled head cache meets other target caches, and a grown one is new storage. One
+        # pairing per tree is kept: engines reuse the caches they released last, so it is
+        # the one met again, and the graphs over storage since dropped are let go.
         key = ("round", tree, target_cache.storage_id)
+        head_cache.drop_graphs(lambda k: k[:2] == key[:2] and k != key)
         out, path_features = head_cache.run(key, inputs, self._round, graphed=head_cache.graphs.enabled)
         values = out.tolist()  # the round's one read
         accepted = values[0]

@@ -63,6 +63,13 @@ class _SlotLayer(StaticLayer):
 
 
 _STORAGE_IDS = itertools.count()
+# Static capacities are multiples of this: the rows of an attention mask over the whole cache
+# are then aligned as SDPA's fused kernels require (see aerie.target.forward_aligned).
+SLOT_ALIGNMENT = 8
+
+
+def aligned_capacity(capacity: int) -> int:
+    return -(-capacity // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
 
 
 class StaticStorage(Cache):
@@ -72,7 +79,7 @@ class StaticStorage(Cache):
     with the buffers their inputs are copied into."""
 
     def __init__(self, layers: list[CacheLayerMixin], capacity: int, device: torch.device, cuda_graphs: bool):
-        self.capacity = capacity
+        self.capacity = aligned_capacity(capacity)
         self.device = torch.device(device)
         # The graphs captured over this cache's buffers, which only it may replay.
         self.graphs = GraphCache(enabled=cuda_graphs and self.device.type == "cuda")
@@ -112,6 +119,12 @@ class StaticStorage(Cache):
         self.graphs.clear()
         self._inputs.clear()
 
+    def drop_graphs(self, which: Callable[[Hashable], bool]) -> None:
+        """Let go of the graphs (and their input buffers) whose keys `which` picks."""
+        for key in [k for k in self.graphs.graphs if which(k)]:
+            del self.graphs.graphs[key]
+            self._inputs.pop(key, None)
+
     def _replay(
         self,
         key: Hashable,
@@ -136,7 +149,7 @@ class SlotCache(StaticStorage):
 
     def __init__(self, num_layers: int, capacity: int, device: torch.device, cuda_graphs: bool = True):
         self.length = 0
-        self.write_at = _slots(capacity, torch.device(device))
+        self.write_at = _slots(aligned_capacity(capacity), torch.device(device))
         super().__init__([_SlotLayer(self) for _ in range(num_layers)], capacity, device, cuda_graphs)
 
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from aerie.fused import Compiled, Fusion, fused, fusion_for
-from aerie.kvcache import Attend, CachePool, SlotCache, additive_mask, static_forward
+from aerie.kvcache import SLOT_ALIGNMENT, Attend, CachePool, SlotCache, additive_mask, static_forward
 from aerie.tree import ancestor_mask, node_depths
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class Target:
         # decoding alike, with the whole forward compiled where it can be (the batched path
         # fuses the norms and the rotary embedding only).
         self.fused = Fusion() if static is None else static.fusion(model, self.device)
-        self.compiled = None if static is None else static.compile(model, self.device)
+        self.compiled = None if static is None else static.compile(forward_aligned, self.device)
         n_layers = self.config.num_hidden_layers
         if features.kind == "eagle3" and not all(0 <= i <= n_layers for i in features.layers):
             raise ValueError(f"EAGLE-3 feature layers {features.layers} out of range for {n_layers} layers")
@@ -197,11 +197,13 @@ class Target:
             mask = additive_mask(mask, self.model.dtype)
         args = dict(input_ids=input_ids, position_ids=positions, attention_mask=mask,
                     past_key_values=cache, use_cache=True, output_hidden_states=True)
-        # A new cache's first forward allocates its storage: run uncompiled, it costs the
-        # compiled forward no graph of its own.
-        forward = self.compiled if static and self.compiled is not None and cache.storage is not None else self.model
         with fused(self.fused if static else Fusion()):
-            out = forward(**args)
+            # A new cache's first forward allocates its storage: run uncompiled, it costs the
+            # compiled forward no graph of its own.
+            if static and self.compiled is not None and cache.storage is not None:
+                out = self.compiled(self.model, **args)
+            else:
+                out = self.model(**args)
         hidden = out.hidden_states
         if self.features.kind == "eagle3":
             feats = torch.cat([hidden[i] for i in self.features.layers], dim=-1)
@@ -219,6 +221,16 @@ class Target:
         index = torch.arange(committed + len(keep))
         index[committed:] = torch.tensor(keep, dtype=torch.long) + committed
         reindex_cache(cache, index)
+
+
+def forward_aligned(model: PreTrainedModel, **args):
+    """`model(**args)` as the static path compiles it: told that the mask is as wide as a
+    multiple of `SLOT_ALIGNMENT` (the static cache's capacity). With that width a symbol, the
+    compiler cannot tell, and copies the mask for every layer and every head into rows it
+    can prove aligned, as SDPA's fused kernels require. Module-level, with the model an
+    argument: every Target of one model shares its compiled graphs."""
+    torch._check(args["attention_mask"].shape[-1] % SLOT_ALIGNMENT == 0)
+    return model(**args)
 
 
 def reindex_cache(cache: DynamicCache, index: torch.Tensor) -> None:
