@@ -81,6 +81,17 @@ def acceptance_table(round_: ExploredRound, sizes: list[int], max_depth: int) ->
     return in_cut.long().cumprod(dim=0).sum(dim=0).double()
 
 
+def explored_round(tree: DraftTree, candidates: tuple[torch.Tensor, torch.Tensor],
+                   accepted_tokens: list[int]) -> ExploredRound:
+    """The `ExploredRound` of a split round: the drafter's candidates (scores, depths), and
+    the tree nodes that the accepted draft tokens followed."""
+    path = path_nodes(tree, accepted_tokens)
+    depths = tree.depths
+    return ExploredRound(scores=candidates[0].double(), depths=candidates[1],
+                         path_scores=tuple(float(tree.logprobs[i]) for i in path),
+                         path_depths=tuple(int(depths[i]) for i in path))
+
+
 def path_nodes(tree: DraftTree, accepted_tokens: list[int]) -> list[int]:
     """The tree nodes (root excluded) that the verifier accepted, found by following the
     accepted tokens down from the root (siblings never repeat a token)."""
@@ -98,16 +109,24 @@ def path_nodes(tree: DraftTree, accepted_tokens: list[int]) -> list[int]:
 
 @dataclass
 class CostModel:
-    """Measured costs in ms: verify per bucket of tree tokens, draft per depth, round trip."""
+    """Measured costs in ms: verify per bucket of tree tokens, draft per depth, round trip.
+
+    Rounds run whole on the device (aerie.device_round) are timed as one: `whole_ms` holds
+    their time per (bucket, depth), and a pair not measured is estimated as additive in the
+    two, from `reference_depth` (where every bucket is measured) and any bucket measured at
+    both depths."""
 
     verify_ms: dict[int, float] = field(default_factory=dict)
     draft_ms: dict[int, float] = field(default_factory=dict)
+    whole_ms: dict[tuple[int, int], float] = field(default_factory=dict)
+    reference_depth: int | None = None
     rtt_ms: float = 0.0
     host_ms: float = 0.0  # the round's work outside drafting, verifying and the round trip
     smoothing: float = 0.2  # weight of a new measurement in the running means
     # Buckets and depths run once: their first round captured CUDA graphs (tens of ms), so
     # it is not a measurement. Recorded, a size would look too dear ever to be tried again.
     _seen: set = field(default_factory=set)
+    _bucket_at_depth: dict[int, int] = field(default_factory=dict)  # a bucket measured whole at each depth
 
     def observe(self, bucket: int, depth: int, verify_ms: float, draft_ms: float, rtt_ms: float = 0.0,
                 host_ms: float | None = None) -> None:
@@ -120,6 +139,31 @@ class CostModel:
         if host_ms is not None:
             self.host_ms = _ema(self.host_ms or None, host_ms, self.smoothing)
 
+    def observe_whole(self, bucket: int, depth: int, round_ms: float, host_ms: float | None = None) -> None:
+        """A round drafted and verified as one (its first at each shape captured graphs and
+        does not count)."""
+        if ("whole", bucket, depth) in self._seen:
+            self.whole_ms[(bucket, depth)] = _ema(self.whole_ms.get((bucket, depth)), round_ms, self.smoothing)
+            self._bucket_at_depth[depth] = bucket
+        self._seen.add(("whole", bucket, depth))
+        if host_ms is not None:
+            self.host_ms = _ema(self.host_ms or None, host_ms, self.smoothing)
+
+    def measured(self, bucket: int) -> bool:
+        return bucket in self.verify_ms or (bucket, self.reference_depth) in self.whole_ms
+
+    def whole(self, bucket: int, depth: int) -> float:
+        """A whole round's time at (bucket, depth): measured, or the reference depth's at this
+        bucket plus the difference the depth makes at a bucket measured at both; infinite
+        where neither is known."""
+        if (bucket, depth) in self.whole_ms:
+            return self.whole_ms[(bucket, depth)]
+        reference, other = self.reference_depth, self._bucket_at_depth.get(depth)
+        known = (bucket, reference), (other, depth), (other, reference)
+        if other is None or not all(k in self.whole_ms for k in known):
+            return math.inf
+        return self.whole_ms[known[0]] + self.whole_ms[known[1]] - self.whole_ms[known[2]]
+
     def draft(self, depth: int) -> float:
         """Measured, or scaled from the nearest measured depth (0 before any): a round runs
         one head forward to commit and one per level below the first."""
@@ -131,6 +175,8 @@ class CostModel:
         return self.draft_ms[near] * depth / near
 
     def round_ms(self, bucket: int, depth: int) -> float:
+        if self.whole_ms:
+            return self.whole(bucket, depth) + self.rtt_ms + self.host_ms
         return self.draft(depth) + self.verify_ms[bucket] + self.rtt_ms + self.host_ms
 
 
@@ -156,7 +202,7 @@ class TreeBudget:
         # when the round is logged: the choice then costs a mean, not a replay of the log.
         self._tables: deque[torch.Tensor] = deque(maxlen=window)
         self._table_sum: torch.Tensor | None = None
-        self.costs = CostModel()
+        self.costs = CostModel(reference_depth=largest.depth)
         self.rounds = 0
         # Tree sizes that fill a verify bucket exactly (root included), up to the largest.
         self.sizes = sorted({min(b, largest.total_tokens + 1) - 1 for b in _powers(2, largest_graph)} - {0})
@@ -183,23 +229,20 @@ class TreeBudget:
         n, d = self.choice()
         return self._tree(n, d)
 
-    def observe(self, tree_config: TreeConfig, tree: DraftTree, candidates: tuple[torch.Tensor, torch.Tensor] | None,
-                accepted_tokens: list[int], draft_ms: float, verify_ms: float, rtt_ms: float = 0.0,
+    def observe(self, tree_config: TreeConfig, nodes: int, draft_ms: float, verify_ms: float, rtt_ms: float = 0.0,
                 host_ms: float | None = None) -> None:
-        """Record a finished round. `candidates` are (scores, depths) of every drafted
-        candidate, given for rounds drafted with the largest tree; `accepted_tokens` are
-        the accepted draft tokens (the bonus token left out); `host_ms` the time from the
-        previous round's end to this one's start (None for a generation's first round)."""
-        bucket = bucket_for(len(tree), self.largest_graph) or len(tree)
-        self.costs.observe(bucket, tree_config.depth, verify_ms, draft_ms, rtt_ms, host_ms)
-        if tree_config == self.largest and candidates is not None:
-            path = path_nodes(tree, accepted_tokens)
-            depths = tree.depths
-            self.add_explored(ExploredRound(
-                scores=candidates[0].double(), depths=candidates[1],
-                path_scores=tuple(float(tree.logprobs[i]) for i in path),
-                path_depths=tuple(int(depths[i]) for i in path),
-            ))
+        """Record a finished round's costs: a tree of `nodes` nodes (root included) drafted
+        and verified apart; `host_ms` the time from the previous round's end to this one's
+        start (None for a generation's first round). Rounds drafted with the largest tree
+        also give their `add_explored`."""
+        self.costs.observe(self._bucket(nodes), tree_config.depth, verify_ms, draft_ms, rtt_ms, host_ms)
+
+    def observe_whole(self, tree_config: TreeConfig, nodes: int, round_ms: float, host_ms: float | None = None) -> None:
+        """`observe` for a round drafted and verified as one (aerie.device_round)."""
+        self.costs.observe_whole(self._bucket(nodes), tree_config.depth, round_ms, host_ms)
+
+    def _bucket(self, nodes: int) -> int:
+        return bucket_for(nodes, self.largest_graph) or nodes
 
     def add_explored(self, round_: ExploredRound) -> None:
         table = acceptance_table(round_, self.sizes, self.largest.depth)
@@ -224,8 +267,8 @@ class TreeBudget:
         # Plain floats: this runs every round, and 50-odd tensor reads cost more than the rest.
         means = (self._table_sum / len(self._tables)).tolist()
         for n, accepted in zip(self.sizes, means):
-            bucket = bucket_for(n + 1, self.largest_graph) or n + 1
-            if bucket not in self.costs.verify_ms:
+            bucket = self._bucket(n + 1)
+            if not self.costs.measured(bucket):
                 continue
             for d in range(1, self.largest.depth + 1):
                 rate = (accepted[d - 1] + 1) / self.costs.round_ms(bucket, d)

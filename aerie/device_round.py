@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from aerie.accept import accept_greedy_rows
+from aerie.budget import ExploredRound
 from aerie.drafter import DraftSession, grow_candidates
 from aerie.fused import fused
 from aerie.kvcache import SlotCache, pad_rows, pinned_tensor
@@ -38,9 +39,10 @@ def candidate_count(tree: TreeConfig) -> int:
 
 
 def select_tree(root_token: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor,
-                total_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+                total_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The dynamic tree of the `total_tokens` best candidates by path score, on the device:
-    (tokens [n], parents [n]) with the root first and the rest in drafting order.
+    (tokens, parents, path scores), each [n], with the root first (score 0) and the rest in
+    drafting order.
 
     `tokens`, `parents`, `scores` are `grow_candidates`' output (parents index candidates
     from 1, the root is 0). The kept nodes are those of `aerie.tree.rerank`: a stable sort
@@ -55,24 +57,26 @@ def select_tree(root_token: torch.Tensor, tokens: torch.Tensor, parents: torch.T
     tree_index[kept + 1] = torch.arange(1, n + 1, device=device)
     tree_tokens = torch.cat([root_token.reshape(1), tokens[kept]])
     tree_parents = torch.cat([torch.full((1,), -1, dtype=torch.long, device=device), tree_index[parents[kept]]])
-    return tree_tokens, tree_parents
+    return tree_tokens, tree_parents, torch.cat([scores.new_zeros(1), scores[kept]])
 
 
 class DeviceRounds:
     """The greedy rounds of one generation on the device, over the static caches of a
     `VerifySession` and a `DraftSession`. Each `step` returns what
     `verifier.verify(drafter.draft(features, next_tokens))` would, with the same tokens, and
-    leaves both sessions as that would."""
+    leaves both sessions as that would. The round drafts `drafter.tree`, which may change
+    from round to round (`--tree-budget auto`): each tree shape is a graph of its own."""
 
-    def __init__(self, verifier: VerifySession, drafter: DraftSession):
+    def __init__(self, verifier: VerifySession, drafter: DraftSession, deepest: int | None = None):
+        """`deepest`: the largest depth of any tree the rounds will draft (the drafter's by
+        default), which bounds the pairs a round commits."""
         if not self.supports(verifier, drafter):
             raise ValueError("device rounds need greedy decoding, a dynamic tree, static caches on both sides "
                              "and an unsharded target")
         self.verifier = verifier
         self.drafter = drafter
-        self.tree = drafter.tree
-        self.rows = min(self.tree.depth, self.tree.total_tokens) + 1  # the most tokens a round commits
-        self.nodes = min(self.tree.total_tokens, candidate_count(self.tree)) + 1
+        self.commit_rows = (deepest or drafter.tree.depth) + 1  # the most pairs a round commits
+        self._last: tuple[torch.Tensor, ...] | None = None
 
     @staticmethod
     def supports(verifier: VerifySession, drafter: object) -> bool:
@@ -82,22 +86,27 @@ class DeviceRounds:
                 and type(verifier.target) is Target
                 and isinstance(verifier.cache, SlotCache) and isinstance(drafter.cache, SlotCache))
 
+    @staticmethod
+    def nodes(tree: TreeConfig) -> int:
+        """The tree a round of `tree` verifies, root included."""
+        return min(tree.total_tokens, candidate_count(tree)) + 1
+
     @torch.inference_mode()
     def step(self, features: torch.Tensor, next_tokens: list[int]) -> RoundResult:
-        """Commit the pairs (features[i], next_tokens[i]) (at most depth + 1, what a round
-        accepts), draft, verify and accept."""
-        verifier, tree = self.verifier, self.tree
+        """Commit the pairs (features[i], next_tokens[i]) (as many as a round accepts at
+        most), draft, verify and accept."""
+        verifier, tree = self.verifier, self.drafter.tree
         target_cache, head_cache = verifier.cache, self.drafter.cache
         committed, head_length, count = verifier.committed, self.drafter.length, len(next_tokens)
-        if not 1 <= count <= self.rows:
-            raise ValueError(f"a round commits 1 to {self.rows} pairs, got {count}")
-        head_cache.reserve(head_length + self.rows + (tree.depth - 1) * tree.top_k)
-        target_cache.reserve(committed + self.nodes)
+        if not 1 <= count <= self.commit_rows:
+            raise ValueError(f"a round commits 1 to {self.commit_rows} pairs, got {count}")
+        head_cache.reserve(head_length + self.commit_rows + (tree.depth - 1) * tree.top_k)
+        target_cache.reserve(committed + self.nodes(tree))
         device = head_cache.device
-        ids = next_tokens + [next_tokens[-1]] * (self.rows - count)
+        ids = next_tokens + [next_tokens[-1]] * (self.commit_rows - count)
         inputs = {
             "ints": pinned_tensor([committed, head_length, count] + ids),
-            "features": pad_rows(features[None].to(device, self.drafter.head.fc.weight.dtype), self.rows)[0],
+            "features": pad_rows(features[None].to(device, self.drafter.head.fc.weight.dtype), self.commit_rows)[0],
         }
         # Kept with the head cache's graphs, named by the target storage the graph writes: a
         # pooled head cache meets other target caches, and a grown one is new storage. One
@@ -105,35 +114,54 @@ class DeviceRounds:
         # the one met again, and the graphs over storage since dropped are let go.
         key = ("round", tree, target_cache.storage_id)
         head_cache.drop_graphs(lambda k: k[:2] == key[:2] and k != key)
-        out, path_features = head_cache.run(key, inputs, self._round, graphed=head_cache.graphs.enabled)
-        values = out.tolist()  # the round's one read
+        self._last = head_cache.run(key, inputs, lambda b: self._round(b, tree), graphed=head_cache.graphs.enabled)
+        values = self._last[0].tolist()  # the round's one read
         accepted = values[0]
         target_cache.length = committed + accepted
         head_cache.length = head_length + count  # the drafted entries are dropped
         kept = verifier.emit(values[1 : 1 + accepted])
-        return RoundResult(new_tokens=kept, features=path_features[:accepted], accepted_draft=accepted - 1,
+        return RoundResult(new_tokens=kept, features=self._last[1][:accepted], accepted_draft=accepted - 1,
                            done=verifier.done)
 
-    def _round(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def explored(self, accepted_draft: int) -> ExploredRound:
+        """What `--tree-budget auto` learns from the last round: every candidate's path score
+        and depth, and those of its first `accepted_draft` accepted nodes. A second read,
+        made for the rounds that explore only."""
+        _, _, pool_scores, pool_parents, path_scores, path_depths = self._last
+        m = pool_scores.shape[0]
+        flat = torch.cat([pool_scores.double(), pool_parents.double(), path_scores.double(),
+                          path_depths.double()]).tolist()
+        parents = [int(p) for p in flat[m : 2 * m]]
+        depths = [0] * (m + 1)
+        for i, parent in enumerate(parents, start=1):
+            depths[i] = depths[parent] + 1
+        tail = flat[2 * m :]
+        rows = len(tail) // 2
+        return ExploredRound(scores=torch.tensor(flat[:m], dtype=torch.float64), depths=torch.tensor(depths[1:]),
+                             path_scores=tuple(tail[:accepted_draft]),
+                             path_depths=tuple(int(d) for d in tail[rows : rows + accepted_draft]))
+
+    def _round(self, inputs: dict[str, torch.Tensor], tree: TreeConfig) -> tuple[torch.Tensor, ...]:
         """The round as device work over static shapes: what a graph captures. Returns
         [1 + rows] (the accepted path's length, root included, then the tokens it commits:
-        the accepted drafts and the bonus token) and the features of the path's nodes."""
+        the accepted drafts and the bonus token), the features of the path's nodes, and for
+        `explored`: every candidate's score and parent, and the score and depth of each
+        accepted node."""
         target, head = self.verifier.target, self.drafter.head
         target_cache, head_cache = self.verifier.cache, self.drafter.cache
         ints, features = inputs["ints"], inputs["features"]
         committed, head_length, count, ids = ints[0], ints[1], ints[2], ints[3:]
         device = features.device
-        rows = torch.arange(self.rows, device=device)
         last = (count - 1).reshape(1)
 
         # The pending pairs, causal; padding rows land where drafting writes next.
         with fused(head.fused):
-            slots = head_length + rows
-            head_cache.write_at[: self.rows] = slots
+            slots = head_length + torch.arange(self.commit_rows, device=device)
+            head_cache.write_at[: self.commit_rows] = slots
             seen = torch.arange(head_cache.capacity, device=device)[None, :] <= slots[:, None]
             hidden = head.static_step(features[None], ids[None], slots[None], seen[None, None], head_cache)[0]
-            candidates = grow_candidates(head, head_cache, self.tree, hidden.index_select(0, last), head_length + count)
-        tokens, parents = select_tree(ids.index_select(0, last), *candidates, self.tree.total_tokens)
+            candidates = grow_candidates(head, head_cache, tree, hidden.index_select(0, last), head_length + count)
+        tokens, parents, scores = select_tree(ids.index_select(0, last), *candidates, tree.total_tokens)
 
         n = tokens.shape[0]
         reach = ancestor_closure(parents[None])[0]  # [n, n]: each node's ancestors and itself
@@ -141,14 +169,18 @@ class DeviceRounds:
         target_cache.write_at[:n] = slots
         mask = (torch.arange(target_cache.capacity, device=device) < committed).expand(n, -1).clone()
         mask.scatter_(1, slots.expand(n, -1), reach)
-        positions = committed + reach.sum(-1) - 1
-        logits, node_features = target.run_static(target_cache, tokens[None], positions[None], mask[None, None])
+        depths = reach.sum(-1) - 1
+        logits, node_features = target.run_static(target_cache, tokens[None], (committed + depths)[None],
+                                                  mask[None, None])
 
         path, length, bonus = accept_greedy_rows(tokens[None], parents[None], logits.argmax(-1)[None], reach[None])
-        path = path[0, : self.rows].clamp_min(0)  # past the path's end: the root, read by nobody
+        rows = min(tree.depth, n - 1) + 1  # the most nodes a path holds
+        path = path[0, :rows].clamp_min(0)  # past the path's end: the root, read by nobody
         length = length[0]
+        steps = torch.arange(rows, device=device)
         storage = target_cache.storage
-        storage.index_copy_(4, committed + rows, storage.index_select(4, committed + path))
+        storage.index_copy_(4, committed + steps, storage.index_select(4, committed + path))
         after = torch.cat([path[1:], path[:1]])  # the node of each committed token but the bonus
-        emitted = torch.where(rows == length - 1, bonus[0], tokens[after])
-        return torch.cat([length.reshape(1), emitted]), node_features.index_select(0, path)
+        emitted = torch.where(steps == length - 1, bonus[0], tokens[after])
+        return (torch.cat([length.reshape(1), emitted]), node_features.index_select(0, path),
+                candidates[2], candidates[1], scores[after], depths[after])

@@ -16,7 +16,7 @@ from typing import Literal, Protocol
 import torch
 from torch.profiler import record_function
 
-from aerie.budget import TreeBudget
+from aerie.budget import TreeBudget, explored_round
 from aerie.device_round import DeviceRounds
 from aerie.drafter import DraftSession, precompile_head
 from aerie.heads import DraftHead
@@ -88,7 +88,7 @@ class Engine:
         """`budget` (for `--tree-budget auto`) picks each round's tree instead of `tree`,
         learning across generations; it needs a drafter with `candidates()`. `device_rounds`
         runs greedy rounds on static caches whole on the device (aerie.device_round), from
-        the second round of each generation on; without a budget only."""
+        the second round of each generation on."""
         if head is not None and head.feature_spec != target.features:
             raise ValueError(f"target exposes {target.features} but the head reads {head.feature_spec}")
         self.target = target
@@ -165,38 +165,44 @@ class Engine:
         on_device = None  # DeviceRounds, from the second round (the first commits the whole prompt)
         last_end = None  # when the previous round's verify returned
         while not verifier.done:
+            if budget is not None:
+                drafter.tree = budget.next_tree()
+            explored = budget is not None and drafter.tree == budget.largest
+            t0 = time.perf_counter()
             if on_device is not None:
-                t0 = t1 = time.perf_counter()  # one graph: its whole time counts as verify
                 with record_function("aerie.round"):
                     result = on_device.step(features, next_tokens)
-                t2 = time.perf_counter()
-                size = on_device.nodes - 1
+                t1 = t0  # one graph: its whole time counts as verify
+                nodes = on_device.nodes(drafter.tree)
             else:
-                if budget is not None:
-                    drafter.tree = budget.next_tree()
-                t0 = time.perf_counter()
                 with record_function("aerie.draft"):  # named spans for `aerie profile`
                     tree = drafter.draft(features, next_tokens)
                 t1 = time.perf_counter()
                 with record_function("aerie.verify"):
                     result = verifier.verify(tree)
-                t2 = time.perf_counter()
-                size = len(tree) - 1
-                if budget is not None:
-                    explored = drafter.tree == budget.largest
-                    budget.observe(drafter.tree, tree, drafter.candidates() if explored else None,
-                                   result.new_tokens[: result.accepted_draft],
-                                   draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1),
-                                   host_ms=None if last_end is None else 1e3 * (t0 - last_end))
-                elif self.device_rounds and DeviceRounds.supports(verifier, drafter):
-                    on_device = DeviceRounds(verifier, drafter)
+                nodes = len(tree)
+            t2 = time.perf_counter()
+            if budget is not None:
+                host_ms = None if last_end is None else 1e3 * (t0 - last_end)
+                accepted = result.new_tokens[: result.accepted_draft]
+                if on_device is not None:
+                    budget.observe_whole(drafter.tree, nodes, 1e3 * (t2 - t0), host_ms)
+                    if explored:
+                        budget.add_explored(on_device.explored(len(accepted)))
+                else:
+                    budget.observe(drafter.tree, nodes, draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1),
+                                   host_ms=host_ms)
+                    if explored:
+                        budget.add_explored(explored_round(tree, drafter.candidates(), accepted))
+            if on_device is None and self.device_rounds and DeviceRounds.supports(verifier, drafter):
+                on_device = DeviceRounds(verifier, drafter, deepest=budget.largest.depth if budget else None)
             last_end = t2
             features = result.features
             # The tokens paired with the returned features: the accepted path (any branch of
             # the tree, not its first nodes) and the bonus token. Only a round that ends
             # generation is cut short, and nothing is drafted after it.
             next_tokens = list(result.new_tokens)
-            yield result.new_tokens, RoundStats(size, result.accepted_draft, len(result.new_tokens), t1 - t0, t2 - t1)
+            yield result.new_tokens, RoundStats(nodes - 1, result.accepted_draft, len(result.new_tokens), t1 - t0, t2 - t1)
 
     def generate(
         self,

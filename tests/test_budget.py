@@ -3,6 +3,7 @@ them, the choice against brute force on synthetic cost curves, and lossless gene
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from aerie.budget import CostModel, ExploredRound, TreeBudget, acceptance_table, accepted_if, path_nodes
 from aerie.engine import Engine
+from aerie.graphs import bucket_for
 from aerie.sampling import SamplingParams
 from aerie.target import StaticKV, Target
 from aerie.tree import CandidatePool, DraftTree, TreeConfig, expand_level, rerank
@@ -148,21 +150,52 @@ def test_costlier_verification_chooses_smaller_trees():
     assert steep[0] < flat[0]
 
 
-def test_auto_budget_generation_is_lossless_and_learns():
+@pytest.mark.parametrize("device_rounds", [True, False], ids=["device-rounds", "split-rounds"])
+def test_auto_budget_generation_is_lossless_and_learns(device_rounds):
     target = tiny_target("eagle3")
     static = Target(target.model, target.features, static=StaticKV(largest_graph=16, initial_capacity=32))
     head = tiny_head(static, "eagle3", 48)
     budget = TreeBudget(TreeConfig("dynamic", 4, 3, 15), largest_graph=16, explore_every=4)
-    engine = Engine(static, head, budget.largest, budget=budget)
+    engine = Engine(static, head, budget.largest, budget=budget, device_rounds=device_rounds)
     prompt = [3, 14, 15, 9, 26, 5]
     eagle = engine.generate(prompt, SamplingParams(), StopCriteria(40))
     plain = Engine(target, None, TreeConfig()).generate(prompt, SamplingParams(), StopCriteria(40), "vanilla")
     assert eagle.token_ids == plain.token_ids
     assert len(budget.log) >= 2
-    assert set(budget.costs.verify_ms) >= {2, 4, 8, 16}  # every size was measured in warm-up
-    assert set(budget.costs.draft_ms) == {1, 2, 3, 4}  # and every depth: none is left to capture later
+    costs = budget.costs
+    if device_rounds:
+        # Every size at the largest depth and every depth were measured in warm-up, so
+        # every (size, depth) has a cost, and none is left to capture later.
+        assert {b for b, d in costs.whole_ms if d == 4} >= {2, 4, 8, 16}
+        assert {d for _, d in costs.whole_ms} == {1, 2, 3, 4}
+        assert all(costs.whole(b, d) < math.inf for b in (2, 4, 8, 16) for d in (1, 2, 3, 4))
+    else:
+        assert set(costs.verify_ms) >= {2, 4, 8, 16}  # every size was measured in warm-up
+        assert set(costs.draft_ms) == {1, 2, 3, 4}  # and every depth: none is left to capture later
     assert budget.warmup_rounds == 0
     assert {r.tree_size for r in eagle.rounds} >= {1, 3, 7, 15}
+
+
+def test_whole_rounds_are_measured_or_additive():
+    """Rounds timed whole: a measured (bucket, depth) is its own mean; another is the
+    reference depth's time at its bucket plus what its depth costs over the reference
+    elsewhere; and the choice is the brute-force best of those costs."""
+    whole = lambda bucket, depth: 3.0 + 0.01 * bucket + 0.4 * depth  # noqa: E731
+    budget = synthetic_budget(lambda t: 0.0, 0.0)
+    budget.costs = costs = CostModel(reference_depth=DEPTH)
+    measured = [(b, DEPTH) for b in (2, 4, 8, 16, 32, 64)] + [(2, d) for d in range(1, DEPTH)] + [(16, 2)]
+    for bucket, depth in measured:
+        costs.observe_whole(bucket, depth, 99.0)  # the first round captures: not a measurement
+        costs.observe_whole(bucket, depth, whole(bucket, depth))
+    assert costs.whole(16, 2) == pytest.approx(whole(16, 2))
+    assert costs.whole(8, 3) == pytest.approx(whole(8, 3))  # additive from (8, DEPTH), (2, 3), (2, DEPTH)
+    assert CostModel(reference_depth=DEPTH).whole(8, 3) == math.inf  # nothing measured
+    rates = {}
+    for n in budget.sizes:
+        for d in range(1, DEPTH + 1):
+            mean = sum(accepted_if(r, n, d) for r in budget.log) / len(budget.log)
+            rates[(n, d)] = (mean + 1) / whole(bucket_for(n + 1, 64), d)
+    assert budget.choice() == max(rates, key=rates.get)
 
 
 def test_exploration_thins_out_once_the_estimate_has_samples():

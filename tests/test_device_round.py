@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from aerie.budget import explored_round
 from aerie.device_round import DeviceRounds, candidate_count, select_tree
 from aerie.drafter import DraftSession, grow_candidates
 from aerie.engine import Engine
@@ -45,12 +46,13 @@ def random_expansion(tree: TreeConfig, rng: random.Random, ties: bool) -> tuple[
     return torch.tensor(tokens), torch.tensor(parents), torch.tensor(scores, dtype=torch.float32)
 
 
-def as_paths(tokens: list[int], parents: list[int]) -> set[tuple[int, ...]]:
-    """A tree as the set of its root-to-node token paths: equal for equal trees in any order."""
+def as_paths(tokens: list[int], parents: list[int], scores: list[float]) -> set[tuple]:
+    """A tree as the set of its root-to-node token paths with their scores: equal for equal
+    trees in any order."""
     paths: list[tuple[int, ...]] = []
-    for i, (token, parent) in enumerate(zip(tokens, parents)):
+    for token, parent in zip(tokens, parents):
         paths.append((token,) if parent < 0 else paths[parent] + (token,))
-    return set(paths)
+    return {(path, round(score, 4)) for path, score in zip(paths, scores)}
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -60,13 +62,14 @@ def test_select_tree_keeps_the_nodes_rerank_keeps(tree, ties):
     for _ in range(20):
         tokens, parents, scores = random_expansion(tree, rng, ties)
         assert tokens.shape[0] == candidate_count(tree)
-        got_tokens, got_parents = select_tree(torch.tensor(99), tokens, parents, scores, tree.total_tokens)
+        got_tokens, got_parents, got_scores = select_tree(torch.tensor(99), tokens, parents, scores, tree.total_tokens)
         want = rerank(CandidatePool([99] + tokens.tolist(), [-1] + parents.tolist(),
                                     [0.0] + scores.double().tolist()), tree.total_tokens)
-        # Parents come before their children, and the trees are the same.
+        # Parents come before their children, and the trees are the same, with the same scores.
         assert all(p < i for i, p in enumerate(got_parents.tolist()) if i)
         assert len(got_tokens) == len(want)
-        assert as_paths(got_tokens.tolist(), got_parents.tolist()) == as_paths(want.tokens.tolist(), want.parents.tolist())
+        assert as_paths(got_tokens.tolist(), got_parents.tolist(), got_scores.tolist()) == \
+            as_paths(want.tokens.tolist(), want.parents.tolist(), want.logprobs.tolist())
 
 
 def test_candidate_count_is_what_the_expansion_drafts():
@@ -115,29 +118,36 @@ def test_device_rounds_stop_where_plain_decoding_stops(static_pair):
 
 
 def test_device_rounds_leave_the_sessions_as_the_split_round_does(static_pair):
-    """After a device round, both caches hold what a split round leaves: the same entries in
-    use, the same keys and values there, and the same pending features."""
+    """Round by round, a device round and a split round from the same state leave both
+    caches alike (the same entries in use, the same keys and values there), return the same
+    tokens and features, and tell `--tree-budget auto` the same."""
     target, head = static_pair
     tree = TREES[0]
     prompt = PROMPTS[0]
     sessions = []
-    for on_device in (True, False):
+    for _ in range(2):
         verifier = VerifySession(target, SamplingParams(), StopCriteria(30), list(prompt))
         drafter = DraftSession(head, tree)
         features, first = verifier.prefill()
         result = verifier.verify(drafter.draft(features, list(prompt[1:]) + [first]))
-        for _ in range(4):
-            if on_device:
-                result = DeviceRounds(verifier, drafter).step(result.features, result.new_tokens)
-            else:
-                result = verifier.verify(drafter.draft(result.features, result.new_tokens))
         sessions.append((verifier, drafter, result))
     (v1, d1, r1), (v2, d2, r2) = sessions
-    assert v1.generated == v2.generated and r1.new_tokens == r2.new_tokens
-    assert v1.committed == v2.committed and d1.length == d2.length
-    torch.testing.assert_close(r1.features, r2.features)
-    for c1, c2, n in ((v1.cache, v2.cache, v1.committed), (d1.cache, d2.cache, d1.length)):
-        torch.testing.assert_close(c1.storage[..., :n, :], c2.storage[..., :n, :])
+    rounds = DeviceRounds(v1, d1)
+    for _ in range(5):
+        r1 = rounds.step(r1.features, r1.new_tokens)
+        split_tree = d2.draft(r2.features, r2.new_tokens)
+        r2 = v2.verify(split_tree)
+        assert v1.generated == v2.generated and r1.new_tokens == r2.new_tokens
+        assert v1.committed == v2.committed and d1.length == d2.length
+        torch.testing.assert_close(r1.features, r2.features)
+        for c1, c2, n in ((v1.cache, v2.cache, v1.committed), (d1.cache, d2.cache, d1.length)):
+            torch.testing.assert_close(c1.storage[..., :n, :], c2.storage[..., :n, :])
+        got = rounds.explored(r1.accepted_draft)
+        want = explored_round(split_tree, d2.candidates(), r2.new_tokens[: r2.accepted_draft])
+        torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-5)  # float32 scores
+        assert torch.equal(got.depths, want.depths)
+        assert got.path_depths == want.path_depths
+        assert got.path_scores == pytest.approx(want.path_scores, rel=1e-5)
     for v, d, _ in sessions:
         v.close()
         d.close()
