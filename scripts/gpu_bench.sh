@@ -22,13 +22,16 @@
 #   each bench process compiles for a minute or more in its untimed warm-up)
 #   STEPS (comma-separated step names, default all: mtbench profile report verify-cost side
 #   sweep batch networked humaneval t1 fp32), e.g. STEPS=batch for the batched run alone
-# If the static-cache/CUDA-graph path fails in step 1, the rest runs with dynamic caches.
+# If the compiled forward fails in step 1, step 1 runs again and the rest runs uncompiled; if
+# the static-cache/CUDA-graph path fails, the rest runs with dynamic caches.
 set -uo pipefail
 
 run=${1:?usage: gpu_bench.sh RUN_DIR DATA_DIR}
 data=${2:?usage: gpu_bench.sh RUN_DIR DATA_DIR}
 tokens=${TOKENS:-256}
-aerie() { python3 -m aerie.cli "$@"; }
+# Everything each step prints also goes to RUN_DIR/log.txt, which comes back with the JSON even
+# when a step dies (a crash's message is in no JSON).
+aerie() { python3 -m aerie.cli "$@" 2>&1 | tee -a "$run/log.txt"; }
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
 step() { [ -z "${STEPS:-}" ] || [[ ",$STEPS," == *",$1,"* ]]; }
 mkdir -p "$run"
@@ -44,9 +47,17 @@ gpu+=("${head[@]}")
 
 if step mtbench; then
 stamp "mt-bench T=0"
-if ! aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" --modes eagle,eagle-split,vanilla,hf-static --out "$run/mtbench_t0.json"; then
-    echo "static caches failed: continuing with --kv-cache dynamic"
-    gpu+=(--kv-cache dynamic)
+mt_modes=(--modes eagle,eagle-split,vanilla,hf-static)
+if ! aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" "${mt_modes[@]}" --out "$run/mtbench_t0.json"; then
+    if [ "${COMPILED_FORWARD:-cuda}" != never ]; then
+        echo "the compiled forward failed (see log.txt): continuing with --compiled-forward never"
+        gpu+=(--compiled-forward never)
+        aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" "${mt_modes[@]}" --out "$run/mtbench_t0_uncompiled.json" \
+            || { echo "static caches failed: continuing with --kv-cache dynamic"; gpu+=(--kv-cache dynamic); }
+    else
+        echo "static caches failed: continuing with --kv-cache dynamic"
+        gpu+=(--kv-cache dynamic)
+    fi
 fi
 fi
 

@@ -48,9 +48,11 @@ def measure(model, compiled_forward: str, dtype: torch.dtype) -> dict:
                "vanilla": (Engine(target, None, TREE), "vanilla")}
     t0 = time.perf_counter()
     engines["eagle"][0].precompile()
+    precompile_s = time.perf_counter() - t0
+    print(dtype, compiled_forward, f"precompiled in {precompile_s:.1f} s", flush=True)
     for engine, mode in engines.values():
         engine.generate(PROMPT, SamplingParams(), StopCriteria(32), mode)
-    result = {"warm_s": time.perf_counter() - t0}
+    result = {"precompile_s": precompile_s, "warm_s": time.perf_counter() - t0}
     for name, (engine, mode) in engines.items():
         captures, compiles = GraphCache.total_captures, compiled_graph_count()
         torch.cuda.synchronize()
@@ -74,8 +76,11 @@ def main(out: str) -> None:
     for dtype in (getattr(torch, d) for d in os.environ.get("DTYPES", "float32,bfloat16").split(",")):
         model = llama_8b_shaped(torch.device("cuda"), dtype, smollm2_135m_config())
         per_mode = {}
+        results[str(dtype)] = per_mode
         for forward in forwards:
             r = per_mode[forward] = measure(model, forward, dtype)
+            with open(out, "w") as f:  # after each measurement: a run cut short keeps what it has
+                json.dump(results, f)
             print(dtype, forward, f"warm-up {r['warm_s']:.1f} s",
                   {m: f"{r[m]['tok_s']:.1f} tok/s, draft {r[m]['draft_ms']:.2f} ms, verify {r[m]['verify_ms']:.2f} ms, "
                       f"captures {r[m]['graph_captures']}, compiles {r[m]['compiles']}" for m in MODES}, flush=True)
@@ -85,11 +90,8 @@ def main(out: str) -> None:
             for m in MODES:
                 print(dtype, m, "compiled == uncompiled tokens:",
                       per_mode[forwards[0]][m]["tokens"] == per_mode[forwards[1]][m]["tokens"])
-        results[str(dtype)] = per_mode
         del model
         torch.cuda.empty_cache()
-    with open(out, "w") as f:
-        json.dump(results, f)
 
 
 if __name__ == "__main__":

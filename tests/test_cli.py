@@ -111,7 +111,7 @@ def test_bench_static_cache_modes_are_identical(demo_model_dir, tmp_path):
     prompts.write_text(json.dumps({"prompt": "List two prime numbers.", "id": 0}) + "\n")
     out = tmp_path / "r.json"
     assert main(["bench", "--prompts", str(prompts), "--model", str(demo_model_dir), "--max-new-tokens", "12",
-                 "--kv-cache", "static", "--modes", "eagle,vanilla,hf-static,eagle-auto,eagle-d3-k4-n7",
+                 "--kv-cache", "static", "--modes", "eagle,eagle-split,vanilla,hf-static,eagle-auto,eagle-d3-k4-n7",
                  "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["summary"]["all_identical"] is True

@@ -173,6 +173,9 @@ def run_bench(
     }
     engine.precompile()  # the compiled forwards' shape families, before any run
     _warm_up([runners[m] for m in order], encoded[0], params, StopCriteria(WARM_UP_TOKENS, stop.stop_token_ids), device)
+    if stack.target.static is not None:
+        ours = [runners[m] for m in order if m == "vanilla" or m.startswith("eagle")]
+        _warm_up_prefills(ours, encoded[0], params, stack.target.static.largest_graph, device)
     if "eagle-auto" in modes:  # its warm-up rounds capture every size's and depth's graphs
         _warm_up([runners["eagle-auto"]], encoded[0], params, StopCriteria(AUTO_WARM_UP_TOKENS), device)
     rows = []
@@ -248,6 +251,18 @@ def _engine_run(res) -> ModeRun:
         per_round = {"draft_ms": 1e3 * statistics.fmean(r.draft_s for r in rounds),
                      "verify_ms": 1e3 * statistics.fmean(r.verify_s for r in rounds)}
     return ModeRun(res.token_ids, res.tau, [r.accepted for r in rounds], per_round)
+
+
+def _warm_up_prefills(runners: list[ModeRunner], ids: list[int], params: SamplingParams, largest_graph: int,
+                      device: str) -> None:
+    """A two-token run per mode from a prompt of every graphed prefill size (the powers of
+    two up to the largest graph): a prompt of the timed runs then captures no prefill graph,
+    the target's or the head's."""
+    tokens = ids * (largest_graph // len(ids) + 1)
+    size = 1
+    while size <= largest_graph:
+        _warm_up(runners, tokens[:size], params, StopCriteria(2), device)
+        size *= 2
 
 
 def _warm_up(runners: list[ModeRunner], ids: list[int], params: SamplingParams, stop: StopCriteria, device: str) -> None:
