@@ -133,10 +133,6 @@ class Compiled:
         # widths), and two targets of one class share a code object: more than the default
         # eight before dynamo gives up and runs eagerly.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-        # By default dims of equal size share one symbol, so a forward of as many rows as the
-        # model has KV heads or head dims (or a cache as wide) is tied to that constant and
-        # compiled apart: each such bucket would cost another compile of minutes.
-        torch.fx.experimental._config.use_duck_shape = False
         self.fn, self.what = fn, what
         self.working = torch.compile(fn, dynamic=True, fullgraph=True)
 
@@ -147,7 +143,13 @@ class Compiled:
 
     def __call__(self, *args, **kwargs):
         try:
-            return self.working(*args, **kwargs)
+            # By default dims of equal size share one symbol, so a forward of as many rows as
+            # the model has KV heads or head dims (or a cache as wide) is tied to that constant
+            # and compiled apart: each such bucket would cost another compile of minutes. Set
+            # for our own traces only: others in the process (transformers' compiled static
+            # `generate`) keep the default.
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                return self.working(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - any compiler failure; the eager function is exact
             if self.eager or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
                 raise
