@@ -26,9 +26,9 @@ from aerie.accept import accept_greedy_rows
 from aerie.budget import ExploredRound
 from aerie.drafter import DraftSession, grow_candidates
 from aerie.fused import fused
-from aerie.kvcache import SlotCache, pad_rows, pinned_tensor
+from aerie.kvcache import SlotCache, pad_rows, pinned_tensor, seen_on_device
 from aerie.target import Target
-from aerie.tree import TreeConfig, ancestor_closure
+from aerie.tree import TreeConfig, ancestor_closure, node_depths
 from aerie.verifier import RoundResult, VerifySession
 
 
@@ -131,13 +131,10 @@ class DeviceRounds:
         m = pool_scores.shape[0]
         flat = torch.cat([pool_scores.double(), pool_parents.double(), path_scores.double(),
                           path_depths.double()]).tolist()
-        parents = [int(p) for p in flat[m : 2 * m]]
-        depths = [0] * (m + 1)
-        for i, parent in enumerate(parents, start=1):
-            depths[i] = depths[parent] + 1
+        depths = node_depths(torch.tensor([-1] + [int(p) for p in flat[m : 2 * m]]))[1:]
         tail = flat[2 * m :]
         rows = len(tail) // 2
-        return ExploredRound(scores=torch.tensor(flat[:m], dtype=torch.float64), depths=torch.tensor(depths[1:]),
+        return ExploredRound(scores=torch.tensor(flat[:m], dtype=torch.float64), depths=depths,
                              path_scores=tuple(tail[:accepted_draft]),
                              path_depths=tuple(int(d) for d in tail[rows : rows + accepted_draft]))
 
@@ -167,8 +164,7 @@ class DeviceRounds:
         reach = ancestor_closure(parents[None])[0]  # [n, n]: each node's ancestors and itself
         slots = committed + torch.arange(n, device=device)
         target_cache.write_at[:n] = slots
-        mask = (torch.arange(target_cache.capacity, device=device) < committed).expand(n, -1).clone()
-        mask.scatter_(1, slots.expand(n, -1), reach)
+        mask = seen_on_device(target_cache.capacity, committed, slots, reach)
         depths = reach.sum(-1) - 1
         logits, node_features = target.run_static(target_cache, tokens[None], (committed + depths)[None],
                                                   mask[None, None])

@@ -14,9 +14,9 @@ import torch
 
 from aerie.fused import fused
 from aerie.heads import DraftHead
-from aerie.kvcache import Attend, SlotCache, pinned_tensor
+from aerie.kvcache import Attend, SlotCache, pinned_tensor, seen_on_device
 from aerie.target import truncate_cache
-from aerie.tree import CandidatePool, DraftTree, TreeConfig, expand_level, full_tree, rerank
+from aerie.tree import CandidatePool, DraftTree, TreeConfig, expand_level, full_tree, node_depths, rerank
 
 
 @dataclass
@@ -33,10 +33,7 @@ class DraftSession:
         """Path scores and depths of every candidate the last round drafted (root excluded),
         before reranking cut them: what `--tree-budget auto` learns from."""
         pool = self._pool
-        depths = [0] * len(pool.parents)
-        for i in range(1, len(pool.parents)):
-            depths[i] = depths[pool.parents[i]] + 1
-        return torch.tensor(pool.logprobs[1:], dtype=torch.float64), torch.tensor(depths[1:])
+        return torch.tensor(pool.logprobs[1:], dtype=torch.float64), node_depths(torch.tensor(pool.parents))[1:]
 
     def close(self) -> None:
         """Give the head's KV cache back for the next sequence."""
@@ -142,8 +139,7 @@ def _feed(head: DraftHead, cache, x: torch.Tensor, ids: torch.Tensor, ancestry: 
     # committed length on the device. The cache's length stays `committed`.
     drafted = committed + torch.arange(ancestry.shape[1], device=device)  # slots of the drafted entries
     cache.write_at[:n] = drafted[-n:]
-    mask = (torch.arange(cache.capacity, device=device) < committed).expand(n, -1).clone()
-    mask.scatter_(1, drafted.expand(n, -1), ancestry)
+    mask = seen_on_device(cache.capacity, committed, drafted, ancestry)
     positions = (committed + level - 1).expand(1, n)
     return head.static_step(x[None], ids[None], positions, mask[None, None], cache)[0]
 

@@ -286,6 +286,14 @@ class Attend:
         return torch.ones(n, n, dtype=torch.bool, device=device).tril()
 
 
+def seen_on_device(capacity: int, visible: torch.Tensor, slots: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """[n, capacity] boolean, built where `visible` (a 0-d length) lives: row i sees every
+    entry before `visible`, and the entries at `slots` that pattern[i] marks. What a graph
+    builds that does not know the committed length: `Attend.padded` on the device."""
+    mask = (torch.arange(capacity, device=visible.device) < visible).expand(pattern.shape[0], -1).clone()
+    return mask.scatter_(1, slots.expand(pattern.shape[0], -1), pattern)
+
+
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask as the additive one (0 where seen, -inf where not) that SDPA
     would make of it in every layer, two kernels each: made once per forward instead."""
