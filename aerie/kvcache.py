@@ -64,7 +64,7 @@ class _SlotLayer(StaticLayer):
 
 _STORAGE_IDS = itertools.count()
 # Static capacities are multiples of this: the rows of an attention mask over the whole cache
-# are then aligned as SDPA's fused kernels require (see aerie.target.forward_aligned).
+# are then aligned as SDPA's fused kernels require (see aerie.target.layer_aligned).
 SLOT_ALIGNMENT = 8
 
 

@@ -8,7 +8,9 @@ preallocated `SlotCache` whose forwards run as CUDA graphs; both are compacted i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -16,7 +18,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from aerie.fused import Compiled, Fusion, fused, fusion_for
-from aerie.kvcache import SLOT_ALIGNMENT, Attend, CachePool, SlotCache, additive_mask, static_forward
+from aerie.kvcache import SLOT_ALIGNMENT, Attend, CachePool, SlotCache, StaticLayer, additive_mask, static_forward
 from aerie.tree import ancestor_mask, node_depths
 
 if TYPE_CHECKING:
@@ -100,7 +102,10 @@ class Target:
         # decoding alike, with the whole forward compiled where it can be (the batched path
         # fuses the norms and the rotary embedding only).
         self.fused = Fusion() if static is None else static.fusion(model, self.device)
-        self.compiled = None if static is None else static.compile(forward_aligned, self.device)
+        # One decoder layer compiled, run by every layer in turn (`compiled_layers`): a
+        # trace of one layer rather than of the whole forward.
+        self.compiled = None if static is None else static.compile(layer_aligned, self.device)
+        self._layers = decoder_layers(model) if self.compiled is not None else []
         n_layers = self.config.num_hidden_layers
         if features.kind == "eagle3" and not all(0 <= i <= n_layers for i in features.layers):
             raise ValueError(f"EAGLE-3 feature layers {features.layers} out of range for {n_layers} layers")
@@ -195,21 +200,14 @@ class Target:
         static = isinstance(cache, SlotCache)
         if static:
             mask = additive_mask(mask, self.model.dtype)
-        args = dict(input_ids=input_ids, position_ids=positions, attention_mask=mask,
-                    past_key_values=cache, use_cache=True, output_hidden_states=True)
-        with fused(self.fused if static else Fusion()):
-            # A new cache's first forward allocates its storage: run uncompiled, it costs the
-            # compiled forward no graph of its own.
-            if static and self.compiled is not None and cache.storage is not None:
-                out = self.compiled(self.model, **args)
-            else:
-                out = self.model(**args)
-        hidden = out.hidden_states
-        if self.features.kind == "eagle3":
-            feats = torch.cat([hidden[i] for i in self.features.layers], dim=-1)
-        else:
-            feats = hidden[-1]
-        return out.logits[0].float(), feats[0]
+        # A new cache's first forward allocates its storage: run uncompiled, it costs the
+        # compiled layers no graph of their own.
+        compiled = static and self.compiled is not None and cache.storage is not None
+        with fused(self.fused if static else Fusion()), \
+                compiled_layers(self._layers, self.compiled, cache) if compiled else nullcontext():
+            last, feats = forward_features(self.model, self.features, input_ids=input_ids, position_ids=positions,
+                                           attention_mask=mask, past_key_values=cache, use_cache=True)
+        return self.model.get_output_embeddings()(last)[0].float(), feats[0]
 
     @staticmethod
     def compact(cache: DynamicCache | SlotCache, committed: int, keep: list[int]) -> None:
@@ -223,14 +221,77 @@ class Target:
         reindex_cache(cache, index)
 
 
-def forward_aligned(model: PreTrainedModel, **args):
-    """`model(**args)` as the static path compiles it: told that the mask is as wide as a
-    multiple of `SLOT_ALIGNMENT` (the static cache's capacity). With that width a symbol, the
-    compiler cannot tell, and copies the mask for every layer and every head into rows it
-    can prove aligned, as SDPA's fused kernels require. Module-level, with the model an
-    argument: every Target of one model shares its compiled graphs."""
-    torch._check(args["attention_mask"].shape[-1] % SLOT_ALIGNMENT == 0)
-    return model(**args)
+def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The repeated decoder layers of a transformers causal LM (`model.model.layers` in the
+    Llama, Qwen2 and Mistral families)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        raise ValueError(f"{type(model).__name__} has no list of decoder layers to compile")
+    return list(layers)
+
+
+def forward_features(model: PreTrainedModel, spec: FeatureSpec, **args) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of `model`'s base (`args` as it takes them): its last hidden state, after
+    the final norm (what the output head reads), and the features `spec` names.
+
+    The inputs of the layers `spec` reads are recorded by hooks of our own, not through
+    transformers' `output_hidden_states`, whose hooks on every layer and attention module read
+    a ContextVar: the compiler cannot trace that inside a compiled decoder layer. Feature
+    layer i is the input of decoder layer i, or for i = the number of layers, the last hidden
+    state (as in transformers' `hidden_states`)."""
+    layers = decoder_layers(model)
+    seen: dict[int, torch.Tensor] = {}
+    recording = set(spec.layers) & set(range(len(layers))) if spec.kind == "eagle3" else set()
+    hooks = [layers[i].register_forward_pre_hook(functools.partial(_record_input, seen, i), with_kwargs=True)
+             for i in sorted(recording)]
+    try:
+        last = model.get_decoder()(**args).last_hidden_state
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if spec.kind != "eagle3":
+        return last, last
+    return last, torch.cat([seen.get(i, last) for i in spec.layers], dim=-1)
+
+
+def _record_input(seen: dict[int, torch.Tensor], index: int, module, args, kwargs) -> None:
+    seen[index] = args[0] if args else kwargs["hidden_states"]
+
+
+def layer_aligned(layer: torch.nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor,
+                  past_key_values: StaticLayer, **kwargs) -> torch.Tensor:
+    """One decoder layer's forward as the static path compiles it.
+
+    Its cache is the layer's own slice of the static cache (a `StaticLayer` takes the
+    attention's `update(keys, values, layer_idx)` and ignores the index), so that nothing in
+    the trace tells the layers apart: the parameters and the cache slice are inputs, and every
+    layer of the model replays the one compiled graph. The mask is declared as wide as a
+    multiple of `SLOT_ALIGNMENT` (the static cache's capacity): with that width a symbol, the
+    compiler cannot tell, and copies the mask for every head into rows it can prove aligned,
+    as SDPA's fused kernels require. Module-level: every Target of one model class shares it."""
+    torch._check(attention_mask.shape[-1] % SLOT_ALIGNMENT == 0)
+    return type(layer).forward(layer, hidden_states, attention_mask=attention_mask,
+                               past_key_values=past_key_values, **kwargs)
+
+
+@contextmanager
+def compiled_layers(layers: list[torch.nn.Module], compiled: Callable, cache: SlotCache) -> Iterator[None]:
+    """Within the block, each of `layers` runs `compiled` (`layer_aligned`) over its slice of
+    `cache`; the rest of the forward (embedding, rotary tables, final norm, output head)
+    stays eager: a handful of kernels, against a whole-forward trace whose compile time grows
+    with the depth of the model."""
+    for index, layer in enumerate(layers):
+        layer.forward = functools.partial(_run_layer, compiled, layer, cache.layers[index])
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _run_layer(compiled: Callable, layer: torch.nn.Module, slice_: StaticLayer, hidden_states: torch.Tensor,
+               past_key_values=None, **kwargs) -> torch.Tensor:
+    return compiled(layer, hidden_states, past_key_values=slice_, **kwargs)
 
 
 def reindex_cache(cache: DynamicCache, index: torch.Tensor) -> None:

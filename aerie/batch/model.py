@@ -23,6 +23,7 @@ from aerie.batch.inputs import padded_inputs, prefill_inputs, prefill_shape, tre
 from aerie.batch.trees import TreeBatch
 from aerie.fused import fused
 from aerie.graphs import bucket_for
+from aerie.target import forward_features
 from aerie.tree import ancestor_closure
 
 if TYPE_CHECKING:
@@ -100,7 +101,6 @@ class LocalBatchModel:
         self.largest_graph = largest_graph
         self.prefill_graph_tokens = prefill_graph_tokens
         self.reads_logits = reads_logits
-        self.base = target.model.base_model
         self.lm_head = target.model.get_output_embeddings()
         self.fused = target.fused  # as the single-session static path
 
@@ -117,14 +117,9 @@ class LocalBatchModel:
         reach = ancestor_closure(b["parents"])
         positions, mask = tree_geometry(b["parents"], b["lengths"], kv_width or self._cache.capacity, reach)
         with fused(self.fused):
-            out = self.base(
-                input_ids=b["ids"], position_ids=positions, attention_mask=mask,
-                past_key_values=self._cache, use_cache=True, output_hidden_states=True,
-            )
-        hidden = out.hidden_states
-        spec = self.target.features
-        feats = torch.cat([hidden[i] for i in spec.layers], dim=-1) if spec.kind == "eagle3" else hidden[-1]
-        last = out.last_hidden_state
+            last, feats = forward_features(self.target.model, self.target.features, input_ids=b["ids"],
+                                           position_ids=positions, attention_mask=mask,
+                                           past_key_values=self._cache, use_cache=True)
         if not self.reads_logits:
             return last[..., :0], feats
         if logits_at is not None:  # one position per row (prefill): skip the others' LM head

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from aerie.heads import DraftHead
-from aerie.target import FeatureSpec
+from aerie.target import FeatureSpec, forward_features
 
 
 @dataclass
@@ -37,13 +37,8 @@ class TargetBatch:
 def target_forward(model, spec: FeatureSpec, input_ids: torch.Tensor) -> TargetBatch:
     """Features and logits of right-padded sequences [b, n] in one causal forward (padding
     sits after every real token, so it changes none of them)."""
-    out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
-    hidden = out.hidden_states
-    if spec.kind == "eagle3":
-        features = torch.cat([hidden[i] for i in spec.layers], dim=-1)
-    else:
-        features = hidden[-1]
-    return TargetBatch(features=features, logits=out.logits)
+    last, features = forward_features(model, spec, input_ids=input_ids, use_cache=False)
+    return TargetBatch(features=features, logits=model.get_output_embeddings()(last))
 
 
 def shift_left(x: torch.Tensor, k: int, fill) -> torch.Tensor:
