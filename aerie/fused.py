@@ -1,4 +1,4 @@
-"""Fused kernels for the graphed GPU path: the whole forward compiled, or RMSNorm and the
+"""Fused kernels for the graphed GPU path: the decoder layers compiled, or RMSNorm and the
 rotary embedding alone.
 
 At batch 1 a forward of a small target is bound by kernel launches, even replayed as a CUDA
@@ -16,10 +16,12 @@ decoding both go through it, and the same model called from anywhere else (trans
 `generate`, the dynamic-cache path, training) keeps the reference kernels.
 
 Beyond those two, every layer still runs its residual adds, SiLU-and-multiply and casts as
-kernels of their own. Compiling the whole forward (`Compiled`: `torch.compile` with dynamic
+kernels of their own. Compiling a decoder layer (`Compiled`: `torch.compile` with dynamic
 shapes, one graph, the matrix multiplies left to cuBLAS) fuses each chain of elementwise work
 into one kernel, the norms and the rotary embedding included. The single-session static path
-runs that compiled forward where the machine can compile it (`StaticKV.compiled_forward`).
+runs every layer through that one compiled layer where the machine can compile it
+(`aerie.target.compiled_layers`, `StaticKV.compiled_forward`); the head's step is compiled
+whole.
 """
 
 from __future__ import annotations

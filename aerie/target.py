@@ -60,8 +60,8 @@ class StaticKV:
     pooled: int = 4  # released caches kept, with their graphs, for the next sessions
     fused_norms: bool = True  # RMSNorm as one kernel on CUDA (aerie.fused)
     compiled_rotary: bool = True  # the rotary embedding compiled into one or two kernels on CUDA
-    # The whole forward compiled (aerie.fused.Compiled): on CUDA only ("cuda"), also on the
-    # CPU ("always": the tested path of the compiled one), or not at all ("never").
+    # The decoder layers compiled (`layer_aligned`, aerie.fused.Compiled): on CUDA only ("cuda"),
+    # also on the CPU ("always": the tested path of the compiled one), or not at all ("never").
     compiled_forward: Literal["cuda", "always", "never"] = "cuda"
 
     @staticmethod
@@ -74,7 +74,7 @@ class StaticKV:
         return fusion_for(model, device, self.fused_norms, self.compiled_rotary)
 
     def compile(self, forward: Callable, device: torch.device) -> Compiled | None:
-        """`forward` compiled whole where `compiled_forward` asks for it on `device`, else None."""
+        """`forward` compiled where `compiled_forward` asks for it on `device`, else None."""
         wanted = self.compiled_forward == "always" or (self.compiled_forward == "cuda" and device.type == "cuda")
         return Compiled(forward, getattr(forward, "__qualname__", type(forward).__name__)) if wanted else None
 
@@ -99,11 +99,10 @@ class Target:
         self.static = static
         self._caches = None if static is None else static.pool(self.config.num_hidden_layers, self.device)
         # The kernels the static path fuses (aerie.fused): it serves plain and speculative
-        # decoding alike, with the whole forward compiled where it can be (the batched path
-        # fuses the norms and the rotary embedding only).
-        self.fused = Fusion() if static is None else static.fusion(model, self.device)
-        # One decoder layer compiled, run by every layer in turn (`compiled_layers`): a
-        # trace of one layer rather than of the whole forward.
+        # decoding alike, with the decoder layers compiled where it can be (the batched path
+        # fuses the norms and the rotary embedding only). One layer is compiled, and every
+        # layer runs it (`compiled_layers`): a trace of one layer, not of the whole forward,
+        # whose compile time grew with the depth of the model (minutes for SmolLM2's 30).
         self.compiled = None if static is None else static.compile(layer_aligned, self.device)
         self._layers = decoder_layers(model) if self.compiled is not None else []
         n_layers = self.config.num_hidden_layers

@@ -1,6 +1,6 @@
-"""The static path with the whole forward compiled (aerie.fused.Compiled), as it runs on a
+"""The static path with the decoder layers compiled (aerie.fused.Compiled), as it runs on a
 GPU, here on the CPU: the same tokens and acceptances as the uncompiled path, greedy and
-sampled, with a handful of compiled graphs however many forwards run."""
+sampled, with a handful of compiled graphs however many forwards and layers run."""
 
 from __future__ import annotations
 

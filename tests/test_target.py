@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aerie.target import Target, eagle3_default_layers
+from aerie.target import FeatureSpec, Target, eagle3_default_layers
 from tests.tiny import tiny_target
 
 
@@ -64,3 +64,18 @@ def test_eagle3_features_are_low_mid_high_hidden_states():
     out = target.forward(target.new_cache(), ids)
     hs = target.model(ids[None], output_hidden_states=True).hidden_states
     torch.testing.assert_close(out.features, torch.cat([hs[2], hs[4], hs[5]], -1)[0])
+
+
+@pytest.mark.parametrize("spec", [FeatureSpec("eagle3", (0, 3, 8)), FeatureSpec("eagle3", (7, 7, 1)),
+                                  FeatureSpec("eagle1")], ids=str)
+def test_features_and_logits_are_transformers_own(spec):
+    """Our hooks record what transformers' `output_hidden_states` names: layer i's input, the
+    last (normed) hidden state for i = the number of layers, in the order asked."""
+    model = tiny_target("eagle3", layers=8).model
+    ids = torch.tensor([3, 4, 5, 9])
+    out = Target(model, spec).forward(Target(model, spec).new_cache(), ids)
+    reference = model(ids[None], output_hidden_states=True)
+    hs = reference.hidden_states
+    want = hs[-1] if spec.kind == "eagle1" else torch.cat([hs[i] for i in spec.layers], -1)
+    torch.testing.assert_close(out.features, want[0])
+    torch.testing.assert_close(out.logits, reference.logits[0].float())
