@@ -103,6 +103,7 @@ class Target:
         # fuses the norms and the rotary embedding only). One layer is compiled, and every
         # layer runs it (`compiled_layers`): a trace of one layer, not of the whole forward,
         # whose compile time grew with the depth of the model (minutes for SmolLM2's 30).
+        self.fused = Fusion() if static is None else static.fusion(model, self.device)
         self.compiled = None if static is None else static.compile(layer_aligned, self.device)
         self._layers = decoder_layers(model) if self.compiled is not None else []
         n_layers = self.config.num_hidden_layers
