@@ -59,12 +59,22 @@ def accept_greedy_rows(
     deepest such node wins, ties to the earliest. `reach` is `ancestor_closure(parents)` where
     the caller has it already. Device work only: it runs inside a CUDA graph.
     """
-    b, w = parents.shape
+    w = parents.shape[1]
     index = torch.arange(w, device=parents.device)
     if reach is None:
         reach = ancestor_closure(parents)  # [b, w, w]: node i's ancestors, itself included
     matches = tokens == target_argmax.gather(1, parents.clamp_min(0))
     matches = (matches & (parents >= 0)) | (index == 0)  # the root always, padding never
+    path, length, deepest = _deepest_chain(matches, reach)
+    return path, length, target_argmax.gather(1, deepest)[:, 0]
+
+
+def _deepest_chain(matches: torch.Tensor, reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The accepted path of each tree of a batch: the deepest node (ties to the earliest)
+    whose ancestors below the root and itself all have `matches` ([b, w] bool, the root's
+    True). Returns (path [b, w], root first, padded with -1; length [b]; that node [b, 1])."""
+    b, w = matches.shape
+    index = torch.arange(w, device=matches.device)
     on_path = ~(reach & ~matches[:, None, :]).any(-1)
     depth = reach.sum(-1) - 1
     rank = torch.where(on_path, depth * w + (w - 1 - index), -1)  # deepest, then earliest
@@ -74,7 +84,71 @@ def accept_greedy_rows(
     path = torch.sort(torch.where(on_chain, index, w + index), dim=1).values
     length = on_chain.sum(-1)
     path = torch.where(index[None, :] < length[:, None], path, -1)
-    return path, length, target_argmax.gather(1, deepest)[:, 0]
+    return path, length, deepest
+
+
+def accept_point_mass_rows(
+    tokens: torch.Tensor,
+    parents: torch.Tensor,
+    target_probs: torch.Tensor,
+    level_u: torch.Tensor,
+    bonus_u: torch.Tensor,
+    reach: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`walk_point_mass` and the bonus draw of `accept_sampled_path` (a top-k tree's
+    sampled acceptance) for a batch of trees at once, as tensor ops: device work only, no
+    sync and no data-dependent shape, so it runs inside a CUDA graph. The same decisions on
+    the same numbers, bit for bit.
+
+    tokens, parents: [b, w], one tree per row padded to w nodes (padding nodes are roots of
+    their own, parent -1, and are never accepted); target_probs: [b, w, V] float64, row i the
+    (warped) target distribution after node i. A node of depth d that is the r-th child of
+    its parent (in index order) is tested with level_u[:, d - 1, r] ([b, D, R]: D at least
+    the trees' depth, R at least their most children); the bonus token after a path of k
+    nodes is drawn with bonus_u[:, k - 1] ([b, D + 1]). Returns (path [b, w]: the accepted
+    node indices root first, padded with -1; length [b]; bonus [b]) as `accept_greedy_rows`.
+
+    The walk's test of a child depends only on its parent's row and its earlier siblings
+    (the rejected tokens reset whenever the walk moves down), so every node's test is
+    decided at once, and the accepted path follows each accepted node's first passing child.
+    """
+    b, w = parents.shape
+    vocab = target_probs.shape[-1]
+    levels, ranks = level_u.shape[1:]
+    device = parents.device
+    index = torch.arange(w, device=device)
+    if reach is None:
+        reach = ancestor_closure(parents)
+    depth = reach.sum(-1) - 1
+    is_node = parents >= 0  # padding and the root are tested by nobody
+    earlier = index[None, :] < index[:, None]  # [c, j]: j comes before c
+    siblings = (parents[:, :, None] == parents[:, None, :]) & earlier & is_node[:, :, None]  # [b, c, j]
+    rank = siblings.sum(-1)
+    # A token an earlier sibling proposed was rejected with it: it has no mass left.
+    twin = (siblings & (tokens[:, :, None] == tokens[:, None, :])).any(-1)
+    flat_probs = target_probs.reshape(b, w * vocab)
+    p_token = flat_probs.gather(1, parents.clamp_min(0) * vocab + tokens.clamp(0, vocab - 1))
+    mass = torch.where(is_node & ~twin, p_token, 0.0)
+    # The mass the earlier siblings removed, summed one rank after the other as the walk
+    # adds it, so that the float64 result is the walk's own: each step adds the one sibling
+    # of that rank (a sum of it and exact zeros), or nothing past the node's own rank.
+    sibling_mass = torch.where(siblings, mass[:, None, :], 0.0)
+    removed = torch.zeros_like(mass)
+    for r in range(ranks - 1):
+        removed = removed + torch.where(rank[:, None, :] == r, sibling_mass, 0.0).sum(-1)
+    residual = torch.where(removed < 1.0, mass / (1.0 - removed), 0.0)
+    slot = (depth - 1).clamp(0, levels - 1) * ranks + rank.clamp_max(ranks - 1)
+    u = level_u.reshape(b, levels * ranks).gather(1, slot)
+    passes = is_node & (residual > 0) & (u <= residual)
+    first = passes & ~(siblings & passes[:, None, :]).any(-1)  # the walk stops at the first that passes
+    path, length, deepest = _deepest_chain(first | (index == 0), reach)
+    # The bonus token: from the last node's row, less every child token it rejected (all of
+    # its children: none passed), drawn with the number of the path's length.
+    row = target_probs.gather(1, deepest[:, :, None].expand(b, 1, vocab))[:, 0]
+    rejected = torch.where(parents == deepest, tokens, vocab)  # vocab: a spare column
+    row = torch.cat([row, row.new_zeros(b, 1)], 1).scatter(1, rejected, 0.0)[:, :vocab]
+    bonus = sample_from(row, bonus_u.gather(1, (length - 1)[:, None])[:, 0])
+    return path, length, bonus
 
 
 def accept_sampling(

@@ -24,8 +24,9 @@ def _add_model_args(p: argparse.ArgumentParser, head: bool = True, compiled: str
                    help="static: preallocated KV caches and CUDA graphs; auto: static on cuda, dynamic on cpu")
     if compiled is not None:
         p.add_argument("--compiled-forward", choices=("cuda", "always", "never"), default=compiled,
-                       help="with static caches, run the forwards compiled whole (torch.compile: a minute or more "
-                            f"before the first tokens, faster after): on cuda only, also on the cpu, or never "
+                       help="with static caches, run the forwards compiled (torch.compile: one decoder layer, run by "
+                            f"every layer, and the head's step; compiled before the first tokens, faster after): "
+                            f"on cuda only, also on the cpu, or never "
                             f"(default: {compiled})")
 
 

@@ -1,4 +1,4 @@
-"""Greedy speculative rounds run whole on the device: one CUDA graph, one read.
+"""Speculative rounds run whole on the device: one CUDA graph, one read.
 
 The split round (aerie.drafter, then aerie.verifier) hands its tree from the drafter to the
 verifier through the host: the drafter reads its candidates and reranks them there; the
@@ -11,25 +11,31 @@ over the target's and the head's static caches:
 2. grow the candidates (`aerie.drafter.grow_candidates`) and keep the best `total_tokens`
    of them (`select_tree`: the nodes `aerie.tree.rerank` keeps);
 3. run the target over the tree under its ancestor mask;
-4. accept greedily (`aerie.accept.accept_greedy_rows`), move the accepted entries of the
-   target's cache into place and gather the features of the accepted path.
+4. accept: greedily (`aerie.accept.accept_greedy_rows`), or sampled (`warp_probs`, then
+   `aerie.accept.accept_point_mass_rows`: the split round's `walk_point_mass` and bonus draw
+   as tensor ops), move the accepted entries of the target's cache into place and gather
+   the features of the accepted path.
 
-The host then reads the accepted length and tokens, the round's one sync. Greedy only: the
-sampled test draws each node's random number on the host (`aerie.verifier.accept_sampled`).
+The host then reads the accepted length and tokens, the round's one sync. A sampled round's
+random numbers depend on the committed length and the tree's shape only
+(`aerie.verifier.TreeDraws`), so the host draws every one the round could use before the
+launch (`aerie.verifier.round_uniforms`) and the graph picks each node's: the same numbers,
+hence the same tokens, as the split round, from the same seed.
 """
 
 from __future__ import annotations
 
 import torch
 
-from aerie.accept import accept_greedy_rows
+from aerie.accept import accept_greedy_rows, accept_point_mass_rows
 from aerie.budget import ExploredRound
 from aerie.drafter import DraftSession, grow_candidates
 from aerie.fused import fused
 from aerie.kvcache import SlotCache, pad_rows, pinned_tensor, seen_on_device
+from aerie.sampling import SamplingParams, warp_probs
 from aerie.target import Target
 from aerie.tree import TreeConfig, ancestor_closure, node_depths
-from aerie.verifier import RoundResult, VerifySession
+from aerie.verifier import RoundResult, VerifySession, round_uniforms
 
 
 def candidate_count(tree: TreeConfig) -> int:
@@ -61,7 +67,7 @@ def select_tree(root_token: torch.Tensor, tokens: torch.Tensor, parents: torch.T
 
 
 class DeviceRounds:
-    """The greedy rounds of one generation on the device, over the static caches of a
+    """The rounds of one generation on the device, greedy or sampled, over the static caches of a
     `VerifySession` and a `DraftSession`. Each `step` returns what
     `verifier.verify(drafter.draft(features, next_tokens))` would, with the same tokens, and
     leaves both sessions as that would. The round drafts `drafter.tree`, which may change
@@ -71,8 +77,7 @@ class DeviceRounds:
         """`deepest`: the largest depth of any tree the rounds will draft (the drafter's by
         default), which bounds the pairs a round commits."""
         if not self.supports(verifier, drafter):
-            raise ValueError("device rounds need greedy decoding, a dynamic tree, static caches on both sides "
-                             "and an unsharded target")
+            raise ValueError("device rounds need a dynamic tree, static caches on both sides and an unsharded target")
         self.verifier = verifier
         self.drafter = drafter
         self.commit_rows = (deepest or drafter.tree.depth) + 1  # the most pairs a round commits
@@ -80,9 +85,10 @@ class DeviceRounds:
 
     @staticmethod
     def supports(verifier: VerifySession, drafter: object) -> bool:
-        """Greedy decoding of a dynamic tree, with static caches on both sides and the target
-        in this process (a sharded one mirrors each call to its other ranks instead)."""
-        return (verifier.params.greedy and isinstance(drafter, DraftSession) and drafter.tree.kind == "dynamic"
+        """A dynamic tree (its siblings are distinct top-k tokens: point-mass proposals), with
+        static caches on both sides and the target in this process (a sharded one mirrors
+        each call to its other ranks instead)."""
+        return (isinstance(drafter, DraftSession) and drafter.tree.kind == "dynamic"
                 and type(verifier.target) is Target
                 and isinstance(verifier.cache, SlotCache) and isinstance(drafter.cache, SlotCache))
 
@@ -95,7 +101,7 @@ class DeviceRounds:
     def step(self, features: torch.Tensor, next_tokens: list[int]) -> RoundResult:
         """Commit the pairs (features[i], next_tokens[i]) (as many as a round accepts at
         most), draft, verify and accept."""
-        verifier, tree = self.verifier, self.drafter.tree
+        verifier, tree, params = self.verifier, self.drafter.tree, self.verifier.params
         target_cache, head_cache = verifier.cache, self.drafter.cache
         committed, head_length, count = verifier.committed, self.drafter.length, len(next_tokens)
         if not 1 <= count <= self.commit_rows:
@@ -108,13 +114,18 @@ class DeviceRounds:
             "ints": pinned_tensor([committed, head_length, count] + ids),
             "features": pad_rows(features[None].to(device, self.drafter.head.fc.weight.dtype), self.commit_rows)[0],
         }
+        if not params.greedy:
+            uniforms = round_uniforms(params.seed, committed, tree.depth, tree.top_k)
+            inputs["uniforms"] = pinned_tensor(uniforms, torch.float64)
         # Kept with the head cache's graphs, named by the target storage the graph writes: a
         # pooled head cache meets other target caches, and a grown one is new storage. One
         # pairing per tree is kept: engines reuse the caches they released last, so it is
-        # the one met again, and the graphs over storage since dropped are let go.
-        key = ("round", tree, target_cache.storage_id)
-        head_cache.drop_graphs(lambda k: k[:2] == key[:2] and k != key)
-        self._last = head_cache.run(key, inputs, lambda b: self._round(b, tree), graphed=head_cache.graphs.enabled)
+        # the one met again, and the graphs over storage since dropped are let go. The warp
+        # settings are constants of the captured graph (the seed is only in its inputs).
+        key = ("round", tree, warp_key(params), target_cache.storage_id)
+        head_cache.drop_graphs(lambda k: k[:3] == key[:3] and k != key)
+        self._last = head_cache.run(key, inputs, lambda b: self._round(b, tree, params),
+                                    graphed=head_cache.graphs.enabled)
         values = self._last[0].tolist()  # the round's one read
         accepted = values[0]
         target_cache.length = committed + accepted
@@ -138,7 +149,8 @@ class DeviceRounds:
                              path_scores=tuple(tail[:accepted_draft]),
                              path_depths=tuple(int(d) for d in tail[rows : rows + accepted_draft]))
 
-    def _round(self, inputs: dict[str, torch.Tensor], tree: TreeConfig) -> tuple[torch.Tensor, ...]:
+    def _round(self, inputs: dict[str, torch.Tensor], tree: TreeConfig,
+               params: SamplingParams) -> tuple[torch.Tensor, ...]:
         """The round as device work over static shapes: what a graph captures. Returns
         [1 + rows] (the accepted path's length, root included, then the tokens it commits:
         the accepted drafts and the bonus token), the features of the path's nodes, and for
@@ -169,7 +181,15 @@ class DeviceRounds:
         logits, node_features = target.run_static(target_cache, tokens[None], (committed + depths)[None],
                                                   mask[None, None])
 
-        path, length, bonus = accept_greedy_rows(tokens[None], parents[None], logits.argmax(-1)[None], reach[None])
+        if params.greedy:
+            path, length, bonus = accept_greedy_rows(tokens[None], parents[None], logits.argmax(-1)[None], reach[None])
+        else:
+            # Warped as the split round warps its [1, n, V] logits, so every probability is
+            # the same double; the numbers as `round_uniforms` lays them out.
+            uniforms = inputs["uniforms"]
+            path, length, bonus = accept_point_mass_rows(tokens[None], parents[None], warp_probs(logits[None], params),
+                                                         uniforms[None, : tree.depth, 1:], uniforms[None, :, 0],
+                                                         reach[None])
         rows = min(tree.depth, n - 1) + 1  # the most nodes a path holds
         path = path[0, :rows].clamp_min(0)  # past the path's end: the root, read by nobody
         length = length[0]
@@ -180,3 +200,9 @@ class DeviceRounds:
         emitted = torch.where(steps == length - 1, bonus[0], tokens[after])
         return (torch.cat([length.reshape(1), emitted]), node_features.index_select(0, path),
                 candidates[2], candidates[1], scores[after], depths[after])
+
+
+def warp_key(params: SamplingParams) -> tuple[float, int, float] | None:
+    """What of `params` a captured round bakes in: None for greedy rounds, else the warp's
+    settings (a new temperature, top-k or top-p is a new graph; a new seed is not)."""
+    return None if params.greedy else (params.temperature, params.top_k, params.top_p)

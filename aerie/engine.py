@@ -87,8 +87,8 @@ class Engine:
     ):
         """`budget` (for `--tree-budget auto`) picks each round's tree instead of `tree`,
         learning across generations; it needs a drafter with `candidates()`. `device_rounds`
-        runs greedy rounds on static caches whole on the device (aerie.device_round), from
-        the second round of each generation on."""
+        runs the rounds of a dynamic tree on static caches, greedy or sampled, whole on the
+        device (aerie.device_round), from the second round of each generation on."""
         if head is not None and head.feature_spec != target.features:
             raise ValueError(f"target exposes {target.features} but the head reads {head.feature_spec}")
         self.target = target

@@ -8,6 +8,7 @@ and resumed from any round boundary, identically.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 # SamplingParams and MAX_SEED live in aerie.params (no torch there) and are re-exported here.
@@ -68,3 +69,23 @@ def position_uniform(seed: int, position: int, index: int) -> float:
     """
     state = (_mix64((seed * POSITION_STRIDE + position) & _U64) + (index + 1) * _GOLDEN_GAMMA) & _U64
     return (_mix64(state) >> 11) * 2.0**-53  # 53 bits: a double in [0, 1)
+
+
+def _mix64_array(x: np.ndarray) -> np.ndarray:
+    """`_mix64` over a uint64 array: numpy's uint64 arithmetic wraps modulo 2**64, which is
+    the masking `_mix64` does by hand."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def position_uniforms(seed: int, positions: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """`position_uniform(seed, p, i)` for every (p, i) of `positions` and `indices`
+    (broadcast together), bit for bit, as one vectorised pass: a device round draws a table
+    of them on the host before each launch."""
+    positions = np.asarray(positions, dtype=np.uint64)
+    indices = np.asarray(indices, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # the wrap-around is the hash's own arithmetic
+        stream = _mix64_array(np.uint64((seed * POSITION_STRIDE) & _U64) + positions)
+        state = stream + (indices + np.uint64(1)) * np.uint64(_GOLDEN_GAMMA)
+        return (_mix64_array(state) >> np.uint64(11)).astype(np.float64) * 2.0**-53

@@ -9,12 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from aerie.accept import accept_greedy, walk_point_mass
 from aerie.errors import InputError
 from aerie.kvcache import pinned_tensor
-from aerie.sampling import SamplingParams, position_uniform, sample_from, warp_probs
+from aerie.sampling import SamplingParams, position_uniform, position_uniforms, sample_from, warp_probs
 from aerie.target import Target
 from aerie.tree import DraftTree, validate_tree
 
@@ -198,6 +199,16 @@ class TreeDraws:
 
     def bonus(self, path_length: int) -> float:
         return position_uniform(self.seed, self.committed + path_length, 0)
+
+
+def round_uniforms(seed: int, committed: int, depth: int, width: int) -> np.ndarray:
+    """Every random number `TreeDraws` can hand a tree verified after `committed` tokens that
+    is at most `depth` deep with at most `width` children a node, drawn at once: [depth + 1,
+    width + 1], row i holding the numbers of position committed + 1 + i. So [i, 0] draws the
+    bonus token after a path of i + 1 nodes, and [i, r + 1] tests a node at depth i + 1 that
+    is its parent's r-th child (r from 0): what a device round takes before it knows its tree."""
+    positions = committed + 1 + np.arange(depth + 1)
+    return position_uniforms(seed, positions[:, None], np.arange(width + 1)[None, :])
 
 
 def accept_sampled(tree: DraftTree, logits: torch.Tensor, committed: int,

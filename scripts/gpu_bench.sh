@@ -18,8 +18,8 @@
 #   LIMIT (all MT-bench prompts)  SIDE_LIMIT (10)  HUMANEVAL_LIMIT (40)  T1_LIMIT (40)
 #   TOKENS (256)  REPORT_MINUTES (3; 0 skips the tau report)  REPORT_LIMIT (40)
 #   HEAD (a head directory to draft with on the demo target instead of the shipped default)
-#   COMPILED_FORWARD (cuda, the default, or never: the bench's forwards compiled whole or eager;
-#   each bench process compiles for a minute or more in its untimed warm-up)
+#   COMPILED_FORWARD (cuda, the default, or never: the bench's decoder layers compiled or eager;
+#   each bench process compiles in its untimed warm-up)
 #   STEPS (comma-separated step names, default all: mtbench profile report verify-cost side
 #   sweep batch networked humaneval t1 fp32), e.g. STEPS=batch for the batched run alone
 # If the compiled forward fails in step 1, step 1 runs again and the rest runs uncompiled; if

@@ -5,16 +5,27 @@ distributions and on a real (tiny) target with a real drafted tree."""
 from __future__ import annotations
 
 import itertools
+import random
 from fractions import Fraction
+
+import numpy as np
 
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from aerie.accept import accept_greedy, accept_greedy_rows, accept_sampled_path, accept_sampling
+from aerie.accept import (
+    accept_greedy,
+    accept_greedy_rows,
+    accept_point_mass_rows,
+    accept_sampled_path,
+    accept_sampling,
+)
 from aerie.drafter import DraftSession
-from aerie.sampling import SamplingParams, warp_probs
+from aerie.params import MAX_SEED
+from aerie.sampling import SamplingParams, position_uniform, position_uniforms, warp_probs
 from aerie.tree import TreeConfig, children_table, node_depths
+from aerie.verifier import TreeDraws, round_uniforms
 from tests.tiny import tiny_head, tiny_target
 
 # A small tree: root -> (a=0, b=2, c=1); a -> (1, 3); b -> (0,); a.1 -> (2,)
@@ -240,6 +251,154 @@ def test_greedy_rows_equal_greedy_row_by_row():
             assert path[r, : int(length[r])].tolist() == want.path
             assert (path[r, int(length[r]):] == -1).all()
             assert int(bonus[r]) == want.bonus_token
+
+
+# Probabilities and uniforms drawn from a few exact values collide often: u equal to a
+# residual, zero mass, a whole row on one token.
+EXACT_VALUES = [0.0, 0.25, 0.5, 0.75, 1.0, 1 / 3, 2 / 3]
+
+
+def random_rows(rng: random.Random, rows: int, vocab: int) -> torch.Tensor:
+    """[rows, vocab] distributions of every kind the walk meets: warped (temperature, top-k,
+    top-p zeroing tokens), one-hot, all zero, exact fractions, unnormalised (mass over 1)."""
+    kind = rng.choice(["warped", "one_hot", "exact", "exact_normalised", "uniform"])
+    if kind == "warped":
+        params = SamplingParams(temperature=rng.choice([0.3, 1.0, 2.5]), top_p=rng.choice([0.5, 0.9, 1.0]),
+                                top_k=rng.choice([0, 1, 2]))
+        logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rng.randrange(1 << 30)))
+        return warp_probs(logits * 3, params)
+    if kind == "one_hot":
+        return torch.nn.functional.one_hot(torch.tensor([rng.randrange(vocab) for _ in range(rows)]), vocab).double()
+    values = [[rng.choice(EXACT_VALUES) if rng.random() < 0.7 else rng.random() for _ in range(vocab)]
+              for _ in range(rows)]
+    out = torch.tensor(values, dtype=torch.float64)
+    if kind == "exact_normalised":
+        out = out / out.sum(-1, keepdim=True).clamp_min(1e-300)
+    if kind == "uniform":
+        out = torch.full((rows, vocab), 1 / vocab, dtype=torch.float64)
+    return out
+
+
+def host_walk(tokens: torch.Tensor, parents: torch.Tensor, probs: torch.Tensor, level_u: torch.Tensor,
+              bonus_u: torch.Tensor):
+    """The split round's acceptance of one tree (`accept_sampled_path`), each node tested with
+    the number its (depth, sibling rank) names as `TreeDraws` ranks siblings."""
+    draws = TreeDraws.of(parents.tolist(), committed=0, seed=0)
+    sibling_u = [0.0] + [float(level_u[draws.depth[c] - 1, draws.rank[c]]) for c in range(1, len(parents))]
+    return accept_sampled_path(tokens, parents, probs, sibling_u, bonus_u.tolist()), draws
+
+
+def test_point_mass_rows_take_the_host_walks_decisions():
+    """Brute force over random ragged batches of random trees (repeated sibling tokens
+    included) and distributions of every kind: the same path, padding and bonus token as
+    the host walk, bit for bit."""
+    rng = random.Random(3)
+    lengths, later_siblings, twins = set(), 0, 0
+    for _ in range(1500):
+        batch, width, vocab = rng.randint(1, 4), rng.randint(1, 12), rng.randint(1, 6)
+        tokens = torch.zeros(batch, width, dtype=torch.long)
+        parents = torch.full((batch, width), -1)
+        probs = torch.stack([random_rows(rng, width, vocab) for _ in range(batch)])
+        sizes = [rng.randint(1, width) for _ in range(batch)]
+        for r, n in enumerate(sizes):
+            parents[r, :n] = torch.tensor([-1] + [rng.randrange(max(0, i - 3), i) if rng.random() < 0.5
+                                                  else rng.randrange(i) for i in range(1, n)])
+            tokens[r, :n] = torch.tensor([rng.randrange(vocab) for _ in range(n)])
+        levels = width  # deep and wide enough for any tree of `width` nodes
+        level_u = torch.tensor([[[rng.choice(EXACT_VALUES[:-1]) if rng.random() < 0.5 else rng.random()
+                                  for _ in range(width)] for _ in range(levels)] for _ in range(batch)],
+                               dtype=torch.float64)
+        bonus_u = torch.rand(batch, levels + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(_))
+        path, length, bonus = accept_point_mass_rows(tokens, parents, probs, level_u, bonus_u)
+        for r, n in enumerate(sizes):
+            want, draws = host_walk(tokens[r, :n], parents[r, :n], probs[r, :n], level_u[r], bonus_u[r])
+            k = int(length[r])
+            assert path[r, :k].tolist() == want.path
+            assert (path[r, k:] == -1).all()
+            assert int(bonus[r]) == want.bonus_token
+            lengths.add(k)
+            later_siblings += any(draws.rank[c] > 0 for c in want.path)
+            par, tok = parents[r, :n].tolist(), tokens[r, :n].tolist()
+            twins += any(par[i] == par[j] and tok[i] == tok[j] for i in range(1, n) for j in range(1, i))
+    # The walks went deep, through siblings after the first, and past repeated tokens.
+    assert max(lengths) >= 5 and later_siblings > 100 and twins > 100
+
+
+def test_point_mass_rows_when_the_removed_mass_rounds_to_one():
+    """Siblings whose rejected mass sums to 1 in float64 though each test had room to pass:
+    the host walk gives the next sibling no residual (however much mass it has and however
+    small its number), and so must the tensor walk."""
+    largest_u = 1 - 2.0**-53  # position_uniform's largest value
+    first = 1 - 2.0**-10
+    second = 2.0**-10 - 2.0**-55  # first + second rounds to 1.0, second / (1 - first) does not
+    assert first < largest_u and first + second == 1.0 and second / (1 - first) < largest_u
+    tokens = torch.tensor([[0, 1, 2, 3]])
+    parents = torch.tensor([[-1, 0, 0, 0]])
+    probs = torch.zeros(1, 4, 4, dtype=torch.float64)
+    probs[0, 0] = torch.tensor([0.25, first, second, 0.5], dtype=torch.float64)  # node c proposes token c
+    level_u = torch.tensor([[[largest_u, largest_u, 0.0]]], dtype=torch.float64)
+    bonus_u = torch.tensor([[0.9, 0.0]], dtype=torch.float64)
+    path, length, bonus = accept_point_mass_rows(tokens, parents, probs, level_u, bonus_u)
+    want, _ = host_walk(tokens[0], parents[0], probs[0], level_u[0], bonus_u[0])
+    assert want.path == [0] and want.bonus_token == 0  # every child rejected: the one token left
+    assert path[0, : int(length[0])].tolist() == want.path and int(bonus[0]) == want.bonus_token
+
+
+def test_point_mass_rows_sum_the_removed_mass_in_the_walks_order():
+    """(0.1 + 0.2) + 0.3 is not 0.1 + (0.2 + 0.3) in float64: a fourth sibling whose number
+    equals its residual after the walk's sum passes, and would fail after the other one."""
+    masses = [0.1, 0.2, 0.3, 0.2]
+    walked = (masses[0] + masses[1]) + masses[2]
+    assert walked != masses[0] + (masses[1] + masses[2])
+    threshold = masses[3] / (1.0 - walked)
+    assert threshold > masses[3] / (1.0 - (masses[0] + (masses[1] + masses[2])))
+    tokens = torch.tensor([[0, 1, 2, 3, 4]])
+    parents = torch.tensor([[-1, 0, 0, 0, 0]])
+    probs = torch.zeros(1, 5, 5, dtype=torch.float64)
+    probs[0, 0, 1:] = torch.tensor(masses, dtype=torch.float64)
+    level_u = torch.tensor([[[0.9, 0.9, 0.9, threshold]]], dtype=torch.float64)
+    bonus_u = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    path, length, _ = accept_point_mass_rows(tokens, parents, probs, level_u, bonus_u)
+    want, _ = host_walk(tokens[0], parents[0], probs[0], level_u[0], bonus_u[0])
+    assert want.path == [0, 4] and path[0, : int(length[0])].tolist() == want.path
+
+
+def test_position_uniforms_are_position_uniform_bit_for_bit():
+    rng = random.Random(5)
+    seeds = [0, 1, 2, MAX_SEED, MAX_SEED - 1, 2**62 + 12345] + [rng.randrange(MAX_SEED + 1) for _ in range(20)]
+    for seed in seeds:
+        positions = np.array([rng.choice([0, 1, rng.randrange(1 << 20), rng.randrange(1 << 62)]) for _ in range(200)])
+        indices = np.array([rng.choice([0, 1, rng.randrange(64), rng.randrange(1 << 40)]) for _ in range(200)])
+        got = position_uniforms(seed, positions, indices)
+        assert got.dtype == np.float64
+        assert got.tolist() == [position_uniform(seed, int(p), int(i)) for p, i in zip(positions, indices)]
+
+
+def test_round_uniforms_hold_every_number_tree_draws_hands_out():
+    """Each node of a tree no deeper than `depth`, with no more than `width` children a node,
+    finds its test's number and each path length its bonus number where `round_uniforms`
+    says, as `TreeDraws` draws them."""
+    rng = random.Random(6)
+    for _ in range(50):
+        depth, width = rng.randint(1, 6), rng.randint(1, 5)
+        seed, committed = rng.randrange(MAX_SEED + 1), rng.randrange(1 << 16)
+        parents, depths, widths = [-1], [0], [0]
+        for node in range(1, 30):
+            open_ = [p for p in range(node) if depths[p] < depth and widths[p] < width]
+            if not open_:
+                break
+            parent = rng.choice(open_)
+            parents.append(parent)
+            depths.append(depths[parent] + 1)
+            widths.append(0)
+            widths[parent] += 1
+        table = round_uniforms(seed, committed, depth, width)
+        assert table.shape == (depth + 1, width + 1)
+        draws = TreeDraws.of(parents, committed, seed)
+        for node in range(1, len(parents)):
+            assert table[draws.depth[node] - 1, draws.rank[node] + 1] == draws.sibling(node)
+        for length in range(1, depth + 2):
+            assert table[length - 1, 0] == draws.bonus(length)
 
 
 def test_chi_squared_on_tiny_target_with_drafted_tree():

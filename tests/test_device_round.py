@@ -1,6 +1,6 @@
-"""Greedy rounds on the device (aerie.device_round), run eagerly on the CPU: the tree they
-select against the host's rerank, and whole generations against the split rounds and plain
-decoding, through stop tokens, length limits and cache growth."""
+"""Rounds on the device (aerie.device_round), greedy and sampled, run eagerly on the CPU: the
+tree they select against the host's rerank, and whole generations against the split rounds
+(and, greedy, plain decoding), through stop tokens, length limits and cache growth."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from aerie.budget import explored_round
-from aerie.device_round import DeviceRounds, candidate_count, select_tree
+from aerie.device_round import DeviceRounds, candidate_count, select_tree, warp_key
 from aerie.drafter import DraftSession, grow_candidates
 from aerie.engine import Engine
 from aerie.kvcache import SlotCache
+from aerie.params import MAX_SEED
 from aerie.sampling import SamplingParams
 from aerie.target import StaticKV, Target
 from aerie.tree import CandidatePool, TreeConfig, rerank
@@ -27,16 +28,19 @@ TREES = [TreeConfig(depth=4, top_k=3, total_tokens=9), TreeConfig(depth=1, top_k
          TreeConfig(depth=3, top_k=1, total_tokens=3), TreeConfig(depth=2, top_k=2, total_tokens=50)]
 
 
-def random_expansion(tree: TreeConfig, rng: random.Random, ties: bool) -> tuple[torch.Tensor, ...]:
+def random_expansion(tree: TreeConfig, rng: random.Random, ties: bool,
+                     best_first: bool = False) -> tuple[torch.Tensor, ...]:
     """Candidates shaped like `grow_candidates`' output: top_k children per frontier node,
-    a frontier of the top_k best of each level, path scores that never rise along a path."""
+    a frontier of the top_k best of each level, path scores that never rise along a path;
+    with `best_first`, each node's children in descending score as `torch.topk` drafts them."""
     tokens, parents, scores = [], [], []
     frontier, size = [(0, 0.0)], 1
     for _ in range(tree.depth):
         level = []
         for node, score in frontier:
-            for _ in range(tree.top_k):
-                step = 0.0 if ties and rng.random() < 0.3 else -rng.choice([0.5, 1.0, rng.random()])
+            steps = [0.0 if ties and rng.random() < 0.3 else -rng.choice([0.5, 1.0, rng.random()])
+                     for _ in range(tree.top_k)]
+            for step in sorted(steps, reverse=True) if best_first else steps:
                 tokens.append(rng.randrange(1000))
                 parents.append(node)
                 scores.append(score + step)
@@ -72,6 +76,36 @@ def test_select_tree_keeps_the_nodes_rerank_keeps(tree, ties):
             as_paths(want.tokens.tolist(), want.parents.tolist(), want.logprobs.tolist())
 
 
+def sibling_order(tokens: list[int], parents: list[int], scores: list[float]) -> dict[tuple, list[tuple]]:
+    """Each node's children, as (token, score), in the tree's node order, keyed by the node's
+    root path: equal when two trees order every node's siblings alike."""
+    paths: list[tuple] = []
+    children: dict[tuple, list[tuple]] = {}
+    for token, parent, score in zip(tokens, parents, scores):
+        node = (token, round(score, 4))
+        paths.append((node,) if parent < 0 else paths[parent] + (node,))
+        if parent >= 0:
+            children.setdefault(paths[parent], []).append(node)
+    return children
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("tree", TREES, ids=lambda t: f"d{t.depth}-k{t.top_k}-n{t.total_tokens}")
+def test_select_tree_orders_siblings_as_rerank_does(tree, ties):
+    """A sampled round tests a node's children in the tree's order and hands each the number
+    of its rank among them (`aerie.verifier.TreeDraws`): the device's tree (drafting order)
+    and the split round's (`rerank`: by depth, then score) must rank siblings alike. They do
+    because the expansion drafts each node's children best first, as `torch.topk` returns them."""
+    rng = random.Random(8)
+    for _ in range(20):
+        tokens, parents, scores = random_expansion(tree, rng, ties, best_first=True)
+        got = select_tree(torch.tensor(99), tokens, parents, scores, tree.total_tokens)
+        want = rerank(CandidatePool([99] + tokens.tolist(), [-1] + parents.tolist(),
+                                    [0.0] + scores.double().tolist()), tree.total_tokens)
+        assert sibling_order(*(t.tolist() for t in got)) == \
+            sibling_order(want.tokens.tolist(), want.parents.tolist(), want.logprobs.tolist())
+
+
 def test_candidate_count_is_what_the_expansion_drafts():
     target = Target(tiny_target("eagle3").model, tiny_target("eagle3").features, static=STATIC)
     head = tiny_head(target, "eagle3", 48)
@@ -80,8 +114,13 @@ def test_candidate_count_is_what_the_expansion_drafts():
         with torch.inference_mode():
             head(torch.zeros(1, 3, head.feature_spec.dim(target.hidden_size)), torch.tensor([[1, 2, 3]]),
                  torch.arange(3)[None], None, cache)
-            tokens, _, _ = grow_candidates(head, cache, tree, torch.zeros(1, head.hidden_size), torch.tensor(3))
+            tokens, parents, scores = grow_candidates(head, cache, tree, torch.randn(1, head.hidden_size),
+                                                      torch.tensor(3))
         assert tokens.shape[0] == candidate_count(tree)
+        # Each node's children come best first, which `select_tree`'s sibling order rests on.
+        for parent in parents.unique().tolist():
+            siblings = scores[parents == parent]
+            assert (siblings[1:] <= siblings[:-1]).all()
 
 
 @pytest.fixture(scope="module", params=["eagle3", "eagle1"])
@@ -108,6 +147,43 @@ def test_device_rounds_generate_what_the_split_rounds_do(static_pair, monkeypatc
     assert len(steps) > 100  # every generation but its first round ran on the device
 
 
+SAMPLED = [SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=0.7, top_p=0.9, seed=2**40 + 7),
+           SamplingParams(temperature=1.3, top_p=0.8, top_k=10, seed=MAX_SEED)]
+
+
+@pytest.mark.parametrize("params", SAMPLED, ids=lambda p: f"t{p.temperature}-p{p.top_p}-k{p.top_k}")
+def test_sampled_device_rounds_generate_what_the_split_rounds_do(static_pair, params, monkeypatch):
+    """The same seed gives the same tokens, round for round, on the device as in the split
+    rounds: the same trees, tested with the same numbers in the same order."""
+    target, head = static_pair
+    steps = []
+    step = DeviceRounds.step
+    monkeypatch.setattr(DeviceRounds, "step", lambda self, *a: steps.append(1) or step(self, *a))
+    accepted = []
+    for tree in TREES + [TreeConfig(depth=4, top_k=8, total_tokens=20)]:
+        for prompt in PROMPTS:
+            stop = StopCriteria(40)
+            got = Engine(target, head, tree).generate(prompt, params, stop)
+            want = Engine(target, head, tree, device_rounds=False).generate(prompt, params, stop)
+            assert got.token_ids == want.token_ids
+            assert [r.accepted for r in got.rounds] == [r.accepted for r in want.rounds]
+            assert [r.tree_size for r in got.rounds] == [r.tree_size for r in want.rounds]
+            accepted += [r.accepted for r in got.rounds]
+    assert len(steps) > 100
+    assert sum(accepted) > 0  # drafts were accepted, not only bonus tokens drawn
+
+
+def test_sampled_device_rounds_stop_where_the_split_rounds_stop(static_pair):
+    target, head = static_pair
+    tree, params = TREES[0], SAMPLED[0]
+    free = Engine(target, head, tree, device_rounds=False).generate(PROMPTS[1], params, StopCriteria(30)).token_ids
+    for stop in (StopCriteria(30, frozenset({free[9]})), StopCriteria(13)):
+        got = Engine(target, head, tree).generate(PROMPTS[1], params, stop)
+        want = Engine(target, head, tree, device_rounds=False).generate(PROMPTS[1], params, stop)
+        assert got.token_ids == want.token_ids == free[: len(want.token_ids)]
+        assert len(got.token_ids) == (free.index(free[9]) + 1 if stop.stop_token_ids else 13)
+
+
 def test_device_rounds_stop_where_plain_decoding_stops(static_pair):
     target, head = static_pair
     tree = TREES[0]
@@ -117,7 +193,8 @@ def test_device_rounds_stop_where_plain_decoding_stops(static_pair):
         assert got.token_ids == free[:length]
 
 
-def test_device_rounds_leave_the_sessions_as_the_split_round_does(static_pair):
+@pytest.mark.parametrize("params", [SamplingParams()] + SAMPLED[:2], ids=["greedy", "sampled", "top-p"])
+def test_device_rounds_leave_the_sessions_as_the_split_round_does(static_pair, params):
     """Round by round, a device round and a split round from the same state leave both
     caches alike (the same entries in use, the same keys and values there), return the same
     tokens and features, and tell `--tree-budget auto` the same."""
@@ -126,14 +203,16 @@ def test_device_rounds_leave_the_sessions_as_the_split_round_does(static_pair):
     prompt = PROMPTS[0]
     sessions = []
     for _ in range(2):
-        verifier = VerifySession(target, SamplingParams(), StopCriteria(30), list(prompt))
+        verifier = VerifySession(target, params, StopCriteria(30), list(prompt))
         drafter = DraftSession(head, tree)
         features, first = verifier.prefill()
         result = verifier.verify(drafter.draft(features, list(prompt[1:]) + [first]))
         sessions.append((verifier, drafter, result))
     (v1, d1, r1), (v2, d2, r2) = sessions
     rounds = DeviceRounds(v1, d1)
-    for _ in range(5):
+    for _ in range(8):
+        if v1.done:
+            break
         r1 = rounds.step(r1.features, r1.new_tokens)
         split_tree = d2.draft(r2.features, r2.new_tokens)
         r2 = v2.verify(split_tree)
@@ -158,10 +237,21 @@ def test_device_rounds_refuse_what_they_cannot_run(static_pair):
     sampled = VerifySession(target, SamplingParams(temperature=1.0, seed=1), StopCriteria(8), [1, 2, 3])
     greedy = VerifySession(target, SamplingParams(), StopCriteria(8), [1, 2, 3])
     assert isinstance(greedy.cache, SlotCache)
-    assert not DeviceRounds.supports(sampled, DraftSession(head, TREES[0]))
+    assert DeviceRounds.supports(sampled, DraftSession(head, TREES[0]))
     assert not DeviceRounds.supports(greedy, DraftSession(head, TreeConfig.eagle1_static()))
-    with pytest.raises(ValueError, match="greedy"):
-        DeviceRounds(sampled, DraftSession(head, TREES[0]))
+    assert not DeviceRounds.supports(sampled, DraftSession(head, TreeConfig.eagle1_static()))
+    with pytest.raises(ValueError, match="dynamic tree"):
+        DeviceRounds(sampled, DraftSession(head, TreeConfig.eagle1_static()))
     rounds = DeviceRounds(greedy, DraftSession(head, TREES[0]))
     with pytest.raises(ValueError, match="commits 1 to 5 pairs"):
         rounds.step(torch.zeros(6, head.feature_spec.dim(target.hidden_size)), [1] * 6)
+
+
+def test_a_round_graph_bakes_in_the_warp_not_the_seed():
+    """The warp's settings are constants of a captured round, so they name its graph; the
+    seed only changes the numbers the round is handed."""
+    assert warp_key(SamplingParams()) is None
+    assert warp_key(SamplingParams(temperature=0.7, seed=1)) == warp_key(SamplingParams(temperature=0.7, seed=2))
+    keys = {warp_key(p) for p in (SamplingParams(temperature=0.7), SamplingParams(temperature=0.8),
+                                  SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(temperature=0.7, top_k=5))}
+    assert len(keys) == 4 and None not in keys

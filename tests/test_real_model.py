@@ -1,6 +1,7 @@
 """Greedy losslessness on the real SmolLM2-135M-Instruct target (float32, CPU): speculative
 output is token-identical to plain decoding on MT-bench prompts, with a random EAGLE-3
-head, a random EAGLE-1 head and an oracle drafter that makes deliberate mistakes."""
+head, a random EAGLE-1 head and an oracle drafter that makes deliberate mistakes; and
+sampled rounds on the device token-identical to the split rounds from the same seed."""
 
 from __future__ import annotations
 
@@ -96,9 +97,9 @@ def test_shipped_head_is_lossless_and_accepts(stack, references, name):
     assert 1 + accepted / rounds > 1.5
 
 
-def test_device_rounds_with_the_shipped_head_are_lossless(stack, references):
-    """Static caches (run eagerly on the CPU) take greedy rounds whole on the device path
-    (aerie.device_round); the shipped head's long acceptances move entries in both caches."""
+def static_with_shipped_head(stack):
+    """The demo target on static caches (run eagerly on the CPU) with the shipped EAGLE-3
+    head, a tree that its long acceptances fill, and the generation's stop."""
     from aerie.heads import load_head
     from aerie.stack import SHIPPED_HEADS
     from aerie.target import StaticKV, Target
@@ -106,8 +107,13 @@ def test_device_rounds_with_the_shipped_head_are_lossless(stack, references):
     target = Target(stack.target.model, stack.target.features, StaticKV(compiled_forward="never"))
     head = load_head(SHIPPED_HEADS / "smollm2-135m-eagle3", target)
     target.features = head.feature_spec
-    tree = TreeConfig(depth=5, top_k=6, total_tokens=16)
-    stop = StopCriteria(NEW_TOKENS, stack.stop_token_ids())
+    return target, head, TreeConfig(depth=5, top_k=6, total_tokens=16), StopCriteria(NEW_TOKENS, stack.stop_token_ids())
+
+
+def test_device_rounds_with_the_shipped_head_are_lossless(stack, references):
+    """Static caches (run eagerly on the CPU) take greedy rounds whole on the device path
+    (aerie.device_round); the shipped head's long acceptances move entries in both caches."""
+    target, head, tree, stop = static_with_shipped_head(stack)
     accepted = []
     for ids, reference in references[:3]:
         result = Engine(target, head, tree).generate(ids, SamplingParams(), stop, "eagle")
@@ -116,3 +122,22 @@ def test_device_rounds_with_the_shipped_head_are_lossless(stack, references):
         assert [r.accepted for r in result.rounds] == [r.accepted for r in split.rounds]
         accepted += [r.accepted for r in result.rounds]
     assert max(accepted) >= 4 and 1 + sum(accepted) / len(accepted) > 1.5
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.7, top_p=0.9, seed=7),
+                                    SamplingParams(temperature=1.0, top_k=50, seed=123456789)],
+                         ids=["t0.7-p0.9", "t1.0-k50"])
+def test_sampled_device_rounds_with_the_shipped_head_match_the_split_rounds(stack, params):
+    """Sampled rounds whole on the device (aerie.device_round) draw the same tokens as the
+    split rounds from the same seed, over a real vocabulary and the shipped head's long,
+    branching acceptances."""
+    target, head, tree, stop = static_with_shipped_head(stack)
+    accepted = []
+    for text in mt_bench_prompts(2):
+        ids = stack.encode_prompt(text)
+        result = Engine(target, head, tree).generate(ids, params, stop, "eagle")
+        split = Engine(target, head, tree, device_rounds=False).generate(ids, params, stop, "eagle")
+        assert result.token_ids == split.token_ids
+        assert [r.accepted for r in result.rounds] == [r.accepted for r in split.rounds]
+        accepted += [r.accepted for r in result.rounds]
+    assert max(accepted) >= 3 and 1 + sum(accepted) / len(accepted) > 1.3

@@ -40,8 +40,8 @@ class VerifyConfig(TlsServerOptions):
         "(with --tensor-parallel the all-reduces are captured too); --no-cuda-graphs: static caches, eager forwards"
     )
     compiled_forward: bool = option(
-        True, "on cuda with static caches and one process: run the target's forward compiled whole (torch.compile; "
-        "the first rounds of each shape compile for a minute or more); --no-compiled-forward: the eager kernels"
+        True, "on cuda with static caches and one process: run the target's decoder layers compiled (torch.compile, "
+        "one layer's graph for all; compiled before the service answers); --no-compiled-forward: the eager kernels"
     )
     workers: int = option(64, "server threads (each open stream holds one)")
     grace_s: float = option(20.0, "on SIGTERM, how long in-flight rounds may take to finish")

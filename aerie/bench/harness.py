@@ -33,7 +33,7 @@ from aerie.verifier import StopCriteria
 # hf-dynamic and hf-static are transformers' own `generate` with its default dynamic cache and
 # with `cache_implementation="static"` (which compiles the decode step); hf is hf-dynamic.
 # eagle-split is eagle with drafter and verifier apart, handing the tree over through the host
-# as the services do, where eagle runs its greedy rounds whole on the device (aerie.device_round).
+# as the services do, where eagle runs its rounds whole on the device (aerie.device_round).
 MODES = ("eagle", "eagle-split", "vanilla", "hf-dynamic", "hf-static", "hf")
 # Untimed tokens per mode before timing: enough for rounds that commit several tokens at once,
 # so that every graph (and, with the compiled forward, every shape family) exists before.
