@@ -204,7 +204,7 @@ class Target:
         # compiled layers no graph of their own.
         compiled = static and self.compiled is not None and cache.storage is not None
         with fused(self.fused if static else Fusion()), \
-                compiled_layers(self._layers, self.compiled, cache) if compiled else nullcontext():
+                compiled_layers(self._layers, self.compiled) if compiled else nullcontext():
             last, feats = forward_features(self.model, self.features, input_ids=input_ids, position_ids=positions,
                                            attention_mask=mask, past_key_values=cache, use_cache=True)
         return self.model.get_output_embeddings()(last)[0].float(), feats[0]
@@ -275,13 +275,14 @@ def layer_aligned(layer: torch.nn.Module, hidden_states: torch.Tensor, attention
 
 
 @contextmanager
-def compiled_layers(layers: list[torch.nn.Module], compiled: Callable, cache: SlotCache) -> Iterator[None]:
+def compiled_layers(layers: list[torch.nn.Module], compiled: Callable) -> Iterator[None]:
     """Within the block, each of `layers` runs `compiled` (`layer_aligned`) over its slice of
-    `cache`; the rest of the forward (embedding, rotary tables, final norm, output head)
-    stays eager: a handful of kernels, against a whole-forward trace whose compile time grows
-    with the depth of the model."""
+    the static cache it is called with; the rest of the forward (embedding, rotary tables,
+    final norm, output head) stays eager: a handful of kernels, against a whole-forward trace
+    whose compile time grows with the depth of the model. The layers are the model's own, so
+    forwards of one model are serialised by the caller (the verify service's compute lock)."""
     for index, layer in enumerate(layers):
-        layer.forward = functools.partial(_run_layer, compiled, layer, cache.layers[index])
+        layer.forward = functools.partial(_run_layer, compiled, layer, index)
     try:
         yield
     finally:
@@ -289,9 +290,9 @@ def compiled_layers(layers: list[torch.nn.Module], compiled: Callable, cache: Sl
             del layer.forward
 
 
-def _run_layer(compiled: Callable, layer: torch.nn.Module, slice_: StaticLayer, hidden_states: torch.Tensor,
-               past_key_values=None, **kwargs) -> torch.Tensor:
-    return compiled(layer, hidden_states, past_key_values=slice_, **kwargs)
+def _run_layer(compiled: Callable, layer: torch.nn.Module, index: int, hidden_states: torch.Tensor,
+               past_key_values: SlotCache, **kwargs) -> torch.Tensor:
+    return compiled(layer, hidden_states, past_key_values=past_key_values.layers[index], **kwargs)
 
 
 def reindex_cache(cache: DynamicCache, index: torch.Tensor) -> None:
