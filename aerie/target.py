@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from aerie.fused import Compiled, Fusion, fused, fusion_for
+from aerie.fused import Compiled, Fusion, fused, fusion_for, install_grouped_attention
 from aerie.kvcache import SLOT_ALIGNMENT, Attend, CachePool, SlotCache, StaticLayer, additive_mask, static_forward
 from aerie.tree import ancestor_mask, node_depths
 
@@ -106,6 +106,7 @@ class Target:
         self.fused = Fusion() if static is None else static.fusion(model, self.device)
         self.compiled = None if static is None else static.compile(layer_aligned, self.device)
         self._layers = decoder_layers(model) if self.compiled is not None else []
+        install_grouped_attention()  # the static forwards' attention reads each KV head once
         n_layers = self.config.num_hidden_layers
         if features.kind == "eagle3" and not all(0 <= i <= n_layers for i in features.layers):
             raise ValueError(f"EAGLE-3 feature layers {features.layers} out of range for {n_layers} layers")
@@ -206,7 +207,8 @@ class Target:
         with fused(self.fused if static else Fusion()), \
                 compiled_layers(self._layers, self.compiled) if compiled else nullcontext():
             last, feats = forward_features(self.model, self.features, input_ids=input_ids, position_ids=positions,
-                                           attention_mask=mask, past_key_values=cache, use_cache=True)
+                                           attention_mask=mask, past_key_values=cache, use_cache=True,
+                                           fold_query_groups=static)
         return self.model.get_output_embeddings()(last)[0].float(), feats[0]
 
     @staticmethod

@@ -1,14 +1,19 @@
 """The fused kernels of the graphed GPU path (aerie.fused), checked on the CPU against
-transformers' own norm and rotary embedding."""
+transformers' own norm, rotary embedding and attention."""
 
 import threading
 
 import pytest
 import torch
+from transformers.integrations import sdpa_attention
+from transformers.modeling_utils import AttentionInterface
 from transformers.models.llama import modeling_llama
 
 import aerie.fused
-from aerie.fused import Fusion, compiled_rotate, fused, fusion_for, install_rotary_dispatch, rms_norms, rotate
+from aerie.fused import (Fusion, compiled_rotate, fused, fusion_for, grouped_query_attention, install_grouped_attention,
+                         install_rotary_dispatch, rms_norms, rotate)
+from aerie.kvcache import additive_mask
+from aerie.target import FeatureSpec, StaticKV, Target
 from tests.tiny import VOCAB, tiny_llama
 
 
@@ -112,3 +117,82 @@ def test_rotary_dispatch_runs_the_fused_kernel_inside_the_block_on_its_thread_on
         raise RuntimeError("inside")
     logits(model, ids)
     assert calls == []  # left on an error: the reference again
+
+
+def _sdpa_reference():
+    return getattr(sdpa_attention.sdpa_attention_forward, "reference", sdpa_attention.sdpa_attention_forward)
+
+
+@pytest.mark.parametrize("batch,heads,kv_heads,rows,length", [(1, 4, 2, 1, 16), (1, 9, 3, 7, 24), (3, 8, 2, 5, 8),
+                                                               (2, 6, 6, 3, 16)])
+def test_grouped_query_attention_is_the_repeated_heads_attention(batch, heads, kv_heads, rows, length):
+    """Query heads stacked as rows of their KV head: the same attention as transformers'
+    SDPA with every KV head repeated, for a tree-shaped mask, boolean or additive, one mask
+    for the batch or one per row."""
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, rows, 16)
+    k, v = torch.randn(batch, kv_heads, length, 16), torch.randn(batch, kv_heads, length, 16)
+    allowed = torch.rand(batch, 1, rows, length) < 0.6
+    allowed[..., 0] = True  # no empty row
+    module = torch.nn.Module()
+    module.num_key_value_groups = heads // kv_heads
+    for mask in (allowed, allowed[:1], additive_mask(allowed, torch.float32)):
+        if mask.shape[0] != batch and mask.shape[0] != 1:
+            continue
+        want, _ = _sdpa_reference()(module, q, k, v, mask, scaling=0.3)
+        got = grouped_query_attention(q, k, v, mask, scaling=0.3)
+        assert got.shape == (batch, rows, heads, 16)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_attention_runs_only_for_forwards_that_ask(monkeypatch):
+    """The dispatcher: `fold_query_groups=True` in the model's call reaches every layer's
+    attention and runs the grouped kernel; any other call (transformers' `generate`) runs the
+    reference; the logits agree."""
+    install_grouped_attention()
+    install_grouped_attention()  # idempotent: one dispatcher, not a chain of them
+    dispatcher = AttentionInterface._global_mapping["sdpa"]
+    assert not hasattr(dispatcher.reference, "reference")
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return grouped_query_attention(*args, **kwargs)
+
+    monkeypatch.setattr(aerie.fused, "grouped_query_attention", counting)
+    model = tiny_llama()
+    ids = torch.randint(0, VOCAB, (1, 9))
+    mask = torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
+    with torch.inference_mode():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        assert calls == []
+        folded = model(input_ids=ids, attention_mask=mask, fold_query_groups=True).logits
+    assert len(calls) == model.config.num_hidden_layers
+    torch.testing.assert_close(folded, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_the_static_path_folds_query_groups(monkeypatch):
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return grouped_query_attention(*args, **kwargs)
+
+    monkeypatch.setattr(aerie.fused, "grouped_query_attention", counting)
+    torch.manual_seed(0)
+    model = tiny_llama()
+    static = Target(model, FeatureSpec("eagle1"), StaticKV(cuda_graphs=False, compiled_forward="never"))
+    dynamic = Target(model, FeatureSpec("eagle1"))
+    ids = torch.randint(0, VOCAB, (12,))
+    parents = torch.tensor([-1, 0, 0, 1, 2])
+    outputs = []
+    for target in (static, dynamic):
+        cache = target.new_cache()
+        target.forward(cache, ids[:7])
+        outputs.append(target.forward(cache, ids[7:], tree_parents=parents))
+    assert len(calls) >= model.config.num_hidden_layers  # the static forwards (the dynamic ones: none)
+    n = len(calls)
+    torch.testing.assert_close(outputs[0].logits, outputs[1].logits, rtol=1e-4, atol=1e-4)
+    cache = dynamic.new_cache()
+    dynamic.forward(cache, ids[:7])
+    assert len(calls) == n

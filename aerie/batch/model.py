@@ -119,7 +119,7 @@ class LocalBatchModel:
         with fused(self.fused):
             last, feats = forward_features(self.target.model, self.target.features, input_ids=b["ids"],
                                            position_ids=positions, attention_mask=mask,
-                                           past_key_values=self._cache, use_cache=True)
+                                           past_key_values=self._cache, use_cache=True, fold_query_groups=True)
         if not self.reads_logits:
             return last[..., :0], feats
         if logits_at is not None:  # one position per row (prefill): skip the others' LM head
