@@ -63,6 +63,9 @@ class StaticKV:
     # The decoder layers compiled (`layer_aligned`, aerie.fused.Compiled): on CUDA only ("cuda"),
     # also on the CPU ("always": the tested path of the compiled one), or not at all ("never").
     compiled_forward: Literal["cuda", "always", "never"] = "cuda"
+    # Grouped-query attention reads each KV head once (aerie.fused.grouped_query_attention);
+    # off, transformers' SDPA path repeats the cache for every query head under a mask.
+    grouped_attention: bool = True
 
     @staticmethod
     def default_for(device: str | torch.device, compiled_forward: str = "cuda") -> StaticKV | None:
@@ -208,7 +211,7 @@ class Target:
                 compiled_layers(self._layers, self.compiled) if compiled else nullcontext():
             last, feats = forward_features(self.model, self.features, input_ids=input_ids, position_ids=positions,
                                            attention_mask=mask, past_key_values=cache, use_cache=True,
-                                           fold_query_groups=static)
+                                           fold_query_groups=static and self.static.grouped_attention)
         return self.model.get_output_embeddings()(last)[0].float(), feats[0]
 
     @staticmethod

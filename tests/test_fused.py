@@ -193,6 +193,9 @@ def test_the_static_path_folds_query_groups(monkeypatch):
     assert len(calls) >= model.config.num_hidden_layers  # the static forwards (the dynamic ones: none)
     n = len(calls)
     torch.testing.assert_close(outputs[0].logits, outputs[1].logits, rtol=1e-4, atol=1e-4)
-    cache = dynamic.new_cache()
-    dynamic.forward(cache, ids[:7])
-    assert len(calls) == n
+    for target in (dynamic, Target(model, FeatureSpec("eagle1"),
+                                   StaticKV(cuda_graphs=False, compiled_forward="never", grouped_attention=False))):
+        cache = target.new_cache()
+        target.forward(cache, ids[:7])
+        target.forward(cache, ids[7:], tree_parents=parents)
+    assert len(calls) == n  # neither the dynamic path nor a static one with the KV heads repeated

@@ -103,6 +103,7 @@ class LocalBatchModel:
         self.reads_logits = reads_logits
         self.lm_head = target.model.get_output_embeddings()
         self.fused = target.fused  # as the single-session static path
+        self.grouped_attention = target.static is None or target.static.grouped_attention
 
     @property
     def cache(self) -> BatchKVCache:
@@ -119,7 +120,8 @@ class LocalBatchModel:
         with fused(self.fused):
             last, feats = forward_features(self.target.model, self.target.features, input_ids=b["ids"],
                                            position_ids=positions, attention_mask=mask,
-                                           past_key_values=self._cache, use_cache=True, fold_query_groups=True)
+                                           past_key_values=self._cache, use_cache=True,
+                                           fold_query_groups=self.grouped_attention)
         if not self.reads_logits:
             return last[..., :0], feats
         if logits_at is not None:  # one position per row (prefill): skip the others' LM head

@@ -203,14 +203,15 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
     layers = model.config.num_hidden_layers
     target = Target(model, FeatureSpec("eagle3", eagle3_default_layers(layers)), static=StaticKV(cuda_graphs=graphs))
     curve = verify_cost_curve(target)
-    # The same forwards with transformers' own kernels, with the norms alone fused, and with
-    # the norms and the rotary embedding fused but the forward not compiled: what each
-    # fusion saves (aerie.fused).
-    uncompiled = StaticKV(cuda_graphs=graphs, compiled_forward="never")
+    # The same forwards with transformers' own kernels, with the norms alone fused, with the
+    # norms and the rotary embedding fused but the layers not compiled, and compiled with the
+    # KV heads repeated for each query head: what each step saves (aerie.fused).
+    uncompiled = StaticKV(cuda_graphs=graphs, compiled_forward="never", grouped_attention=False)
     variants = {
         "reference": replace(uncompiled, fused_norms=False, compiled_rotary=False),
         "fused_norms_only": replace(uncompiled, compiled_rotary=False),
         "fused_uncompiled": uncompiled,
+        "repeated_kv_heads": StaticKV(cuda_graphs=graphs, grouped_attention=False),
     }
     unfused = {}
     for label, static in variants.items():
@@ -275,7 +276,8 @@ def format_verify_cost(result: dict) -> str:
             share = 100 * s["one_token_device_vs_floor"]
             lines.append(f"| {s['shape']} (graph replay only) | {cells} | {s['bandwidth_floor_ms']:.2f} | {share:.0f}% |")
         for label, what in (("reference", "transformers' kernels"), ("fused_norms_only", "fused norms only"),
-                            ("fused_uncompiled", "fused norms and rotary, not compiled")):
+                            ("fused_uncompiled", "fused norms and rotary, not compiled"),
+                            ("repeated_kv_heads", "compiled, KV heads repeated for each query head")):
             other = {p["tree_size"]: p for p in s.get(label, {}).get("curve", [])}
             if other:
                 cells = " | ".join(f"{other[k]['ms_median']:.2f}" if k in other else "" for k in sizes)
