@@ -58,9 +58,13 @@ def plot_all(run: Path, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     main, side = load(run, "mtbench_t0"), load(run, "side_by_side")
+    hf_static = load(run, "mtbench_t0_hf_static")  # gpu_bench.sh runs hf-static in a process of its own
     if main:
         gpu = main["machine"].get("gpu", main["machine"]["cpu"])
         rates = dict(main["summary"]["tokens_per_s"])
+        # Starred: from another run of the same script (another process, the same machine).
+        if hf_static and "hf-static" in hf_static["summary"]["tokens_per_s"]:
+            rates["hf-static*"] = hf_static["summary"]["tokens_per_s"]["hf-static"]
         if side and "hf-dynamic" in side["summary"]["tokens_per_s"]:
             rates["hf-dynamic*"] = side["summary"]["tokens_per_s"]["hf-dynamic"]
         fig, ax = plt.subplots(figsize=(6, 3.2))
