@@ -141,6 +141,29 @@ def test_gateway_generation_refuses_settings_only_the_services_decide(capsys):
     assert code == 2 and "--mode, --device cannot apply with --gateway" in err
 
 
+def test_bench_summary_says_where_answers_leave_plain_decoding():
+    from aerie.bench.harness import common_prefix, format_table, summarize
+
+    assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix([], [1]) == 0 and common_prefix([7, 8], [7, 8]) == 2
+
+    def row(pid, mode, tokens, vanilla):
+        return {"id": pid, "mode": mode, "new_tokens": len(tokens), "seconds": 1.0, "tau": 1.0,
+                "accepted_per_round": None, "per_round": None,
+                "identical_to_vanilla": None if vanilla is None else tokens == vanilla,
+                "tokens_matching_vanilla": None if vanilla is None else common_prefix(tokens, vanilla)}
+
+    plain = {0: [5, 6, 7, 8], 1: [1, 2, 3, 4, 5, 6]}
+    eagle = {0: [5, 6, 7, 8], 1: [1, 2, 9, 9, 9, 9]}  # leaves plain decoding after 2 of 6 tokens
+    rows = [r for pid in plain for r in (row(pid, "vanilla", plain[pid], None), row(pid, "eagle", eagle[pid], plain[pid]))]
+    summary = summarize(rows, ["vanilla", "eagle"], greedy=True)
+    assert summary["all_identical"] is False
+    assert summary["identical_share"] == {"eagle": 0.5}
+    assert summary["matching_token_share"] == {"eagle": (4 + 2) / (4 + 6)}
+    table = format_table({"machine": {"cpu": "x", "torch": "t"}, "rows": rows, "summary": summary})
+    assert "eagle: 50% of answers identical to vanilla, 60.0% of vanilla's tokens" in table
+
+
 def test_pooled_tau_weighs_every_round_alike():
     from aerie.bench.harness import pooled_tau
 

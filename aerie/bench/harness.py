@@ -200,6 +200,9 @@ def run_bench(
                 "accepted_per_round": run.accepted_per_round,
                 "per_round": run.per_round,
                 "identical_to_vanilla": None if vanilla_tokens is None else run.token_ids == vanilla_tokens,
+                # Where a bf16 answer leaves plain decoding's (a near tie rounded the other way).
+                "tokens_matching_vanilla": None if vanilla_tokens is None else common_prefix(run.token_ids,
+                                                                                               vanilla_tokens),
                 # Graphs captured and graphs compiled inside the timed run: a warm engine has
                 # none, so a slow row with some names its cause.
                 "graph_captures": GraphCache.total_captures - captures,
@@ -298,6 +301,13 @@ def summarize(rows: list[dict], modes: list[str], greedy: bool) -> dict:
         # Token identity is the losslessness check at T=0; under sampling the distributions,
         # not the draws, are what must match, so it is reported but not required.
         "all_identical": all(compared) if greedy and compared else None,
+        # Per mode: the share of answers identical to plain decoding's, and the share of
+        # plain decoding's tokens each reproduced before its first difference.
+        "identical_share": {mode: statistics.fmean(r["identical_to_vanilla"] for r in mine)
+                            for mode in modes if (mine := _compared_rows(rows, mode))},
+        "matching_token_share": {mode: sum(r["tokens_matching_vanilla"] for r in mine)
+                                 / max(1, sum(_vanilla_length(rows, r["id"]) for r in mine))
+                                 for mode in modes if (mine := _compared_rows(rows, mode))},
         "tau_mean": statistics.fmean(r["tau"] for r in eagle_rows) if eagle_rows else None,
         "tau_pooled": {mode: pooled_tau([r for r in rows if r["mode"] == mode]) for mode in modes},
         "tokens_per_s": per_mode,
@@ -318,6 +328,24 @@ def summarize(rows: list[dict], modes: list[str], greedy: bool) -> dict:
     return summary
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _compared_rows(rows: list[dict], mode: str) -> list[dict]:
+    return [r for r in rows if r["mode"] == mode and mode != "vanilla" and r.get("tokens_matching_vanilla") is not None]
+
+
+def _vanilla_length(rows: list[dict], prompt_id) -> int:
+    return next(r["new_tokens"] for r in rows if r["mode"] == "vanilla" and r["id"] == prompt_id)
+
+
 def format_table(result: dict) -> str:
     s = result["summary"]
     lines = [f"machine: {result['machine'].get('gpu', result['machine']['cpu'])}, torch {result['machine']['torch']}",
@@ -336,4 +364,8 @@ def format_table(result: dict) -> str:
         if key in s and s[key] is not None:
             value = f"{s[key]:.2f}x" if isinstance(s[key], float) else str(s[key]).lower()
             lines.append(f"{key}: {value}")
+    for mode, share in s.get("identical_share", {}).items():
+        if share < 1:
+            lines.append(f"{mode}: {100 * share:.0f}% of answers identical to vanilla, "
+                         f"{100 * s['matching_token_share'][mode]:.1f}% of vanilla's tokens before the first difference")
     return "\n".join(lines)
