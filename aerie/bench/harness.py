@@ -297,6 +297,9 @@ def summarize(rows: list[dict], modes: list[str], greedy: bool) -> dict:
     eagle_rows = [r for r in rows if r["mode"] == "eagle"]
     speculative = [r for r in rows if r["mode"].startswith("eagle") or r["mode"] == "networked"]
     compared = [r["identical_to_vanilla"] for r in speculative if r["identical_to_vanilla"] is not None]
+    vanilla_length = {r["id"]: r["new_tokens"] for r in rows if r["mode"] == "vanilla"}
+    matched = {mode: mine for mode in modes if mode != "vanilla"
+               if (mine := [r for r in rows if r["mode"] == mode and r.get("tokens_matching_vanilla") is not None])}
     summary = {
         # Token identity is the losslessness check at T=0; under sampling the distributions,
         # not the draws, are what must match, so it is reported but not required.
@@ -304,10 +307,10 @@ def summarize(rows: list[dict], modes: list[str], greedy: bool) -> dict:
         # Per mode: the share of answers identical to plain decoding's, and the share of
         # plain decoding's tokens each reproduced before its first difference.
         "identical_share": {mode: statistics.fmean(r["identical_to_vanilla"] for r in mine)
-                            for mode in modes if (mine := _compared_rows(rows, mode))},
+                            for mode, mine in matched.items()},
         "matching_token_share": {mode: sum(r["tokens_matching_vanilla"] for r in mine)
-                                 / max(1, sum(_vanilla_length(rows, r["id"]) for r in mine))
-                                 for mode in modes if (mine := _compared_rows(rows, mode))},
+                                 / max(1, sum(vanilla_length[r["id"]] for r in mine))
+                                 for mode, mine in matched.items()},
         "tau_mean": statistics.fmean(r["tau"] for r in eagle_rows) if eagle_rows else None,
         "tau_pooled": {mode: pooled_tau([r for r in rows if r["mode"] == mode]) for mode in modes},
         "tokens_per_s": per_mode,
@@ -336,14 +339,6 @@ def common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def _compared_rows(rows: list[dict], mode: str) -> list[dict]:
-    return [r for r in rows if r["mode"] == mode and mode != "vanilla" and r.get("tokens_matching_vanilla") is not None]
-
-
-def _vanilla_length(rows: list[dict], prompt_id) -> int:
-    return next(r["new_tokens"] for r in rows if r["mode"] == "vanilla" and r["id"] == prompt_id)
 
 
 def format_table(result: dict) -> str:
