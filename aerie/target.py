@@ -66,6 +66,8 @@ class StaticKV:
     # Grouped-query attention reads each KV head once (aerie.fused.grouped_query_attention);
     # off, transformers' SDPA path repeats the cache for every query head under a mask.
     grouped_attention: bool = True
+    # The q/k/v and gate/up projections each one matrix multiply (aerie.projections).
+    stacked_projections: bool = True
 
     @staticmethod
     def default_for(device: str | torch.device, compiled_forward: str = "cuda") -> StaticKV | None:
@@ -74,7 +76,7 @@ class StaticKV:
         return StaticKV(compiled_forward=compiled_forward) if torch.device(device).type == "cuda" else None
 
     def fusion(self, model: torch.nn.Module, device: torch.device) -> Fusion:
-        return fusion_for(model, device, self.fused_norms, self.compiled_rotary)
+        return fusion_for(model, device, self.fused_norms, self.compiled_rotary, self.stacked_projections)
 
     def compile(self, forward: Callable, device: torch.device) -> Compiled | None:
         """`forward` compiled where `compiled_forward` asks for it on `device`, else None."""

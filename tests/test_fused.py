@@ -13,6 +13,7 @@ import aerie.fused
 from aerie.fused import (Fusion, compiled_rotate, fused, fusion_for, grouped_query_attention, install_grouped_attention,
                          install_rotary_dispatch, rms_norms, rotate)
 from aerie.kvcache import additive_mask
+from aerie.projections import stackable
 from aerie.target import FeatureSpec, StaticKV, Target
 from tests.tiny import VOCAB, tiny_llama
 
@@ -57,12 +58,14 @@ def test_fused_norms_match_the_reference_and_are_undone(monkeypatch):
     assert len(calls) == len(norms)
 
 
-def test_only_cuda_fuses():
+def test_only_cuda_fuses_norms_and_rotary():
     model = tiny_llama()
-    assert fusion_for(model, torch.device("cpu")) == Fusion()
-    assert fusion_for(model, torch.device("cuda")) == Fusion(tuple(rms_norms(model)), rotary=True)
-    assert fusion_for(model, torch.device("cuda"), rotary=False) == Fusion(tuple(rms_norms(model)))
-    assert fusion_for(model, torch.device("cuda"), norms=False) == Fusion(rotary=True)
+    stacked = tuple(stackable(model))
+    assert fusion_for(model, torch.device("cpu")) == Fusion(projections=stacked)
+    assert fusion_for(model, torch.device("cpu"), projections=False) == Fusion()
+    assert fusion_for(model, torch.device("cuda")) == Fusion(tuple(rms_norms(model)), rotary=True, projections=stacked)
+    assert fusion_for(model, torch.device("cuda"), rotary=False, projections=False) == Fusion(tuple(rms_norms(model)))
+    assert fusion_for(model, torch.device("cuda"), norms=False, projections=False) == Fusion(rotary=True)
 
 
 def test_rotate_is_the_reference_rotary_embedding():

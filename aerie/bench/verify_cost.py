@@ -204,14 +204,17 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
     target = Target(model, FeatureSpec("eagle3", eagle3_default_layers(layers)), static=StaticKV(cuda_graphs=graphs))
     curve = verify_cost_curve(target)
     # The same forwards with transformers' own kernels, with the norms alone fused, with the
-    # norms and the rotary embedding fused but the layers not compiled, and compiled with the
-    # KV heads repeated for each query head: what each step saves (aerie.fused).
-    uncompiled = StaticKV(cuda_graphs=graphs, compiled_forward="never", grouped_attention=False)
+    # norms and the rotary embedding fused but the layers not compiled; and compiled with the
+    # KV heads repeated for each query head, or with the projections separate: what each step
+    # saves (aerie.fused, aerie.projections).
+    uncompiled = StaticKV(cuda_graphs=graphs, compiled_forward="never", grouped_attention=False,
+                          stacked_projections=False)
     variants = {
         "reference": replace(uncompiled, fused_norms=False, compiled_rotary=False),
         "fused_norms_only": replace(uncompiled, compiled_rotary=False),
         "fused_uncompiled": uncompiled,
         "repeated_kv_heads": StaticKV(cuda_graphs=graphs, grouped_attention=False),
+        "separate_projections": StaticKV(cuda_graphs=graphs, stacked_projections=False),
     }
     unfused = {}
     for label, static in variants.items():
@@ -277,7 +280,8 @@ def format_verify_cost(result: dict) -> str:
             lines.append(f"| {s['shape']} (graph replay only) | {cells} | {s['bandwidth_floor_ms']:.2f} | {share:.0f}% |")
         for label, what in (("reference", "transformers' kernels"), ("fused_norms_only", "fused norms only"),
                             ("fused_uncompiled", "fused norms and rotary, not compiled"),
-                            ("repeated_kv_heads", "compiled, KV heads repeated for each query head")):
+                            ("repeated_kv_heads", "compiled, KV heads repeated for each query head"),
+                            ("separate_projections", "compiled, q/k/v and gate/up projections separate")):
             other = {p["tree_size"]: p for p in s.get(label, {}).get("curve", [])}
             if other:
                 cells = " | ".join(f"{other[k]['ms_median']:.2f}" if k in other else "" for k in sizes)
