@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -126,28 +127,37 @@ class CostModel:
     # Buckets and depths run once: their first round captured CUDA graphs (tens of ms), so
     # it is not a measurement. Recorded, a size would look too dear ever to be tried again.
     _seen: set = field(default_factory=set)
+    _samples: dict = field(default_factory=dict)  # measurements taken of each cost
     _bucket_at_depth: dict[int, int] = field(default_factory=dict)  # a bucket measured whole at each depth
 
     def observe(self, bucket: int, depth: int, verify_ms: float, draft_ms: float, rtt_ms: float = 0.0,
                 host_ms: float | None = None) -> None:
         if ("verify", bucket) in self._seen:
-            self.verify_ms[bucket] = _ema(self.verify_ms.get(bucket), verify_ms, self.smoothing)
+            self.verify_ms[bucket] = self._mean(("verify", bucket), self.verify_ms.get(bucket), verify_ms)
         if ("draft", depth) in self._seen:
-            self.draft_ms[depth] = _ema(self.draft_ms.get(depth), draft_ms, self.smoothing)
+            self.draft_ms[depth] = self._mean(("draft", depth), self.draft_ms.get(depth), draft_ms)
         self._seen |= {("verify", bucket), ("draft", depth)}
-        self.rtt_ms = _ema(self.rtt_ms or None, rtt_ms, self.smoothing)
+        self.rtt_ms = self._mean("rtt", self.rtt_ms, rtt_ms)
         if host_ms is not None:
-            self.host_ms = _ema(self.host_ms or None, host_ms, self.smoothing)
+            self.host_ms = self._mean("host", self.host_ms, host_ms)
+
+    def _mean(self, key, old: float | None, new: float) -> float:
+        """The running mean of `key`'s measurements: plain over the first 1 / smoothing of
+        them, exponential after. A cost measured in warm-up only (a tree the choice never
+        runs) rests on those first few: one round's jitter alone could price it out for good."""
+        n = self._samples[key] = self._samples.get(key, 0) + 1
+        return new if old is None or n == 1 else old + max(self.smoothing, 1 / n) * (new - old)
 
     def observe_whole(self, bucket: int, depth: int, round_ms: float, host_ms: float | None = None) -> None:
         """A round drafted and verified as one (its first at each shape captured graphs and
         does not count)."""
-        if ("whole", bucket, depth) in self._seen:
-            self.whole_ms[(bucket, depth)] = _ema(self.whole_ms.get((bucket, depth)), round_ms, self.smoothing)
+        key = ("whole", bucket, depth)
+        if key in self._seen:
+            self.whole_ms[(bucket, depth)] = self._mean(key, self.whole_ms.get((bucket, depth)), round_ms)
             self._bucket_at_depth[depth] = bucket
-        self._seen.add(("whole", bucket, depth))
+        self._seen.add(key)
         if host_ms is not None:
-            self.host_ms = _ema(self.host_ms or None, host_ms, self.smoothing)
+            self.host_ms = self._mean("host", self.host_ms, host_ms)
 
     def measured(self, bucket: int) -> bool:
         return bucket in self.verify_ms or (bucket, self.reference_depth) in self.whole_ms
@@ -180,16 +190,12 @@ class CostModel:
         return self.draft(depth) + self.verify_ms[bucket] + self.rtt_ms + self.host_ms
 
 
-def _ema(old: float | None, new: float, weight: float) -> float:
-    return new if old is None else (1 - weight) * old + weight * new
-
-
 class TreeBudget:
     """Chooses the next round's tree. `largest` is the explored tree (its depth, top-k and
     size bound the choice); `largest_graph` is the verifier's largest graphed forward."""
 
     def __init__(self, largest: TreeConfig, largest_graph: int = 128, explore_every: int = 8, window: int = 512,
-                 settle_after: int = 64, settled_explore_every: int = 32):
+                 settle_after: int = 64, settled_explore_every: int = 32, warmup_measurements: int = 4):
         if largest.kind != "dynamic":
             raise ValueError("--tree-budget auto needs the dynamic tree")
         self.largest = largest
@@ -207,12 +213,13 @@ class TreeBudget:
         # Tree sizes that fill a verify bucket exactly (root included), up to the largest.
         self.sizes = sorted({min(b, largest.total_tokens + 1) - 1 for b in _powers(2, largest_graph)} - {0})
         # Warm-up visits every size (at the largest depth) and every depth (at the smallest
-        # size that reaches it) twice: the first round of each captures graphs and does not
-        # count (CostModel); the second measures it. Unvisited depths would otherwise capture
-        # their draft graphs in the middle of serving, whenever the choice first moves there.
+        # size that reaches it): the first round of each captures graphs and does not count
+        # (CostModel); the next `warmup_measurements` measure it. Unvisited depths would
+        # otherwise capture their draft graphs in the middle of serving, whenever the choice
+        # first moves there; and a tree the choice never runs keeps its warm-up price.
         sizes = [(n, largest.depth) for n in self.sizes if n != largest.total_tokens]
         depths = [(min(n for n in self.sizes if n >= d), d) for d in range(1, largest.depth)]
-        self._warmup = (sizes + depths) * 2
+        self._warmup = (sizes + depths) * (1 + warmup_measurements)
 
     @property
     def warmup_rounds(self) -> int:
@@ -262,8 +269,15 @@ class TreeBudget:
     def choice(self) -> tuple[int, int]:
         """The (total_tokens, depth) with the most expected tokens per ms, among measured sizes."""
         best, best_rate = (self.largest.total_tokens, self.largest.depth), -1.0
+        for n, d, tokens, ms in self._candidates():
+            if tokens / ms > best_rate:
+                best, best_rate = (n, d), tokens / ms
+        return best
+
+    def _candidates(self) -> Iterator[tuple[int, int, float, float]]:
+        """(total_tokens, depth, expected tokens per round, round ms) of every measured size."""
         if not self._tables:
-            return best
+            return
         # Plain floats: this runs every round, and 50-odd tensor reads cost more than the rest.
         means = (self._table_sum / len(self._tables)).tolist()
         for n, accepted in zip(self.sizes, means):
@@ -271,10 +285,16 @@ class TreeBudget:
             if not self.costs.measured(bucket):
                 continue
             for d in range(1, self.largest.depth + 1):
-                rate = (accepted[d - 1] + 1) / self.costs.round_ms(bucket, d)
-                if rate > best_rate:
-                    best, best_rate = (n, d), rate
-        return best
+                yield n, d, accepted[d - 1] + 1, self.costs.round_ms(bucket, d)
+
+    def report(self, top: int = 8) -> dict:
+        """What the choice rests on now: the choice, the rounds explored, and the `top`
+        candidates by expected tokens per ms (expected tokens per round, round ms)."""
+        rows = [{"total_tokens": n, "depth": d, "expected_tokens": tokens, "round_ms": ms, "tokens_per_ms": tokens / ms}
+                for n, d, tokens, ms in self._candidates() if math.isfinite(ms)]
+        rows.sort(key=lambda r: -r["tokens_per_ms"])
+        n, d = self.choice()
+        return {"choice": {"total_tokens": n, "depth": d}, "explored_rounds": len(self.log), "candidates": rows[:top]}
 
     def _tree(self, total_tokens: int, depth: int) -> TreeConfig:
         return TreeConfig("dynamic", depth, self.largest.top_k, total_tokens)

@@ -166,7 +166,11 @@ class Engine:
         last_end = None  # when the previous round's verify returned
         while not verifier.done:
             if budget is not None:
-                drafter.tree = budget.next_tree()
+                # A generation's first round runs split (device rounds start at the second):
+                # at the largest tree, whose split graphs the first generation captured,
+                # rather than at a choice whose graphs might be captured in the middle of serving.
+                split_first = on_device is None and self.device_rounds and last_end is None
+                drafter.tree = budget.largest if split_first else budget.next_tree()
             explored = budget is not None and drafter.tree == budget.largest
             t0 = time.perf_counter()
             if on_device is not None:

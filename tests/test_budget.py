@@ -155,12 +155,19 @@ def test_auto_budget_generation_is_lossless_and_learns(device_rounds):
     target = tiny_target("eagle3")
     static = Target(target.model, target.features, static=StaticKV(largest_graph=16, initial_capacity=32))
     head = tiny_head(static, "eagle3", 48)
-    budget = TreeBudget(TreeConfig("dynamic", 4, 3, 15), largest_graph=16, explore_every=4)
+    budget = TreeBudget(TreeConfig("dynamic", 4, 3, 15), largest_graph=16, explore_every=4, warmup_measurements=1)
     engine = Engine(static, head, budget.largest, budget=budget, device_rounds=device_rounds)
     prompt = [3, 14, 15, 9, 26, 5]
     eagle = engine.generate(prompt, SamplingParams(), StopCriteria(40))
     plain = Engine(target, None, TreeConfig()).generate(prompt, SamplingParams(), StopCriteria(40), "vanilla")
     assert eagle.token_ids == plain.token_ids
+    # With device rounds, a generation's first round (split) drafts the largest tree, whose
+    # split graphs exist from the first generation on; the rest follow the choice.
+    again = engine.generate(prompt, SamplingParams(), StopCriteria(40))
+    assert again.token_ids == plain.token_ids
+    if device_rounds:
+        assert again.rounds[0].tree_size == budget.largest.total_tokens
+        assert {r.tree_size for r in again.rounds[1:]} != {budget.largest.total_tokens}
     assert len(budget.log) >= 2
     costs = budget.costs
     if device_rounds:
@@ -174,6 +181,20 @@ def test_auto_budget_generation_is_lossless_and_learns(device_rounds):
         assert set(costs.draft_ms) == {1, 2, 3, 4}  # and every depth: none is left to capture later
     assert budget.warmup_rounds == 0
     assert {r.tree_size for r in eagle.rounds} >= {1, 3, 7, 15}
+
+
+def test_costs_are_plain_means_of_their_first_measurements_then_running_means():
+    costs = CostModel(reference_depth=DEPTH, smoothing=0.25)
+    samples = [4.0, 2.0, 3.0, 7.0]  # the first 1 / smoothing: their plain mean
+    for ms in [99.0, *samples]:  # 99: the round that captured, not a measurement
+        costs.observe_whole(8, DEPTH, ms)
+    assert costs.whole(8, DEPTH) == pytest.approx(sum(samples) / len(samples))
+    costs.observe_whole(8, DEPTH, 10.0)  # then each new one weighs `smoothing`
+    assert costs.whole(8, DEPTH) == pytest.approx(0.75 * 4.0 + 0.25 * 10.0)
+    for ms in (5.0, 1.0):
+        costs.observe(16, 2, verify_ms=ms, draft_ms=2 * ms, rtt_ms=ms, host_ms=ms)
+    assert (costs.verify_ms, costs.draft_ms) == ({16: 1.0}, {2: 2.0})  # the first was a capture
+    assert costs.rtt_ms == pytest.approx(3.0) and costs.host_ms == pytest.approx(3.0)
 
 
 def test_whole_rounds_are_measured_or_additive():

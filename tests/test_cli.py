@@ -117,6 +117,11 @@ def test_bench_static_cache_modes_are_identical(demo_model_dir, tmp_path):
     assert result["summary"]["all_identical"] is True
     assert all(r["identical_to_vanilla"] for r in result["rows"] if r["mode"] != "vanilla")
     assert {"speedup_vs_hf_static", "auto_vs_best_fixed"} <= set(result["summary"])
+    # The auto budget's warm-up finished before timing, and its choice is reported.
+    report = result["auto_budget"]
+    assert report["explored_rounds"] >= 1 and report["candidates"]
+    best = report["candidates"][0]
+    assert (best["total_tokens"], best["depth"]) == (report["choice"]["total_tokens"], report["choice"]["depth"])
 
 
 def test_profile_writes_traces_and_per_round_counts(demo_model_dir, tmp_path, capsys):

@@ -38,9 +38,11 @@ MODES = ("eagle", "eagle-split", "vanilla", "hf-dynamic", "hf-static", "hf")
 # Untimed tokens per mode before timing: enough for rounds that commit several tokens at once,
 # so that every graph (and, with the compiled forward, every shape family) exists before.
 WARM_UP_TOKENS = 32
-# Untimed tokens that take `--tree-budget auto` through its warm-up (TreeBudget.warmup_rounds
-# rounds of one to a few tokens each on the demo target), as a long-running server would be.
+# `--tree-budget auto` is taken through its warm-up (TreeBudget.warmup_rounds) before timing,
+# as a long-running server would be: untimed generations of this many tokens, at most
+# AUTO_WARM_UP_RUNS of them.
 AUTO_WARM_UP_TOKENS = 256
+AUTO_WARM_UP_RUNS = 16
 # Variants of eagle in the same run: `eagle-auto` (--tree-budget auto) and fixed trees
 # `eagle-d<depth>-k<top_k>-n<total_tokens>`, for sweeping the tree budget side by side.
 EAGLE_VARIANT = re.compile(r"^eagle-(auto|d(\d+)-k(\d+)-n(\d+))$")
@@ -161,6 +163,7 @@ def run_bench(
     order = sorted(modes, key=lambda m: m != "vanilla")
     encoded = [stack.encode_prompt(p.text) for p in prompts]
     hf_static = HFStaticCache(stack.target.model)
+    engines = {m: _eagle_variant_engine(stack, m) for m in modes if EAGLE_VARIANT.match(m)}
     runners: dict[str, ModeRunner] = {
         "hf": lambda ids, p, s: ModeRun(_hf_generate(stack, ids, p, s)),
         "hf-dynamic": lambda ids, p, s: ModeRun(_hf_generate(stack, ids, p, s)),
@@ -168,7 +171,7 @@ def run_bench(
         "vanilla": lambda ids, p, s: ModeRun(engine.generate(ids, p, s, "vanilla").token_ids),
         "eagle": lambda ids, p, s: _engine_run(engine.generate(ids, p, s, "eagle")),
         "eagle-split": lambda ids, p, s: _engine_run(split.generate(ids, p, s, "eagle")),
-        **{m: _eagle_variant(stack, m) for m in modes if EAGLE_VARIANT.match(m)},
+        **{m: _eagle_variant(engines, m) for m in modes if EAGLE_VARIANT.match(m)},
         **extra_modes,
     }
     engine.precompile()  # the compiled forwards' shape families, before any run
@@ -177,7 +180,11 @@ def run_bench(
         ours = [runners[m] for m in order if m == "vanilla" or m.startswith("eagle")]
         _warm_up_prefills(ours, encoded[0], params, stack.target.static.largest_graph, device)
     if "eagle-auto" in modes:  # its warm-up rounds capture every size's and depth's graphs
-        _warm_up([runners["eagle-auto"]], encoded[0], params, StopCriteria(AUTO_WARM_UP_TOKENS), device)
+        budget = engines["eagle-auto"].budget
+        for _ in range(AUTO_WARM_UP_RUNS):
+            if not budget.warmup_rounds:
+                break
+            _warm_up([runners["eagle-auto"]], encoded[0], params, StopCriteria(AUTO_WARM_UP_TOKENS), device)
     rows = []
     for prompt, ids in tqdm(list(zip(prompts, encoded)), desc="bench", unit="prompt"):
         vanilla_tokens = None
@@ -209,12 +216,13 @@ def run_bench(
                 "compiles": compiled_graph_count() - compiles,
             })
         if on_prompt is not None:
-            on_prompt(_result(stack, prompts, modes, max_new_tokens, params, device, rows))
-    return _result(stack, prompts, modes, max_new_tokens, params, device, rows)
+            on_prompt(_result(stack, prompts, modes, max_new_tokens, params, device, rows, engines))
+    return _result(stack, prompts, modes, max_new_tokens, params, device, rows, engines)
 
 
 def _result(stack: Stack, prompts: list[Prompt], modes: list[str], max_new_tokens: int, params: SamplingParams,
-            device: str, rows: list[dict]) -> dict:
+            device: str, rows: list[dict], engines: dict[str, Engine]) -> dict:
+    auto = engines.get("eagle-auto")
     return {
         "machine": machine_info(device),
         "config": {
@@ -230,21 +238,25 @@ def _result(stack: Stack, prompts: list[Prompt], modes: list[str], max_new_token
         "complete": len(rows) == len(prompts) * len(modes),
         "rows": rows,
         "summary": summarize(rows, modes, params.greedy),
+        # What `--tree-budget auto` chose by the end, and the candidates it weighed.
+        **({"auto_budget": auto.budget.report()} if auto is not None else {}),
     }
 
 
-def _eagle_variant(stack: Stack, mode: str) -> ModeRunner:
+def _eagle_variant_engine(stack: Stack, mode: str) -> Engine:
     match = EAGLE_VARIANT.match(mode)
     if match.group(1) == "auto":
-        engine = auto_engine(stack)
-    else:
-        depth, top_k, total = (int(g) for g in match.groups()[1:])
-        try:
-            tree = TreeConfig("dynamic", depth, top_k, total)
-        except ValueError as e:
-            raise InputError(f"bench mode {mode}: {e}") from None
-        engine = Engine(stack.target, stack.head, tree, max_tree_nodes=max(128, total + 1))
-    return lambda ids, p, s: _engine_run(engine.generate(ids, p, s, "eagle"))
+        return auto_engine(stack)
+    depth, top_k, total = (int(g) for g in match.groups()[1:])
+    try:
+        tree = TreeConfig("dynamic", depth, top_k, total)
+    except ValueError as e:
+        raise InputError(f"bench mode {mode}: {e}") from None
+    return Engine(stack.target, stack.head, tree, max_tree_nodes=max(128, total + 1))
+
+
+def _eagle_variant(engines: dict[str, Engine], mode: str) -> ModeRunner:
+    return lambda ids, p, s: _engine_run(engines[mode].generate(ids, p, s, "eagle"))
 
 
 def _engine_run(res) -> ModeRun:
@@ -363,4 +375,7 @@ def format_table(result: dict) -> str:
         if share < 1:
             lines.append(f"{mode}: {100 * share:.0f}% of answers identical to vanilla, "
                          f"{100 * s['matching_token_share'][mode]:.1f}% of vanilla's tokens before the first difference")
+    if "auto_budget" in result:
+        choice = result["auto_budget"]["choice"]
+        lines.append(f"eagle-auto's choice at the end: {choice['total_tokens']} tokens, depth {choice['depth']}")
     return "\n".join(lines)
