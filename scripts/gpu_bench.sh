@@ -92,7 +92,7 @@ fi
 if step sweep; then
 stamp "tree budget sweep"
 sweep=eagle-auto
-for depth in 5 8; do
+for depth in 4 5 6 8; do
     for nodes in 15 31 63 127; do sweep+=",eagle-d$depth-k10-n$nodes"; done
 done
 aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-10}" "${gpu[@]}" --modes "$sweep" --out "$run/budget_sweep.json"
