@@ -19,6 +19,7 @@ from torch.profiler import record_function
 from aerie.budget import TreeBudget, explored_round
 from aerie.device_round import DeviceRounds
 from aerie.drafter import DraftSession, precompile_head
+from aerie.graphs import GraphCache
 from aerie.heads import DraftHead
 from aerie.sampling import SamplingParams
 from aerie.target import Target
@@ -172,6 +173,7 @@ class Engine:
                 split_first = on_device is None and self.device_rounds and last_end is None
                 drafter.tree = budget.largest if split_first else budget.next_tree()
             explored = budget is not None and drafter.tree == budget.largest
+            captures = GraphCache.total_captures
             t0 = time.perf_counter()
             if on_device is not None:
                 with record_function("aerie.round"):
@@ -189,13 +191,18 @@ class Engine:
             if budget is not None:
                 host_ms = None if last_end is None else 1e3 * (t0 - last_end)
                 accepted = result.new_tokens[: result.accepted_draft]
+                # A round that captured a graph (a tree shape new to a grown cache, say) took
+                # hundreds of ms: no measure of what the shape costs.
+                timed = GraphCache.total_captures == captures
                 if on_device is not None:
-                    budget.observe_whole(drafter.tree, nodes, 1e3 * (t2 - t0), host_ms)
+                    if timed:
+                        budget.observe_whole(drafter.tree, nodes, 1e3 * (t2 - t0), host_ms)
                     if explored:
                         budget.add_explored(on_device.explored(len(accepted)))
                 else:
-                    budget.observe(drafter.tree, nodes, draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1),
-                                   host_ms=host_ms)
+                    if timed:
+                        budget.observe(drafter.tree, nodes, draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1),
+                                       host_ms=host_ms)
                     if explored:
                         budget.add_explored(explored_round(tree, drafter.candidates(), accepted))
             if on_device is None and self.device_rounds and DeviceRounds.supports(verifier, drafter):

@@ -11,7 +11,8 @@ import torch
 
 from aerie.budget import CostModel, ExploredRound, TreeBudget, acceptance_table, accepted_if, path_nodes
 from aerie.engine import Engine
-from aerie.graphs import bucket_for
+from aerie.device_round import DeviceRounds
+from aerie.graphs import GraphCache, bucket_for
 from aerie.sampling import SamplingParams
 from aerie.target import StaticKV, Target
 from aerie.tree import CandidatePool, DraftTree, TreeConfig, expand_level, rerank
@@ -181,6 +182,24 @@ def test_auto_budget_generation_is_lossless_and_learns(device_rounds):
         assert set(costs.draft_ms) == {1, 2, 3, 4}  # and every depth: none is left to capture later
     assert budget.warmup_rounds == 0
     assert {r.tree_size for r in eagle.rounds} >= {1, 3, 7, 15}
+
+
+def test_rounds_that_capture_graphs_are_not_measured(monkeypatch):
+    target = tiny_target("eagle3")
+    static = Target(target.model, target.features, static=StaticKV(largest_graph=16, initial_capacity=32))
+    head = tiny_head(static, "eagle3", 48)
+    budget = TreeBudget(TreeConfig("dynamic", 4, 3, 15), largest_graph=16, explore_every=4, warmup_measurements=1)
+    step = DeviceRounds.step
+
+    def capturing(self, *args):  # as if every device round captured its graph
+        GraphCache.total_captures += 1
+        return step(self, *args)
+
+    monkeypatch.setattr(DeviceRounds, "step", capturing)
+    Engine(static, head, budget.largest, budget=budget).generate([3, 14, 15, 9, 26, 5], SamplingParams(),
+                                                                 StopCriteria(40))
+    assert budget.costs.whole_ms == {}  # every device round captured: none is a measurement
+    assert len(budget.log) >= 2  # while what they accepted still counts
 
 
 def test_costs_are_plain_means_of_their_first_measurements_then_running_means():

@@ -39,10 +39,10 @@ MODES = ("eagle", "eagle-split", "vanilla", "hf-dynamic", "hf-static", "hf")
 # so that every graph (and, with the compiled forward, every shape family) exists before.
 WARM_UP_TOKENS = 32
 # `--tree-budget auto` is taken through its warm-up (TreeBudget.warmup_rounds) before timing,
-# as a long-running server would be: untimed generations of this many tokens, at most
+# as a long-running server would be: untimed answers of up to this many tokens, at most
 # AUTO_WARM_UP_RUNS of them.
 AUTO_WARM_UP_TOKENS = 256
-AUTO_WARM_UP_RUNS = 16
+AUTO_WARM_UP_RUNS = 32
 # Variants of eagle in the same run: `eagle-auto` (--tree-budget auto) and fixed trees
 # `eagle-d<depth>-k<top_k>-n<total_tokens>`, for sweeping the tree budget side by side.
 EAGLE_VARIANT = re.compile(r"^eagle-(auto|d(\d+)-k(\d+)-n(\d+))$")
@@ -179,12 +179,19 @@ def run_bench(
     if stack.target.static is not None:
         ours = [runners[m] for m in order if m == "vanilla" or m.startswith("eagle")]
         _warm_up_prefills(ours, encoded[0], params, stack.target.static.largest_graph, device)
+        # The longest prompt to the full length, past any stop token: the pooled caches grow
+        # to what the timed runs need, and the graphs over the grown storage are captured
+        # now rather than in some prompt's timed run.
+        _warm_up(ours, max(encoded, key=len), params, StopCriteria(max_new_tokens), device)
     if "eagle-auto" in modes:  # its warm-up rounds capture every size's and depth's graphs
         budget = engines["eagle-auto"].budget
-        for _ in range(AUTO_WARM_UP_RUNS):
+        for i in range(AUTO_WARM_UP_RUNS):
             if not budget.warmup_rounds:
                 break
-            _warm_up([runners["eagle-auto"]], encoded[0], params, StopCriteria(AUTO_WARM_UP_TOKENS), device)
+            # Answers to the prompts, each to its stop token: what it learns of acceptance
+            # is what serving them would teach it (text past a stop token is not).
+            _warm_up([runners["eagle-auto"]], encoded[i % len(encoded)], params,
+                     StopCriteria(AUTO_WARM_UP_TOKENS, stop.stop_token_ids), device)
     rows = []
     for prompt, ids in tqdm(list(zip(prompts, encoded)), desc="bench", unit="prompt"):
         vanilla_tokens = None
