@@ -67,7 +67,8 @@ def stack_projections(module: nn.Module) -> None:
     if stacked is not None and all(_shares(linear.weight, stacked) for linear in linears):
         return
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"{type(module).__name__}'s projections are stacked outside any CUDA graph capture")
+        raise RuntimeError(f"{type(module).__name__}'s projections changed storage during a CUDA graph capture: "
+                           "stack them before capturing (aerie.fused.fusion_for does)")
     for attribute in ("weight", "bias"):
         parts = [getattr(linear, attribute) for linear in linears]
         if parts[0] is None:
