@@ -28,13 +28,11 @@ whole. Inside `fused` the projections that read one input run as one matrix mult
 from __future__ import annotations
 
 import functools
-import math
 import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.fx.experimental._config
@@ -43,9 +41,6 @@ from torch import nn
 from transformers.modeling_utils import AttentionInterface
 
 from aerie.projections import stack_projections, stackable, stacked_forward
-
-
-AttentionKernel = Literal["sdpa", "matmul"]
 
 
 @dataclass(frozen=True)
@@ -209,8 +204,7 @@ def _dispatching(reference: Callable) -> Callable:
 # --- grouped-query attention -----------------------------------------------------------------
 
 def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: torch.Tensor, scaling: float | None = None,
-                            kernel: AttentionKernel = "sdpa") -> torch.Tensor:
+                            attention_mask: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
     """SDPA over query heads that share KV heads (query [b, heads, n, d], key and value
     [b, kv_heads, length, d]) under a mask ([b or 1, 1, n, length]), with each KV head read
     once: the query heads of one group are stacked as rows of one head, and the mask is
@@ -220,32 +214,14 @@ def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     Given a mask, transformers' SDPA path repeats every KV head once per query head that
     shares it (SDPA's `enable_gqa` has no fused kernel that takes a mask): a copy of the whole
     static cache in every layer of every forward, 0.66 ms of the 8B shape's 7.5 ms one-token
-    forward on an H100.
-
-    `kernel` "sdpa" runs SDPA's fused kernel; "matmul" the same attention as two batched
-    matrix multiplies around a softmax (in float32), which a compiled layer fuses with the
-    mask. SDPA's flash kernel walks the keys of a few query rows serially (17 µs a call over
-    a 1,024-wide cache on an H100, whatever the rows); the matrix multiplies spread the keys
-    over the GPU."""
+    forward on an H100."""
     b, heads, n, d = query.shape
     kv_heads, groups = key.shape[1], heads // key.shape[1]
     rows = query.reshape(b, kv_heads, groups * n, d)
     mask = attention_mask[:, :, None].expand(-1, -1, groups, -1, -1)
     mask = mask.reshape(attention_mask.shape[0], 1, groups * n, attention_mask.shape[-1])
-    if kernel == "matmul":
-        out = matmul_attention(rows, key, value, mask, scaling)
-    else:
-        out = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
+    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, heads, n, d).transpose(1, 2).contiguous()
-
-
-def matmul_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                     scaling: float | None = None) -> torch.Tensor:
-    """SDPA under a mask (boolean: True attends; or additive) as softmax(q k^T * scale + mask) v,
-    the softmax in float32."""
-    scores = (query @ key.transpose(-1, -2)).float() * (query.shape[-1] ** -0.5 if scaling is None else scaling)
-    scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-    return torch.softmax(scores, dim=-1).to(value.dtype) @ value
 
 
 def install_grouped_attention() -> None:
@@ -253,8 +229,7 @@ def install_grouped_attention() -> None:
     `grouped_query_attention` for forwards called with `fold_query_groups=True` (the static
     path's, through the model's keyword arguments, which reach every attention call) and the
     reference for every other, transformers' own `generate` included. A keyword rather than a
-    flag of this module, so that a compiled layer sees a constant; `attention_kernel` picks its
-    kernel the same way. Idempotent."""
+    flag of this module, so that a compiled layer sees a constant. Idempotent."""
     with _install_lock:
         reference = AttentionInterface._global_mapping["sdpa"]
         if not hasattr(reference, "reference"):
@@ -264,11 +239,10 @@ def install_grouped_attention() -> None:
 def _grouped_dispatching(reference: Callable) -> Callable:
     @functools.wraps(reference)
     def sdpa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                               scaling: float | None = None, fold_query_groups: bool = False,
-                               attention_kernel: AttentionKernel = "sdpa", **kwargs):
+                               scaling: float | None = None, fold_query_groups: bool = False, **kwargs):
         if (fold_query_groups and attention_mask is not None and attention_mask.dim() == 4
                 and attention_mask.shape[1] == 1 and key.shape[1] < query.shape[1] and dropout == 0.0):
-            return grouped_query_attention(query, key, value, attention_mask, scaling, attention_kernel), None
+            return grouped_query_attention(query, key, value, attention_mask, scaling), None
         return reference(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     sdpa_attention_forward.reference = reference

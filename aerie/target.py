@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from aerie.fused import AttentionKernel, Compiled, Fusion, fused, fusion_for, install_grouped_attention
+from aerie.fused import Compiled, Fusion, fused, fusion_for, install_grouped_attention
 from aerie.kvcache import SLOT_ALIGNMENT, Attend, CachePool, SlotCache, StaticLayer, additive_mask, static_forward
 from aerie.tree import ancestor_mask, node_depths
 
@@ -66,8 +66,6 @@ class StaticKV:
     # Grouped-query attention reads each KV head once (aerie.fused.grouped_query_attention);
     # off, transformers' SDPA path repeats the cache for every query head under a mask.
     grouped_attention: bool = True
-    # Its kernel (aerie.fused.grouped_query_attention): SDPA's fused one, or "matmul".
-    attention_kernel: AttentionKernel = "sdpa"
     # The q/k/v and gate/up projections each one matrix multiply (aerie.projections).
     stacked_projections: bool = True
 
@@ -215,8 +213,7 @@ class Target:
                 compiled_layers(self._layers, self.compiled) if compiled else nullcontext():
             last, feats = forward_features(self.model, self.features, input_ids=input_ids, position_ids=positions,
                                            attention_mask=mask, past_key_values=cache, use_cache=True,
-                                           fold_query_groups=static and self.static.grouped_attention,
-                                           attention_kernel=self.static.attention_kernel if static else "sdpa")
+                                           fold_query_groups=static and self.static.grouped_attention)
         return self.model.get_output_embeddings()(last)[0].float(), feats[0]
 
     @staticmethod

@@ -126,13 +126,12 @@ def _sdpa_reference():
     return getattr(sdpa_attention.sdpa_attention_forward, "reference", sdpa_attention.sdpa_attention_forward)
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
 @pytest.mark.parametrize("batch,heads,kv_heads,rows,length", [(1, 4, 2, 1, 16), (1, 9, 3, 7, 24), (3, 8, 2, 5, 8),
                                                                (2, 6, 6, 3, 16)])
-def test_grouped_query_attention_is_the_repeated_heads_attention(batch, heads, kv_heads, rows, length, kernel):
+def test_grouped_query_attention_is_the_repeated_heads_attention(batch, heads, kv_heads, rows, length):
     """Query heads stacked as rows of their KV head: the same attention as transformers'
     SDPA with every KV head repeated, for a tree-shaped mask, boolean or additive, one mask
-    for the batch or one per row, with either kernel."""
+    for the batch or one per row."""
     torch.manual_seed(0)
     q = torch.randn(batch, heads, rows, 16)
     k, v = torch.randn(batch, kv_heads, length, 16), torch.randn(batch, kv_heads, length, 16)
@@ -144,7 +143,7 @@ def test_grouped_query_attention_is_the_repeated_heads_attention(batch, heads, k
         if mask.shape[0] != batch and mask.shape[0] != 1:
             continue
         want, _ = _sdpa_reference()(module, q, k, v, mask, scaling=0.3)
-        got = grouped_query_attention(q, k, v, mask, scaling=0.3, kernel=kernel)
+        got = grouped_query_attention(q, k, v, mask, scaling=0.3)
         assert got.shape == (batch, rows, heads, 16)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -203,15 +202,3 @@ def test_the_static_path_folds_query_groups(monkeypatch):
         target.forward(cache, ids[:7])
         target.forward(cache, ids[7:], tree_parents=parents)
     assert len(calls) == n  # neither the dynamic path nor a static one with the KV heads repeated
-
-    # The matmul kernel, asked for through StaticKV, reaches every layer's grouped attention.
-    kernels = []
-    monkeypatch.setattr(aerie.fused, "grouped_query_attention",
-                        lambda *args: kernels.append(args[-1]) or grouped_query_attention(*args))
-    target = Target(model, FeatureSpec("eagle1"),
-                    StaticKV(cuda_graphs=False, compiled_forward="never", attention_kernel="matmul"))
-    cache = target.new_cache()
-    target.forward(cache, ids[:7])
-    matmul = target.forward(cache, ids[7:], tree_parents=parents)
-    assert kernels and set(kernels) == {"matmul"}
-    torch.testing.assert_close(matmul.logits, outputs[1].logits, rtol=1e-4, atol=1e-4)
