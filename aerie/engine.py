@@ -170,8 +170,8 @@ class Engine:
                 # A generation's first round runs split (device rounds start at the second):
                 # at the largest tree, whose split graphs the first generation captured,
                 # rather than at a choice whose graphs might be captured in the middle of serving.
-                split_first = on_device is None and self.device_rounds and last_end is None
-                drafter.tree = budget.largest if split_first else budget.next_tree()
+                first_of_device_rounds = self.device_rounds and last_end is None
+                drafter.tree = budget.largest if first_of_device_rounds else budget.next_tree()
             explored = budget is not None and drafter.tree == budget.largest
             captures = GraphCache.total_captures
             t0 = time.perf_counter()
@@ -194,17 +194,14 @@ class Engine:
                 # A round that captured a graph (a tree shape new to a grown cache, say) took
                 # hundreds of ms: no measure of what the shape costs.
                 timed = GraphCache.total_captures == captures
-                if on_device is not None:
-                    if timed:
-                        budget.observe_whole(drafter.tree, nodes, 1e3 * (t2 - t0), host_ms)
-                    if explored:
-                        budget.add_explored(on_device.explored(len(accepted)))
-                else:
-                    if timed:
-                        budget.observe(drafter.tree, nodes, draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1),
-                                       host_ms=host_ms)
-                    if explored:
-                        budget.add_explored(explored_round(tree, drafter.candidates(), accepted))
+                if timed and on_device is not None:
+                    budget.observe_whole(drafter.tree, nodes, 1e3 * (t2 - t0), host_ms)
+                elif timed:
+                    budget.observe(drafter.tree, nodes, draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1),
+                                   host_ms=host_ms)
+                if explored:
+                    budget.add_explored(on_device.explored(len(accepted)) if on_device is not None
+                                        else explored_round(tree, drafter.candidates(), accepted))
             if on_device is None and self.device_rounds and DeviceRounds.supports(verifier, drafter):
                 on_device = DeviceRounds(verifier, drafter, deepest=budget.largest.depth if budget else None)
             last_end = t2

@@ -171,7 +171,7 @@ def run_bench(
         "vanilla": lambda ids, p, s: ModeRun(engine.generate(ids, p, s, "vanilla").token_ids),
         "eagle": lambda ids, p, s: _engine_run(engine.generate(ids, p, s, "eagle")),
         "eagle-split": lambda ids, p, s: _engine_run(split.generate(ids, p, s, "eagle")),
-        **{m: _eagle_variant(engines, m) for m in modes if EAGLE_VARIANT.match(m)},
+        **{m: _eagle_variant(engines, m) for m in engines},
         **extra_modes,
     }
     engine.precompile()  # the compiled forwards' shape families, before any run
