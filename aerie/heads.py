@@ -111,7 +111,8 @@ class DraftHead(nn.Module):
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids
 
-    def layer(self, x: torch.Tensor, emb: torch.Tensor, position_ids, attention_mask, cache) -> torch.Tensor:
+    def layer(self, x: torch.Tensor, emb: torch.Tensor, position_ids, attention_mask, cache,
+              **attention) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(
@@ -145,17 +146,19 @@ class DraftHead(nn.Module):
             attention_mask = attention_mask.to(features.device)
         return self.step(features, input_ids, position_ids, attention_mask, cache)
 
-    def step(self, features, input_ids, position_ids, attention_mask, cache) -> torch.Tensor:
+    def step(self, features, input_ids, position_ids, attention_mask, cache, **attention) -> torch.Tensor:
         """The forward itself, with a ready 4-D mask and the cache's write slots already set:
-        what a CUDA graph captures."""
+        what a CUDA graph captures. `attention`: keywords for the attention function (the
+        static path's kernel choice, `StaticKV.attention`)."""
         emb = self.embed(input_ids).to(features.dtype)
-        return self.layer(features, emb, position_ids, attention_mask, cache)
+        return self.layer(features, emb, position_ids, attention_mask, cache, **attention)
 
     def static_step(self, features, input_ids, position_ids, attention_mask, cache: SlotCache) -> torch.Tensor:
         """`step` on a static cache: compiled where the static path compiles it, once the
         cache has allocated its storage (in its first, uncompiled, forward)."""
-        step = self.compiled if self.compiled is not None and cache.storage is not None else self.step
-        return step(features, input_ids, position_ids, attention_mask, cache)
+        compiled = self.compiled is not None and cache.storage is not None
+        step = self.compiled if compiled else self.step
+        return step(features, input_ids, position_ids, attention_mask, cache, **self.static.attention(compiled))
 
 
 class Eagle1Head(DraftHead):
@@ -173,12 +176,12 @@ class Eagle1Head(DraftHead):
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(kind="eagle1")
 
-    def layer(self, x, emb, position_ids, attention_mask, cache):
+    def layer(self, x, emb, position_ids, attention_mask, cache, **attention):
         x = self.fc(torch.cat([emb, x], dim=-1))
         pos = self.rotary_emb(x, position_ids)
         return self.layers[0](
             x, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=cache, use_cache=cache is not None, position_embeddings=pos,
+            past_key_values=cache, use_cache=cache is not None, position_embeddings=pos, **attention,
         )
 
     def draft_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -202,12 +205,12 @@ class _Eagle3Layer(nn.Module):
         self.input_layernorm = LlamaRMSNorm(h, eps=eps)
         self.post_attention_layernorm = LlamaRMSNorm(h, eps=eps)
 
-    def forward(self, x, emb, position_embeddings, attention_mask, cache):
+    def forward(self, x, emb, position_embeddings, attention_mask, cache, **attention):
         residual = x
         attn_in = torch.cat([self.input_layernorm(emb), self.hidden_norm(x)], dim=-1)
         attn_out, _ = self.self_attn(
             attn_in, position_embeddings=position_embeddings,
-            attention_mask=attention_mask, past_key_values=cache,
+            attention_mask=attention_mask, past_key_values=cache, **attention,
         )
         x = residual + attn_out
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -232,11 +235,11 @@ class Eagle3Head(DraftHead):
     def feature_spec(self) -> FeatureSpec:
         return FeatureSpec(kind="eagle3", layers=self.feature_layers)
 
-    def layer(self, x, emb, position_ids, attention_mask, cache):
+    def layer(self, x, emb, position_ids, attention_mask, cache, **attention):
         if x.shape[-1] != self.hidden_size:  # fused target features; own outputs skip fc
             x = self.fc(x)
         pos = self.rotary_emb(x, position_ids)
-        return self.midlayer(x, emb, pos, attention_mask, cache)
+        return self.midlayer(x, emb, pos, attention_mask, cache, **attention)
 
     def draft_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self.lm_head(self.norm(hidden)).float(), dim=-1)

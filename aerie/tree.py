@@ -17,6 +17,9 @@ import torch
 
 TreeKind = Literal["dynamic", "chain", "static"]
 
+# Score rows wider than this are searched for their best k in two stages (`top_k`).
+TOP_K_CHUNK = 1024
+
 # EAGLE-1's static tree (`mc_sim_7b_63`): each entry is a path of sibling ranks from the root.
 EAGLE1_STATIC_TREE: tuple[tuple[int, ...], ...] = (
     (0,), (1,), (2,), (3,),
@@ -195,7 +198,7 @@ def expand_level(
     if config.kind == "static":
         return _expand_static(frontier_logprobs, child_logprobs, level)
     k = config.top_k
-    top_lp, top_tok = torch.topk(child_logprobs, k, dim=-1)  # [f, k]
+    top_lp, top_tok = top_k(child_logprobs, k)  # [f, k]
     cumulative = (frontier_logprobs[:, None] + top_lp).reshape(-1)
     # expand, not repeat_interleave: no output size to compute, so nothing syncs under capture
     parent_slot = torch.arange(f, device=child_logprobs.device)[:, None].expand(f, k).reshape(-1)
@@ -209,7 +212,7 @@ def _expand_static(
     frontier_logprobs: torch.Tensor, child_logprobs: torch.Tensor, level: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     slots, ranks, width = static_level_index(level, child_logprobs.device)
-    top_lp, top_tok = torch.topk(child_logprobs, width, dim=-1)
+    top_lp, top_tok = top_k(child_logprobs, width)
     cumulative = frontier_logprobs[slots] + top_lp[slots, ranks]
     return slots, top_tok[slots, ranks], cumulative, torch.arange(slots.shape[0], device=slots.device)
 
@@ -231,6 +234,24 @@ def _static_paths(length: int) -> list[tuple[int, ...]]:
     if length == 0:
         return [()]
     return sorted(p for p in EAGLE1_STATIC_TREE if len(p) == length)
+
+
+def top_k(scores: torch.Tensor, k: int, chunk: int = TOP_K_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(scores, k, dim=-1) over [rows, V]: the best k of each row, best first, as
+    (values, indices).
+
+    A row that splits evenly into chunks wider than k is searched in two stages: the best k
+    of every chunk, then the best k among those. PyTorch's top-k gives a short batch of rows
+    one thread block each, which walks the whole draft vocabulary (8,192 to 49,152 wide) in
+    radix passes; chunks spread each row over many blocks. The values are torch.topk's; among
+    equal scores the indices may differ."""
+    rows, width = scores.shape
+    if chunk <= k or width <= chunk or width % chunk:
+        return torch.topk(scores, k, dim=-1)
+    values, index = torch.topk(scores.view(rows, width // chunk, chunk), k, dim=-1)
+    index = index + torch.arange(0, width, chunk, device=scores.device)[:, None]
+    best, where = torch.topk(values.reshape(rows, -1), k, dim=-1)
+    return best, index.reshape(rows, -1).gather(1, where)
 
 
 def _stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
