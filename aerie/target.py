@@ -74,10 +74,13 @@ class StaticKV:
     stacked_projections: bool = True
 
     @staticmethod
-    def default_for(device: str | torch.device, compiled_forward: str = "cuda") -> StaticKV | None:
+    def default_for(device: str | torch.device, compiled_forward: str = "cuda",
+                    attention_kernel: AttentionKernel = "flex") -> StaticKV | None:
         """Static caches and CUDA graphs on a GPU, where launches dominate; dynamic caches on
         the CPU, where there is no launch overhead to save and a padded cache only costs."""
-        return StaticKV(compiled_forward=compiled_forward) if torch.device(device).type == "cuda" else None
+        if torch.device(device).type != "cuda":
+            return None
+        return StaticKV(compiled_forward=compiled_forward, attention_kernel=attention_kernel)
 
     def fusion(self, model: torch.nn.Module, device: torch.device) -> Fusion:
         return fusion_for(model, device, self.fused_norms, self.compiled_rotary, self.stacked_projections)

@@ -19,7 +19,9 @@
 #   TOKENS (256)  REPORT_MINUTES (3; 0 skips the tau report)  REPORT_LIMIT (40)
 #   HEAD (a head directory to draft with on the demo target instead of the shipped default)
 #   COMPILED_FORWARD (cuda, the default, or never: the bench's decoder layers compiled or eager;
-#   each bench process compiles in its untimed warm-up)
+#   each bench process compiles in its untimed warm-up)  ATTENTION_KERNEL (flex, the default, or
+#   sdpa: the compiled layers' attention)  MT_MODES (the modes of step 1's first process,
+#   default eagle,eagle-split,vanilla)
 #   STEPS (comma-separated step names, default all: mtbench profile report verify-cost side
 #   sweep batch networked humaneval t1 fp32), e.g. STEPS=batch for the batched run alone
 # If the compiled forward fails in step 1, step 1 runs again and the rest runs uncompiled; if
@@ -43,11 +45,12 @@ limit=()
 head=()
 [ -n "${HEAD:-}" ] && head=(--head "$HEAD")
 [ -n "${COMPILED_FORWARD:-}" ] && gpu+=(--compiled-forward "$COMPILED_FORWARD")
+[ -n "${ATTENTION_KERNEL:-}" ] && gpu+=(--attention-kernel "$ATTENTION_KERNEL")
 gpu+=("${head[@]}")
 
 if step mtbench; then
 stamp "mt-bench T=0"
-mt_modes=(--modes eagle,eagle-split,vanilla)
+mt_modes=(--modes "${MT_MODES:-eagle,eagle-split,vanilla}")
 if ! aerie bench --prompts "$mt" "${limit[@]}" "${gpu[@]}" "${mt_modes[@]}" --out "$run/mtbench_t0.json"; then
     if [ "${COMPILED_FORWARD:-cuda}" != never ]; then
         echo "the compiled forward failed (see log.txt): continuing with --compiled-forward never"
@@ -69,7 +72,7 @@ fi
 
 if step profile; then
 stamp "profile"
-aerie profile --prompts "$mt" "${head[@]}" --device cuda --dtype bfloat16 --max-new-tokens 128 --out "$run/profile"
+aerie profile --prompts "$mt" "${head[@]}" ${ATTENTION_KERNEL:+--attention-kernel "$ATTENTION_KERNEL"} --device cuda --dtype bfloat16 --max-new-tokens 128 --out "$run/profile"
 fi
 
 if step report && [ "${REPORT_MINUTES:-3}" != 0 ]; then
