@@ -28,9 +28,6 @@ def _add_model_args(p: argparse.ArgumentParser, head: bool = True, compiled: str
                             f"every layer, and the head's step; compiled before the first tokens, faster after): "
                             f"on cuda only, also on the cpu, or never "
                             f"(default: {compiled})")
-        p.add_argument("--attention-kernel", choices=("flex", "sdpa"), default="flex",
-                       help="the compiled forwards' attention: FlexAttention (its decoding kernel spreads a few "
-                            "query rows' keys over the GPU) or SDPA's fused kernel (default: flex)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -176,7 +173,6 @@ def cmd_generate(args) -> int:
         local = {"--mode": args.mode != "eagle", "--model": args.model is not None, "--head": args.head is not None,
                  "--device": args.device != "cpu", "--dtype": args.dtype != "float32",
                  "--kv-cache": args.kv_cache != "auto", "--compiled-forward": args.compiled_forward != "never",
-                 "--attention-kernel": args.attention_kernel != "flex",
                  "--tree-budget": args.tree_budget != "fixed"}
         if any(local.values()):
             given = ", ".join(flag for flag, set_ in local.items() if set_)
@@ -193,8 +189,7 @@ def cmd_generate(args) -> int:
         from aerie.verifier import StopCriteria
 
         stack = load_stack(args.model, args.head, args.device, args.dtype, need_head=args.mode == "eagle",
-                           kv_cache=args.kv_cache, compiled_forward=args.compiled_forward,
-                           attention_kernel=args.attention_kernel)
+                           kv_cache=args.kv_cache, compiled_forward=args.compiled_forward)
         ids = stack.encode_prompt(args.prompt, chat=not args.no_chat)
         engine = Engine(stack.target, stack.head, stack.tree)
         if args.tree_budget == "auto" and args.mode == "eagle":
@@ -231,8 +226,7 @@ def cmd_bench(args) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     speculative = any(m.startswith("eagle") or m == "networked" for m in modes)
     stack = load_stack(args.model, args.head, args.device, args.dtype, need_head=speculative, kv_cache=args.kv_cache,
-                       compiled_forward=args.compiled_forward,
-                           attention_kernel=args.attention_kernel)
+                       compiled_forward=args.compiled_forward)
     with ExitStack() as services:
         extra = {}
         if "networked" in modes:
@@ -300,8 +294,7 @@ def cmd_profile(args) -> int:
     prompt = read_prompts(args.prompts, 1)[0]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     stack = load_stack(args.model, args.head, args.device, args.dtype, need_head="eagle" in modes,
-                       kv_cache=args.kv_cache, compiled_forward=args.compiled_forward,
-                           attention_kernel=args.attention_kernel)
+                       kv_cache=args.kv_cache, compiled_forward=args.compiled_forward)
     summary = profile_modes(stack, stack.encode_prompt(prompt.text), modes, args.max_new_tokens, Path(args.out))
     print(format_profile(summary))
     return 0
@@ -385,8 +378,7 @@ def cmd_demo(args) -> int:
     from aerie.verifier import StopCriteria
 
     stack = load_stack(args.model, args.head, args.device, args.dtype, kv_cache=args.kv_cache,
-                       compiled_forward=args.compiled_forward,
-                           attention_kernel=args.attention_kernel)
+                       compiled_forward=args.compiled_forward)
     engine = Engine(stack.target, stack.head, stack.tree)
     ids = stack.encode_prompt(args.prompt)
     stop = StopCriteria(args.max_new_tokens, stack.stop_token_ids())

@@ -33,20 +33,15 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.fx.experimental._config
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import flex_attention
 from transformers.modeling_utils import AttentionInterface
 
 from aerie.projections import stack_projections, stackable, stacked_forward
 
-
-# The static path's attention kernel: SDPA's fused one, or FlexAttention (compiled only).
-AttentionKernel = Literal["sdpa", "flex"]
 
 @dataclass(frozen=True)
 class Fusion:
@@ -229,35 +224,12 @@ def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return out.reshape(b, heads, n, d).transpose(1, 2).contiguous()
 
 
-def flex_masked_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
-    """The attention `grouped_query_attention` computes (same arguments and result), as
-    FlexAttention with the mask, boolean or additive, applied to the scores.
-
-    SDPA's flash kernel walks the keys of a few query rows serially, one block per head: 17 µs
-    a call over a 1,024-wide cache on an H100, whatever the rows. Compiled, FlexAttention runs
-    fewer than 128 query rows through its decoding kernel, which splits the keys over the
-    GPU and reads each KV head once for its group of query heads. Uncompiled it materialises
-    the scores, so the static path picks it only where its layers are compiled."""
-    boolean = attention_mask.dtype == torch.bool
-    batched = attention_mask.shape[0] > 1
-
-    def score_mod(score, b, h, q, kv):
-        seen = attention_mask[b if batched else 0, 0, q, kv]
-        return torch.where(seen, score, float("-inf")) if boolean else score + seen
-
-    out = flex_attention(query, key, value, score_mod=score_mod, scale=scaling,
-                         enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2).contiguous()
-
-
 def install_grouped_attention() -> None:
     """Route transformers' "sdpa" attention through a dispatcher that runs
-    `grouped_query_attention` (or `flex_masked_attention`, for `attention_kernel="flex"`) for
-    forwards called with `fold_query_groups=True` (the static path's, through the model's
-    keyword arguments, which reach every attention call) and the reference for every other,
-    transformers' own `generate` included. Keywords rather than flags of this module, so that
-    a compiled layer sees constants. Idempotent."""
+    `grouped_query_attention` for forwards called with `fold_query_groups=True` (the static
+    path's, through the model's keyword arguments, which reach every attention call) and the
+    reference for every other, transformers' own `generate` included. A keyword rather than a
+    flag of this module, so that a compiled layer sees a constant. Idempotent."""
     with _install_lock:
         reference = AttentionInterface._global_mapping["sdpa"]
         if not hasattr(reference, "reference"):
@@ -267,14 +239,10 @@ def install_grouped_attention() -> None:
 def _grouped_dispatching(reference: Callable) -> Callable:
     @functools.wraps(reference)
     def sdpa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                               scaling: float | None = None, fold_query_groups: bool = False,
-                               attention_kernel: AttentionKernel = "sdpa", **kwargs):
+                               scaling: float | None = None, fold_query_groups: bool = False, **kwargs):
         if (fold_query_groups and attention_mask is not None and attention_mask.dim() == 4
-                and attention_mask.shape[1] == 1 and dropout == 0.0):
-            if attention_kernel == "flex":
-                return flex_masked_attention(query, key, value, attention_mask, scaling), None
-            if key.shape[1] < query.shape[1]:
-                return grouped_query_attention(query, key, value, attention_mask, scaling), None
+                and attention_mask.shape[1] == 1 and key.shape[1] < query.shape[1] and dropout == 0.0):
+            return grouped_query_attention(query, key, value, attention_mask, scaling), None
         return reference(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     sdpa_attention_forward.reference = reference

@@ -13,9 +13,10 @@ from collections.abc import Callable, Hashable
 
 import torch
 
-# Graphs per cache before the least recently captured is dropped: a handful of buckets per
+# Graphs per cache before the least recently used is dropped: a handful of buckets per
 # forward kind is the steady state (a batched target cache holds up to ten batch buckets of
-# rounds and fifteen of prefills), so this only bounds pathological shape churn.
+# rounds and fifteen of prefills; `--tree-budget auto` tries dozens of round shapes while it
+# warms up, then runs two or three), so this only bounds shape churn.
 MAX_GRAPHS_PER_CACHE = 48
 
 
@@ -66,12 +67,12 @@ class GraphCache:
     def run(self, key: Hashable, fn: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
         if not self.enabled:
             return fn()
-        entry = self.graphs.get(key)
+        entry = self.graphs.pop(key, None)  # re-inserted last: the dict's order is recency
         if entry is None:
             entry = self._capture(fn)
             if len(self.graphs) >= MAX_GRAPHS_PER_CACHE:
                 self.graphs.pop(next(iter(self.graphs)))
-            self.graphs[key] = entry
+        self.graphs[key] = entry
         graph, outputs = entry
         graph.replay()
         return outputs

@@ -149,16 +149,16 @@ class DraftHead(nn.Module):
     def step(self, features, input_ids, position_ids, attention_mask, cache, **attention) -> torch.Tensor:
         """The forward itself, with a ready 4-D mask and the cache's write slots already set:
         what a CUDA graph captures. `attention`: keywords for the attention function (the
-        static path's kernel choice, `StaticKV.attention`)."""
+        static path's `fold_query_groups`, aerie.fused)."""
         emb = self.embed(input_ids).to(features.dtype)
         return self.layer(features, emb, position_ids, attention_mask, cache, **attention)
 
     def static_step(self, features, input_ids, position_ids, attention_mask, cache: SlotCache) -> torch.Tensor:
         """`step` on a static cache: compiled where the static path compiles it, once the
         cache has allocated its storage (in its first, uncompiled, forward)."""
-        compiled = self.compiled is not None and cache.storage is not None
-        step = self.compiled if compiled else self.step
-        return step(features, input_ids, position_ids, attention_mask, cache, **self.static.attention(compiled))
+        step = self.compiled if self.compiled is not None and cache.storage is not None else self.step
+        return step(features, input_ids, position_ids, attention_mask, cache,
+                    fold_query_groups=self.static.grouped_attention)
 
 
 class Eagle1Head(DraftHead):

@@ -33,7 +33,6 @@ CPU_TREE = TreeConfig(kind="dynamic", depth=6, top_k=8, total_tokens=16)
 GPU_TREE = TreeConfig(kind="dynamic", depth=8, top_k=10, total_tokens=60)
 KV_CACHES = ("auto", "static", "dynamic")
 COMPILED_FORWARDS = ("cuda", "always", "never")
-ATTENTION_KERNELS = ("flex", "sdpa")
 
 
 @dataclass
@@ -77,30 +76,26 @@ def load_stack(
     tree: TreeConfig | None = None,
     kv_cache: str = "auto",
     compiled_forward: str = "cuda",
-    attention_kernel: str = "flex",
 ) -> Stack:
     """Load the target (the demo model when `model` is None) and its draft head.
 
     Without `head`, the demo model gets its shipped head; any other model needs one
     (unless only plain decoding is wanted). `kv_cache` is static (preallocated caches, CUDA
     graphs on a GPU), dynamic, or auto (`StaticKV.default_for`: static on CUDA only);
-    `compiled_forward` and `attention_kernel` are StaticKV's for static caches.
+    `compiled_forward` is `StaticKV.compiled_forward` for static caches.
     """
     if kv_cache not in KV_CACHES:
         raise InputError(f"unknown KV cache {kv_cache!r}: use one of {', '.join(KV_CACHES)}")
     if compiled_forward not in COMPILED_FORWARDS:
         raise InputError(f"unknown compiled forward {compiled_forward!r}: use one of {', '.join(COMPILED_FORWARDS)}")
-    if attention_kernel not in ATTENTION_KERNELS:
-        raise InputError(f"unknown attention kernel {attention_kernel!r}: use one of {', '.join(ATTENTION_KERNELS)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda was asked for, but torch sees no CUDA device")
     model_dir = resolve_model(model)
     lm, tokenizer = load_causal_lm(model_dir, device, parse_dtype(dtype))
     target = Target(
         lm, FeatureSpec(kind="eagle3", layers=eagle3_default_layers(lm.config.num_hidden_layers)),
-        static={"static": StaticKV(compiled_forward=compiled_forward, attention_kernel=attention_kernel),
-                "dynamic": None,
-                "auto": StaticKV.default_for(device, compiled_forward, attention_kernel)}[kv_cache],
+        static={"static": StaticKV(compiled_forward=compiled_forward), "dynamic": None,
+                "auto": StaticKV.default_for(device, compiled_forward)}[kv_cache],
     )
     draft: DraftHead | None = None
     if head is not None:

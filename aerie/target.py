@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from aerie.fused import AttentionKernel, Compiled, Fusion, fused, fusion_for, install_grouped_attention
+from aerie.fused import Compiled, Fusion, fused, fusion_for, install_grouped_attention
 from aerie.kvcache import SLOT_ALIGNMENT, Attend, CachePool, SlotCache, StaticLayer, additive_mask, static_forward
 from aerie.tree import ancestor_mask, node_depths
 
@@ -66,21 +66,14 @@ class StaticKV:
     # Grouped-query attention reads each KV head once (aerie.fused.grouped_query_attention);
     # off, transformers' SDPA path repeats the cache for every query head under a mask.
     grouped_attention: bool = True
-    # The kernel of the compiled forwards' attention (aerie.fused): FlexAttention, whose
-    # decoding kernel spreads a few rows' keys over the GPU, or SDPA's. Uncompiled forwards
-    # run SDPA's.
-    attention_kernel: AttentionKernel = "flex"
     # The q/k/v and gate/up projections each one matrix multiply (aerie.projections).
     stacked_projections: bool = True
 
     @staticmethod
-    def default_for(device: str | torch.device, compiled_forward: str = "cuda",
-                    attention_kernel: AttentionKernel = "flex") -> StaticKV | None:
+    def default_for(device: str | torch.device, compiled_forward: str = "cuda") -> StaticKV | None:
         """Static caches and CUDA graphs on a GPU, where launches dominate; dynamic caches on
         the CPU, where there is no launch overhead to save and a padded cache only costs."""
-        if torch.device(device).type != "cuda":
-            return None
-        return StaticKV(compiled_forward=compiled_forward, attention_kernel=attention_kernel)
+        return StaticKV(compiled_forward=compiled_forward) if torch.device(device).type == "cuda" else None
 
     def fusion(self, model: torch.nn.Module, device: torch.device) -> Fusion:
         return fusion_for(model, device, self.fused_norms, self.compiled_rotary, self.stacked_projections)
@@ -89,11 +82,6 @@ class StaticKV:
         """`forward` compiled where `compiled_forward` asks for it on `device`, else None."""
         wanted = self.compiled_forward == "always" or (self.compiled_forward == "cuda" and device.type == "cuda")
         return Compiled(forward, getattr(forward, "__qualname__", type(forward).__name__)) if wanted else None
-
-    def attention(self, compiled: bool) -> dict:
-        """The keywords that pick a static forward's attention (aerie.fused's dispatcher)."""
-        return {"fold_query_groups": self.grouped_attention,
-                "attention_kernel": self.attention_kernel if compiled else "sdpa"}
 
     def pool(self, num_layers: int, device: torch.device) -> CachePool:
         return CachePool(lambda: SlotCache(num_layers, self.initial_capacity, device, self.cuda_graphs), self.pooled)
@@ -225,7 +213,7 @@ class Target:
                 compiled_layers(self._layers, self.compiled) if compiled else nullcontext():
             last, feats = forward_features(self.model, self.features, input_ids=input_ids, position_ids=positions,
                                            attention_mask=mask, past_key_values=cache, use_cache=True,
-                                           **(self.static.attention(compiled) if static else {}))
+                                           fold_query_groups=static and self.static.grouped_attention)
         return self.model.get_output_embeddings()(last)[0].float(), feats[0]
 
     @staticmethod

@@ -19,8 +19,8 @@
 #   TOKENS (256)  REPORT_MINUTES (3; 0 skips the tau report)  REPORT_LIMIT (40)
 #   HEAD (a head directory to draft with on the demo target instead of the shipped default)
 #   COMPILED_FORWARD (cuda, the default, or never: the bench's decoder layers compiled or eager;
-#   each bench process compiles in its untimed warm-up)  ATTENTION_KERNEL (flex, the default, or
-#   sdpa: the compiled layers' attention)  MT_MODES (the modes of step 1's first process,
+#   each bench process compiles in its untimed warm-up)
+#   MT_MODES (the modes of step 1's first process,
 #   default eagle,eagle-split,vanilla)
 #   STEPS (comma-separated step names, default all: mtbench profile report verify-cost side
 #   sweep batch networked humaneval t1 fp32), e.g. STEPS=batch for the batched run alone
@@ -45,7 +45,6 @@ limit=()
 head=()
 [ -n "${HEAD:-}" ] && head=(--head "$HEAD")
 [ -n "${COMPILED_FORWARD:-}" ] && gpu+=(--compiled-forward "$COMPILED_FORWARD")
-[ -n "${ATTENTION_KERNEL:-}" ] && gpu+=(--attention-kernel "$ATTENTION_KERNEL")
 gpu+=("${head[@]}")
 
 if step mtbench; then
@@ -72,7 +71,7 @@ fi
 
 if step profile; then
 stamp "profile"
-aerie profile --prompts "$mt" "${head[@]}" ${ATTENTION_KERNEL:+--attention-kernel "$ATTENTION_KERNEL"} --device cuda --dtype bfloat16 --max-new-tokens 128 --out "$run/profile"
+aerie profile --prompts "$mt" "${head[@]}" --device cuda --dtype bfloat16 --max-new-tokens 128 --out "$run/profile"
 fi
 
 if step report && [ "${REPORT_MINUTES:-3}" != 0 ]; then

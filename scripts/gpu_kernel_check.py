@@ -1,7 +1,6 @@
-"""Two kernels of a draft round timed alone on a GPU, with nothing downloaded: the draft
-level's top-k (torch.topk against `aerie.tree.top_k` at several chunk widths) and the static
-path's attention (SDPA with the query groups folded against compiled FlexAttention), at the
-row counts a plain token, a draft level and a tree verify use.
+"""A draft level's top-k timed alone on a GPU, with nothing downloaded: torch.topk against
+`aerie.tree.top_k` at several chunk widths (`TOP_K_CHUNK`), for the rows a draft level scores
+(the root, or a frontier of top-k nodes) over an EAGLE-3 draft vocabulary and a full one.
 
 Each case runs 50 times inside one CUDA graph, replayed 20 times: the figure is device time
 per call, without launch overhead, as inside a captured round.
@@ -18,8 +17,6 @@ from collections.abc import Callable
 import torch
 
 from aerie.bench.harness import machine_info
-from aerie.fused import flex_masked_attention, grouped_query_attention
-from aerie.kvcache import additive_mask
 from aerie.tree import top_k
 
 CALLS, REPLAYS = 50, 20
@@ -60,31 +57,8 @@ def top_k_cases() -> list[dict]:
     return rows
 
 
-def attention_cases() -> list[dict]:
-    flex = torch.compile(flex_masked_attention, dynamic=False)
-    rows = []
-    for name, heads, kv_heads, dim in (("smollm2", 9, 3, 64), ("llama-8b", 32, 8, 128)):
-        for width in (1024, 2048):
-            for n in (1, 10, 16, 64, 127):
-                q = torch.randn(1, heads, n, dim, device="cuda", dtype=torch.bfloat16)
-                k = torch.randn(1, kv_heads, width, dim, device="cuda", dtype=torch.bfloat16)
-                v = torch.randn_like(k)
-                seen = torch.zeros(1, 1, n, width, dtype=torch.bool, device="cuda")
-                seen[..., : width // 2] = True  # half the cache in use, as a static cache is
-                mask = additive_mask(seen, torch.bfloat16)
-                want = grouped_query_attention(q, k, v, mask)
-                got = flex(q, k, v, mask)
-                row = {"shape": name, "cache_width": width, "rows": n,
-                       "max_abs_diff": float((got.float() - want.float()).abs().max()),
-                       "sdpa_grouped_us": graphed_us(lambda: grouped_query_attention(q, k, v, mask)),
-                       "flex_us": graphed_us(lambda: flex(q, k, v, mask))}
-                rows.append(row)
-                print(row, flush=True)
-    return rows
-
-
 def main(out: str) -> None:
-    result = {"machine": machine_info("cuda"), "top_k": top_k_cases(), "attention": attention_cases()}
+    result = {"machine": machine_info("cuda"), "top_k": top_k_cases()}
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -18,7 +18,6 @@ from tests.tiny import tiny_head, tiny_target
 
 def test_compiled_forwards_generate_what_the_uncompiled_ones_do():
     torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()  # graphs other tests compiled (uncompiled FlexAttention's too)
     reference = tiny_target("eagle3")
     reference_head = tiny_head(reference, "eagle3", 48)
     # A small capacity and graph size: later prompts run past the largest graph and grow the

@@ -10,8 +10,8 @@ from transformers.modeling_utils import AttentionInterface
 from transformers.models.llama import modeling_llama
 
 import aerie.fused
-from aerie.fused import (Fusion, compiled_rotate, fused, fusion_for, flex_masked_attention, grouped_query_attention,
-                         install_grouped_attention, install_rotary_dispatch, rms_norms, rotate)
+from aerie.fused import (Fusion, compiled_rotate, fused, fusion_for, grouped_query_attention, install_grouped_attention,
+                         install_rotary_dispatch, rms_norms, rotate)
 from aerie.kvcache import additive_mask
 from aerie.projections import stackable
 from aerie.target import FeatureSpec, StaticKV, Target
@@ -126,14 +126,12 @@ def _sdpa_reference():
     return getattr(sdpa_attention.sdpa_attention_forward, "reference", sdpa_attention.sdpa_attention_forward)
 
 
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("attention", [grouped_query_attention, flex_masked_attention])
 @pytest.mark.parametrize("batch,heads,kv_heads,rows,length", [(1, 4, 2, 1, 16), (1, 9, 3, 7, 24), (3, 8, 2, 5, 8),
                                                                (2, 6, 6, 3, 16)])
-def test_grouped_query_attention_is_the_repeated_heads_attention(batch, heads, kv_heads, rows, length, attention):
-    """Query heads stacked as rows of their KV head, or FlexAttention with the mask on the
-    scores: the same attention as transformers' SDPA with every KV head repeated, for a
-    tree-shaped mask, boolean or additive, one mask for the batch or one per row."""
+def test_grouped_query_attention_is_the_repeated_heads_attention(batch, heads, kv_heads, rows, length):
+    """Query heads stacked as rows of their KV head: the same attention as transformers'
+    SDPA with every KV head repeated, for a tree-shaped mask, boolean or additive, one mask
+    for the batch or one per row."""
     torch.manual_seed(0)
     q = torch.randn(batch, heads, rows, 16)
     k, v = torch.randn(batch, kv_heads, length, 16), torch.randn(batch, kv_heads, length, 16)
@@ -145,7 +143,7 @@ def test_grouped_query_attention_is_the_repeated_heads_attention(batch, heads, k
         if mask.shape[0] != batch and mask.shape[0] != 1:
             continue
         want, _ = _sdpa_reference()(module, q, k, v, mask, scaling=0.3)
-        got = attention(q, k, v, mask, scaling=0.3)
+        got = grouped_query_attention(q, k, v, mask, scaling=0.3)
         assert got.shape == (batch, rows, heads, 16)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -204,27 +202,3 @@ def test_the_static_path_folds_query_groups(monkeypatch):
         target.forward(cache, ids[:7])
         target.forward(cache, ids[7:], tree_parents=parents)
     assert len(calls) == n  # neither the dynamic path nor a static one with the KV heads repeated
-
-
-def test_compiled_static_forwards_run_flex_attention(monkeypatch):
-    """The static path's compiled layers attend with FlexAttention (StaticKV.attention_kernel),
-    its uncompiled ones with SDPA's kernel, to the same logits."""
-    calls = []
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return flex_masked_attention(*args, **kwargs)
-
-    monkeypatch.setattr(aerie.fused, "flex_masked_attention", counting)
-    torch.manual_seed(0)
-    model = tiny_llama()
-    ids = torch.randint(0, VOCAB, (12,))
-    parents = torch.tensor([-1, 0, 0, 1, 2])
-    logits = {}
-    for compiled in ("never", "always"):
-        target = Target(model, FeatureSpec("eagle1"), StaticKV(cuda_graphs=False, compiled_forward=compiled))
-        cache = target.new_cache()
-        target.forward(cache, ids[:7])  # a new cache's first forward runs uncompiled
-        logits[compiled] = target.forward(cache, ids[7:], tree_parents=parents).logits
-        assert bool(calls) == (compiled == "always")
-    torch.testing.assert_close(logits["always"], logits["never"], rtol=1e-4, atol=1e-4)

@@ -176,3 +176,17 @@ def test_additive_mask_attends_as_the_boolean_one():
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     got = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=additive)
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_graph_cache_drops_the_least_recently_used_graph(monkeypatch):
+    """Past MAX_GRAPHS_PER_CACHE graphs, the one unused longest goes, not the oldest capture:
+    a graph replayed every round (the tree shape `--tree-budget auto` settled on, captured
+    first while it warmed up) stays however many other shapes come and go."""
+    from tests.capture import SimulatedGraphCache
+
+    monkeypatch.setattr("aerie.graphs.MAX_GRAPHS_PER_CACHE", 3)
+    graphs = SimulatedGraphCache()
+    for key in ("hot", "a", "b", "hot", "c", "hot", "d", "hot", "e"):
+        graphs.run(key, lambda: (torch.ones(1),))
+    assert graphs.captures == 6  # hot once, then a to e
+    assert list(graphs.graphs) == ["d", "hot", "e"]

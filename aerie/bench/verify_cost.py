@@ -205,9 +205,8 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
     curve = verify_cost_curve(target)
     # The same forwards with transformers' own kernels, with the norms alone fused, with the
     # norms and the rotary embedding fused but the layers not compiled; and compiled with the
-    # KV heads repeated for each query head, with the projections separate, or with SDPA's
-    # attention kernel in place of FlexAttention's: what each step saves (aerie.fused,
-    # aerie.projections).
+    # KV heads repeated for each query head, or with the projections separate: what each step
+    # saves (aerie.fused, aerie.projections).
     uncompiled = StaticKV(cuda_graphs=graphs, compiled_forward="never", grouped_attention=False,
                           stacked_projections=False)
     variants = {
@@ -216,7 +215,6 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
         "fused_uncompiled": uncompiled,
         "repeated_kv_heads": StaticKV(cuda_graphs=graphs, grouped_attention=False),
         "separate_projections": StaticKV(cuda_graphs=graphs, stacked_projections=False),
-        "sdpa_attention": StaticKV(cuda_graphs=graphs, attention_kernel="sdpa"),
     }
     unfused = {}
     for label, static in variants.items():
@@ -283,8 +281,7 @@ def format_verify_cost(result: dict) -> str:
         for label, what in (("reference", "transformers' kernels"), ("fused_norms_only", "fused norms only"),
                             ("fused_uncompiled", "fused norms and rotary, not compiled"),
                             ("repeated_kv_heads", "compiled, KV heads repeated for each query head"),
-                            ("separate_projections", "compiled, q/k/v and gate/up projections separate"),
-                            ("sdpa_attention", "compiled, SDPA's attention kernel")):
+                            ("separate_projections", "compiled, q/k/v and gate/up projections separate")):
             other = {p["tree_size"]: p for p in s.get(label, {}).get("curve", [])}
             if other:
                 cells = " | ".join(f"{other[k]['ms_median']:.2f}" if k in other else "" for k in sizes)
