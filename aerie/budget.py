@@ -212,14 +212,21 @@ class TreeBudget:
         self.rounds = 0
         # Tree sizes that fill a verify bucket exactly (root included), up to the largest.
         self.sizes = sorted({min(b, largest.total_tokens + 1) - 1 for b in _powers(2, largest_graph)} - {0})
-        # Warm-up visits every size (at the largest depth) and every depth (at the smallest
-        # size that reaches it): the first round of each captures graphs and does not count
-        # (CostModel); the next `warmup_measurements` measure it. Unvisited depths would
-        # otherwise capture their draft graphs in the middle of serving, whenever the choice
-        # first moves there; and a tree the choice never runs keeps its warm-up price.
-        sizes = [(n, largest.depth) for n in self.sizes if n != largest.total_tokens]
-        depths = [(min(n for n in self.sizes if n >= d), d) for d in range(1, largest.depth)]
-        self._warmup = (sizes + depths) * (1 + warmup_measurements)
+        # Warm-up visits every (size, depth) the choice can pick: the first round of each
+        # captures its graphs (a round whole on the device is one graph per pair) and does not
+        # count (CostModel); the next `warmup_measurements` measure it. A pair left out would
+        # capture in the middle of serving whenever the choice first moved there (most of a
+        # second on an H100, 2026-12-07), and be priced by an estimate rather than measured.
+        pairs = [(n, d) for n, d in self.pairs() if (n, d) != (largest.total_tokens, largest.depth)]
+        self._warmup = pairs * (1 + warmup_measurements)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every (total_tokens, depth) the choice weighs: each size with each depth up to the
+        largest at which a tree of that size exists. A tree of n nodes is at most n deep, and
+        d levels draft at most top_k + (d - 1) top_k^2 candidates (top_k children for each of
+        top_k frontier nodes below the first level)."""
+        k = self.largest.top_k
+        return [(n, d) for n in self.sizes for d in range(1, self.largest.depth + 1) if d <= n <= k + (d - 1) * k * k]
 
     @property
     def warmup_rounds(self) -> int:
@@ -279,13 +286,11 @@ class TreeBudget:
         if not self._tables:
             return
         # Plain floats: this runs every round, and 50-odd tensor reads cost more than the rest.
-        means = (self._table_sum / len(self._tables)).tolist()
-        for n, accepted in zip(self.sizes, means):
+        accepted = dict(zip(self.sizes, (self._table_sum / len(self._tables)).tolist()))
+        for n, d in self.pairs():
             bucket = self._bucket(n + 1)
-            if not self.costs.measured(bucket):
-                continue
-            for d in range(1, self.largest.depth + 1):
-                yield n, d, accepted[d - 1] + 1, self.costs.round_ms(bucket, d)
+            if self.costs.measured(bucket):
+                yield n, d, accepted[n][d - 1] + 1, self.costs.round_ms(bucket, d)
 
     def report(self, top: int = 8) -> dict:
         """What the choice rests on now: the choice, the rounds explored, and the `top`

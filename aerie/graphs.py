@@ -15,9 +15,9 @@ import torch
 
 # Graphs per cache before the least recently used is dropped: a handful of buckets per
 # forward kind is the steady state (a batched target cache holds up to ten batch buckets of
-# rounds and fifteen of prefills; `--tree-budget auto` tries dozens of round shapes while it
-# warms up, then runs two or three), so this only bounds shape churn.
-MAX_GRAPHS_PER_CACHE = 48
+# rounds and fifteen of prefills; `--tree-budget auto` keeps a round graph for each of the 40-odd
+# tree shapes it weighs), so this only bounds shape churn.
+MAX_GRAPHS_PER_CACHE = 96
 
 
 def capture_stream(device: torch.device | None = None) -> torch.cuda.Stream:
