@@ -17,9 +17,9 @@ prompts (code is easier to guess than prose). So both sides are measured while s
 - cost: the measured verify time of each tree-size bucket (the verifier runs padded buckets,
   so cost is a step function of size) and the measured draft time per depth, plus the round
   trip for a networked verifier and the round's host work outside both (the decoding loop,
-  this module's own bookkeeping, the caller's handling of each round's tokens). Sizes not yet
-  measured are visited during warm-up; the first round at any size or depth captures its CUDA
-  graphs and is not taken as a measurement.
+  this module's own bookkeeping, the caller's handling of each round's tokens). Warm-up runs
+  every candidate (N, d) (`TreeBudget.pairs`); the first round of each captures its CUDA graphs
+  and is not taken as a measurement.
 
 The choice is then the candidate (N, d) with the largest (E[accepted(N, d)] + 1) / cost.
 """
@@ -215,8 +215,8 @@ class TreeBudget:
         # Warm-up visits every (size, depth) the choice can pick: the first round of each
         # captures its graphs (a round whole on the device is one graph per pair) and does not
         # count (CostModel); the next `warmup_measurements` measure it. A pair left out would
-        # capture in the middle of serving whenever the choice first moved there (most of a
-        # second on an H100, 2026-12-07), and be priced by an estimate rather than measured.
+        # capture in the middle of serving whenever the choice first moved there (0.5 to 0.7 s
+        # on an H100 or H200, 2026-12-07), and be priced by an estimate, not measured.
         pairs = [(n, d) for n, d in self.pairs() if (n, d) != (largest.total_tokens, largest.depth)]
         self._warmup = pairs * (1 + warmup_measurements)
 
@@ -226,7 +226,8 @@ class TreeBudget:
         d levels draft at most top_k + (d - 1) top_k^2 candidates (top_k children for each of
         top_k frontier nodes below the first level)."""
         k = self.largest.top_k
-        return [(n, d) for n in self.sizes for d in range(1, self.largest.depth + 1) if d <= n <= k + (d - 1) * k * k]
+        return [(n, d) for n in self.sizes for d in range(1, self.largest.depth + 1)
+                if d <= n <= k + (d - 1) * k * k]
 
     @property
     def warmup_rounds(self) -> int:

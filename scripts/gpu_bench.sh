@@ -20,8 +20,7 @@
 #   HEAD (a head directory to draft with on the demo target instead of the shipped default)
 #   COMPILED_FORWARD (cuda, the default, or never: the bench's decoder layers compiled or eager;
 #   each bench process compiles in its untimed warm-up)
-#   MT_MODES (the modes of step 1's first process,
-#   default eagle,eagle-split,vanilla)
+#   MT_MODES (the modes of step 1's first process, default eagle,eagle-split,vanilla)
 #   STEPS (comma-separated step names, default all: mtbench profile report verify-cost side
 #   sweep batch networked humaneval t1 fp32), e.g. STEPS=batch for the batched run alone
 # If the compiled forward fails in step 1, step 1 runs again and the rest runs uncompiled; if
