@@ -17,32 +17,20 @@ from collections.abc import Callable
 import torch
 
 from aerie.bench.harness import machine_info
+from aerie.bench.verify_cost import graph_replay_ms
+from aerie.graphs import GraphCache
 from aerie.tree import top_k
 
 CALLS, REPLAYS = 50, 20
 
 
 def graphed_us(fn: Callable[[], object]) -> float:
-    """Device microseconds per call of `fn`, replayed from a graph of CALLS calls."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(REPLAYS):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * start.elapsed_time(end) / (CALLS * REPLAYS)
+    """Device microseconds per call of `fn`, replayed from a graph of CALLS calls (captured
+    as the static path captures its forwards)."""
+    graphs = GraphCache(enabled=True)
+    graphs.run("calls", lambda: tuple(fn() for _ in range(CALLS)))
+    graph, _ = graphs.graphs["calls"]
+    return 1e3 * graph_replay_ms(graph, REPLAYS) / CALLS
 
 
 def top_k_cases() -> list[dict]:

@@ -119,9 +119,11 @@ def replay_ms(cache, key, repeats: int = 50) -> float | None:
     """Device time of one replay of the graph captured under `key`, without the host work
     around it: what the forward itself costs the GPU."""
     entry = getattr(cache, "graphs", None) and cache.graphs.graphs.get(key)
-    if not entry:
-        return None
-    graph = entry[0]
+    return graph_replay_ms(entry[0], repeats) if entry else None
+
+
+def graph_replay_ms(graph: torch.cuda.CUDAGraph, repeats: int = 50) -> float:
+    """Device ms of one replay of `graph` (after one untimed replay), from CUDA events."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     start.record()
