@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import AttentionInterface
 
+from aerie import split_kv as split_kv_kernels
 from aerie.projections import stack_projections, stackable, stacked_forward
 
 
@@ -204,7 +205,8 @@ def _dispatching(reference: Callable) -> Callable:
 # --- grouped-query attention -----------------------------------------------------------------
 
 def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                            attention_mask: torch.Tensor, scaling: float | None = None) -> torch.Tensor:
+                            attention_mask: torch.Tensor, scaling: float | None = None,
+                            split_kv: bool = False) -> torch.Tensor:
     """SDPA over query heads that share KV heads (query [b, heads, n, d], key and value
     [b, kv_heads, length, d]) under a mask ([b or 1, 1, n, length]), with each KV head read
     once: the query heads of one group are stacked as rows of one head, and the mask is
@@ -214,20 +216,30 @@ def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     Given a mask, transformers' SDPA path repeats every KV head once per query head that
     shares it (SDPA's `enable_gqa` has no fused kernel that takes a mask): a copy of the whole
     static cache in every layer of every forward, 0.66 ms of the 8B shape's 7.5 ms one-token
-    forward on an H100."""
+    forward on an H100.
+
+    `split_kv`: where the device has the kernels, the mask is additive and the rows are few,
+    spread the keys over the GPU (`aerie.split_kv`) instead of one SDPA program per block of
+    rows."""
     b, heads, n, d = query.shape
     kv_heads, groups = key.shape[1], heads // key.shape[1]
     rows = query.reshape(b, kv_heads, groups * n, d)
-    mask = attention_mask[:, :, None].expand(-1, -1, groups, -1, -1)
-    mask = mask.reshape(attention_mask.shape[0], 1, groups * n, attention_mask.shape[-1])
-    out = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
+    if (split_kv and groups * n <= split_kv_kernels.MAX_ROWS and attention_mask.is_floating_point()
+            and split_kv_kernels.available(query)):
+        scale = scaling if scaling is not None else d**-0.5
+        out = split_kv_kernels.split_kv_attention(rows, key, value, attention_mask, scale)
+    else:
+        mask = attention_mask[:, :, None].expand(-1, -1, groups, -1, -1)
+        mask = mask.reshape(attention_mask.shape[0], 1, groups * n, attention_mask.shape[-1])
+        out = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(b, heads, n, d).transpose(1, 2).contiguous()
 
 
 def install_grouped_attention() -> None:
     """Route transformers' "sdpa" attention through a dispatcher that runs
     `grouped_query_attention` for forwards called with `fold_query_groups=True` (the static
-    path's, through the model's keyword arguments, which reach every attention call) and the
+    path's, through the model's keyword arguments, which reach every attention call; with
+    `split_kv=True` too, its split-KV kernels where they apply) and the
     reference for every other, transformers' own `generate` included. A keyword rather than a
     flag of this module, so that a compiled layer sees a constant. Idempotent."""
     with _install_lock:
@@ -239,10 +251,11 @@ def install_grouped_attention() -> None:
 def _grouped_dispatching(reference: Callable) -> Callable:
     @functools.wraps(reference)
     def sdpa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                               scaling: float | None = None, fold_query_groups: bool = False, **kwargs):
+                               scaling: float | None = None, fold_query_groups: bool = False,
+                               split_kv: bool = False, **kwargs):
         if (fold_query_groups and attention_mask is not None and attention_mask.dim() == 4
-                and attention_mask.shape[1] == 1 and key.shape[1] < query.shape[1] and dropout == 0.0):
-            return grouped_query_attention(query, key, value, attention_mask, scaling), None
+                and attention_mask.shape[1] == 1 and key.shape[1] <= query.shape[1] and dropout == 0.0):
+            return grouped_query_attention(query, key, value, attention_mask, scaling, split_kv), None
         return reference(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
     sdpa_attention_forward.reference = reference

@@ -8,6 +8,7 @@ or with graphs turned off, the same function simply runs: that is the tested CPU
 
 from __future__ import annotations
 
+import collections
 import gc
 from collections.abc import Callable, Hashable
 
@@ -53,6 +54,8 @@ class GraphCache:
     # Captures by every cache of the process: caches are pooled and made deep inside the
     # engines, and a benchmark reports the captures that fell inside its timed runs.
     total_captures = 0
+    # The keys of the latest captures (of any cache), to tell which graph a slow run captured.
+    recent_keys: collections.deque = collections.deque(maxlen=64)
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and torch.cuda.is_available()
@@ -70,6 +73,7 @@ class GraphCache:
         entry = self.graphs.pop(key, None)  # re-inserted last: the dict's order is recency
         if entry is None:
             entry = self._capture(fn)
+            GraphCache.recent_keys.append(key)
             if len(self.graphs) >= MAX_GRAPHS_PER_CACHE:
                 self.graphs.pop(next(iter(self.graphs)))
         self.graphs[key] = entry

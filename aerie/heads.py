@@ -33,7 +33,7 @@ from transformers.models.llama.modeling_llama import (
 
 from aerie.errors import HeadError
 from aerie.fused import Fusion, fused
-from aerie.kvcache import Attend, SlotCache, static_forward
+from aerie.kvcache import Attend, SlotCache, additive_mask, static_forward
 from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers
 
 HeadKind = Literal["eagle1", "eagle3"]
@@ -149,7 +149,7 @@ class DraftHead(nn.Module):
     def step(self, features, input_ids, position_ids, attention_mask, cache, **attention) -> torch.Tensor:
         """The forward itself, with a ready 4-D mask and the cache's write slots already set:
         what a CUDA graph captures. `attention`: keywords for the attention function (the
-        static path's `fold_query_groups`, aerie.fused)."""
+        static path's `StaticKV.attention_options`, aerie.fused)."""
         emb = self.embed(input_ids).to(features.dtype)
         return self.layer(features, emb, position_ids, attention_mask, cache, **attention)
 
@@ -157,8 +157,9 @@ class DraftHead(nn.Module):
         """`step` on a static cache: compiled where the static path compiles it, once the
         cache has allocated its storage (in its first, uncompiled, forward)."""
         step = self.compiled if self.compiled is not None and cache.storage is not None else self.step
-        return step(features, input_ids, position_ids, attention_mask, cache,
-                    fold_query_groups=self.static.grouped_attention)
+        if not attention_mask.is_floating_point():  # as the target's: what the split-KV kernels take
+            attention_mask = additive_mask(attention_mask, features.dtype)
+        return step(features, input_ids, position_ids, attention_mask, cache, **self.static.attention_options())
 
 
 class Eagle1Head(DraftHead):

@@ -66,6 +66,9 @@ class StaticKV:
     # Grouped-query attention reads each KV head once (aerie.fused.grouped_query_attention);
     # off, transformers' SDPA path repeats the cache for every query head under a mask.
     grouped_attention: bool = True
+    # ... and, on a GPU with Triton, a few rows' attention spreads the cache's keys over the
+    # whole GPU (aerie.split_kv) instead of SDPA's one program per block of rows.
+    split_kv_attention: bool = True
     # The q/k/v and gate/up projections each one matrix multiply (aerie.projections).
     stacked_projections: bool = True
 
@@ -74,6 +77,11 @@ class StaticKV:
         """Static caches and CUDA graphs on a GPU, where launches dominate; dynamic caches on
         the CPU, where there is no launch overhead to save and a padded cache only costs."""
         return StaticKV(compiled_forward=compiled_forward) if torch.device(device).type == "cuda" else None
+
+    def attention_options(self) -> dict[str, bool]:
+        """The keywords a static forward passes to every attention call (aerie.fused)."""
+        return {"fold_query_groups": self.grouped_attention,
+                "split_kv": self.grouped_attention and self.split_kv_attention}
 
     def fusion(self, model: torch.nn.Module, device: torch.device) -> Fusion:
         return fusion_for(model, device, self.fused_norms, self.compiled_rotary, self.stacked_projections)
@@ -213,7 +221,7 @@ class Target:
                 compiled_layers(self._layers, self.compiled) if compiled else nullcontext():
             last, feats = forward_features(self.model, self.features, input_ids=input_ids, position_ids=positions,
                                            attention_mask=mask, past_key_values=cache, use_cache=True,
-                                           fold_query_groups=static and self.static.grouped_attention)
+                                           **self.static.attention_options() if static else {})
         return self.model.get_output_embeddings()(last)[0].float(), feats[0]
 
     @staticmethod

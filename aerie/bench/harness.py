@@ -181,8 +181,10 @@ def run_bench(
         _warm_up_prefills(ours, encoded[0], params, stack.target.static.largest_graph, device)
         # The longest prompt to the full length, past any stop token: the pooled caches grow
         # to what the timed runs need, and the graphs over the grown storage are captured
-        # now rather than in some prompt's timed run.
-        _warm_up(ours, max(encoded, key=len), params, StopCriteria(max_new_tokens), device)
+        # now rather than in some prompt's timed run. Twice: a mode with a deeper or larger
+        # tree can grow storage that the modes before it captured their graphs over.
+        for _ in range(2):
+            _warm_up(ours, max(encoded, key=len), params, StopCriteria(max_new_tokens), device)
     if "eagle-auto" in modes:  # its warm-up rounds capture every size's and depth's graphs
         budget = engines["eagle-auto"].budget
         for i in range(AUTO_WARM_UP_RUNS):
@@ -220,6 +222,8 @@ def run_bench(
                 # Graphs captured and graphs compiled inside the timed run: a warm engine has
                 # none, so a slow row with some names its cause.
                 "graph_captures": GraphCache.total_captures - captures,
+                "captured": [_key_name(k) for k in list(GraphCache.recent_keys)[-(GraphCache.total_captures - captures):]]
+                if GraphCache.total_captures > captures else [],
                 "compiles": compiled_graph_count() - compiles,
             })
         if on_prompt is not None:
@@ -273,6 +277,14 @@ def _engine_run(res) -> ModeRun:
         per_round = {"draft_ms": 1e3 * statistics.fmean(r.draft_s for r in rounds),
                      "verify_ms": 1e3 * statistics.fmean(r.verify_s for r in rounds)}
     return ModeRun(res.token_ids, res.tau, [r.accepted for r in rounds], per_round)
+
+
+def _key_name(key) -> str:
+    """A graph key as a short string: its kind and shape, without the storage it ran over."""
+    if isinstance(key, tuple) and key and key[0] == "round":
+        tree = key[1]
+        return f"round d{tree.depth} k{tree.top_k} n{tree.total_tokens} storage {key[-1]}"
+    return repr(key)[:80]
 
 
 def _warm_up_prefills(runners: list[ModeRunner], ids: list[int], params: SamplingParams, largest_graph: int,

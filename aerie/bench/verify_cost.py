@@ -207,8 +207,8 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
     curve = verify_cost_curve(target)
     # The same forwards with transformers' own kernels, with the norms alone fused, with the
     # norms and the rotary embedding fused but the layers not compiled; and compiled with the
-    # KV heads repeated for each query head, or with the projections separate: what each step
-    # saves (aerie.fused, aerie.projections).
+    # KV heads repeated for each query head, with the projections separate, or with SDPA for
+    # every attention: what each step saves (aerie.fused, aerie.projections, aerie.split_kv).
     uncompiled = StaticKV(cuda_graphs=graphs, compiled_forward="never", grouped_attention=False,
                           stacked_projections=False)
     variants = {
@@ -217,6 +217,7 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
         "fused_uncompiled": uncompiled,
         "repeated_kv_heads": StaticKV(cuda_graphs=graphs, grouped_attention=False),
         "separate_projections": StaticKV(cuda_graphs=graphs, stacked_projections=False),
+        "sdpa_attention": StaticKV(cuda_graphs=graphs, split_kv_attention=False),
     }
     unfused = {}
     for label, static in variants.items():
