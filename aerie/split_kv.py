@@ -33,8 +33,10 @@ PROGRAMS_PER_SM = 1
 # Query rows of one program (fewer when there are fewer rows: a dot product needs 16).
 MAX_BLOCK_ROWS = 64
 # Rows of one merging program: the merge has no dot product, and a tree's 200 rows over three
-# KV heads would otherwise be merged by 9 programs (15 µs of an H100, against 4 for 150).
+# KV heads would otherwise be merged by 9 programs (15 µs a call on an H100).
 MERGE_ROWS = 4
+# ... fewer where many slices would make one load larger than this (registers, not memory).
+MERGE_ELEMENTS = 4096
 # Above this many rows per KV head (a prefill) the work is the matrix multiplies, which a
 # flash kernel's one walk over the keys does with fewer reads: SDPA takes it.
 MAX_ROWS = 512
@@ -92,8 +94,10 @@ def _launch(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         D=d, BLOCK_M=block_rows, BLOCK_N=block_keys,
     )
     out = torch.empty(b, kv_heads, m, d, dtype=rows.dtype, device=rows.device)
-    _kernels()[1][(b * kv_heads, triton.cdiv(m, MERGE_ROWS))](
-        partial, lse, out, slices, m, D=d, BLOCK_M=MERGE_ROWS, SLICES=triton.next_power_of_2(slices),
+    loaded = triton.next_power_of_2(slices)
+    merge_rows = max(1, min(MERGE_ROWS, MERGE_ELEMENTS // (loaded * d)))
+    _kernels()[1][(b * kv_heads, triton.cdiv(m, merge_rows))](
+        partial, lse, out, slices, m, D=d, BLOCK_M=merge_rows, SLICES=loaded,
     )
     return out
 
