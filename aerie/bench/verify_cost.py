@@ -284,7 +284,8 @@ def format_verify_cost(result: dict) -> str:
         for label, what in (("reference", "transformers' kernels"), ("fused_norms_only", "fused norms only"),
                             ("fused_uncompiled", "fused norms and rotary, not compiled"),
                             ("repeated_kv_heads", "compiled, KV heads repeated for each query head"),
-                            ("separate_projections", "compiled, q/k/v and gate/up projections separate")):
+                            ("separate_projections", "compiled, q/k/v and gate/up projections separate"),
+                            ("sdpa_attention", "compiled, SDPA for every attention, no split-KV")):
             other = {p["tree_size"]: p for p in s.get(label, {}).get("curve", [])}
             if other:
                 cells = " | ".join(f"{other[k]['ms_median']:.2f}" if k in other else "" for k in sizes)
