@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import torch
+import torch.nn.functional as F
 
 # Keys per slice, at least: below that a program's fixed cost outweighs the keys it reads, and
 # more slices mean more partial results to merge (one program per multiprocessor is as fast
@@ -48,6 +50,16 @@ except ImportError:  # PyTorch's CPU wheels come without it
     triton = None
 
 
+class _Failure:
+    """Why the kernels failed on this machine (a Triton that cannot compile them), if they did:
+    from then on every call runs SDPA, slower and never wrong, as `aerie.fused.Compiled` does."""
+
+    reason: str | None = None
+
+
+_failure = _Failure()
+
+
 def available(query: torch.Tensor) -> bool:
     """Whether `split_kv_attention` can run on `query`'s device here: a GPU, or the CPU under
     Triton's interpreter (TRITON_INTERPRET=1, slow: for tests); and its head dim, a power of
@@ -55,7 +67,8 @@ def available(query: torch.Tensor) -> bool:
     shared memory)."""
     d = query.shape[-1]
     device_ok = query.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return triton is not None and device_ok and 16 <= d <= 128 and d & (d - 1) == 0
+    return (triton is not None and _failure.reason is None and device_ok and 16 <= d <= 128
+            and d & (d - 1) == 0)
 
 
 def split_kv_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -185,7 +198,24 @@ def _split_kv_attention_op(rows: torch.Tensor, key: torch.Tensor, value: torch.T
                            scale: float) -> torch.Tensor:
     # An operator of its own, so that a compiled layer calls it as it is (the slice count is
     # worked out from concrete sizes at each call) and a CUDA graph captures its launches.
-    return _launch(rows, key, value, mask, scale)
+    if _failure.reason is None:
+        try:
+            return _launch(rows, key, value, mask, scale)
+        except Exception as e:  # noqa: BLE001 - any Triton failure; SDPA gives the same result
+            if rows.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise  # the calls before a capture compile the kernels: a failure there is new
+            _failure.reason = f"{type(e).__name__}: {e}"
+            print(f"aerie: the split-KV attention kernels failed ({_failure.reason}); attention runs SDPA",
+                  file=sys.stderr)
+    return sdpa_attention(rows, key, value, mask, scale)
+
+
+def sdpa_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """What `split_kv_attention` computes, by SDPA (row r under mask row r % n)."""
+    per_row = mask[:, :, torch.arange(rows.shape[2], device=mask.device) % mask.shape[-2]]
+    return F.scaled_dot_product_attention(rows, key, value, attn_mask=per_row, scale=scale).contiguous()
+
 
 
 @_split_kv_attention_op.register_fake

@@ -35,3 +35,31 @@ def test_without_the_kernels_grouped_attention_is_sdpa(monkeypatch):
     mask[..., 5:] = float("-inf")
     torch.testing.assert_close(grouped_query_attention(q, k, v, mask, 0.25, split_kv=True),
                                grouped_query_attention(q, k, v, mask, 0.25))
+
+
+def test_kernels_that_fail_give_way_to_sdpa(monkeypatch, capsys):
+    """A Triton that cannot build the kernels: the call that meets it says why and answers by
+    SDPA, and the kernels are not tried again in this process."""
+    tries = []
+
+    def broken(*args):
+        tries.append(1)
+        raise RuntimeError("no compiler for this card")
+
+    monkeypatch.setattr(aerie.split_kv, "_launch", broken)
+    monkeypatch.setattr(aerie.split_kv._failure, "reason", None)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that `available` says yes on the CPU
+    torch.manual_seed(0)
+    rows, key, value = torch.randn(1, 2, 6, 16), torch.randn(1, 2, 10, 16), torch.randn(1, 2, 10, 16)
+    mask = torch.zeros(1, 1, 3, 10)
+    mask[0, 0, 0, 4:] = float("-inf")
+    if aerie.split_kv.triton is not None:
+        assert aerie.split_kv.available(rows)
+    got = aerie.split_kv.split_kv_attention(rows, key, value, mask, 0.25)
+    per_row = mask[:, :, [0, 1, 2, 0, 1, 2]]
+    torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(
+        rows, key, value, attn_mask=per_row, scale=0.25))
+    assert "no compiler for this card" in capsys.readouterr().err
+    assert not aerie.split_kv.available(rows)
+    aerie.split_kv.split_kv_attention(rows, key, value, mask, 0.25)
+    assert tries == [1]
