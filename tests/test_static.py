@@ -190,3 +190,17 @@ def test_graph_cache_drops_the_least_recently_used_graph(monkeypatch):
         graphs.run(key, lambda: (torch.ones(1),))
     assert graphs.captures == 6  # hot once, then a to e
     assert list(graphs.graphs) == ["d", "hot", "e"]
+
+
+def test_bench_rows_name_the_graphs_they_captured(monkeypatch):
+    from aerie.bench.harness import _captured_since
+
+    monkeypatch.setattr(GraphCache, "recent_keys", type(GraphCache.recent_keys)(maxlen=4))
+    monkeypatch.setattr(GraphCache, "total_captures", 10)
+    before = GraphCache.total_captures
+    assert _captured_since(before) == []
+    for key in [("target", 8), ("round", TreeConfig(depth=4, top_k=3, total_tokens=9), None, 7)]:
+        GraphCache.recent_keys.append(key)
+        GraphCache.total_captures += 1
+    assert _captured_since(before) == ["('target', 8)", "round d4 k3 n9 storage 7"]
+    assert _captured_since(before + 1) == ["round d4 k3 n9 storage 7"]

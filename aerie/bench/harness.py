@@ -222,8 +222,7 @@ def run_bench(
                 # Graphs captured and graphs compiled inside the timed run: a warm engine has
                 # none, so a slow row with some names its cause.
                 "graph_captures": GraphCache.total_captures - captures,
-                "captured": [_key_name(k) for k in list(GraphCache.recent_keys)[-(GraphCache.total_captures - captures):]]
-                if GraphCache.total_captures > captures else [],
+                "captured": _captured_since(captures),
                 "compiles": compiled_graph_count() - compiles,
             })
         if on_prompt is not None:
@@ -279,12 +278,18 @@ def _engine_run(res) -> ModeRun:
     return ModeRun(res.token_ids, res.tau, [r.accepted for r in rounds], per_round)
 
 
-def _key_name(key) -> str:
-    """A graph key as a short string: its kind and shape, without the storage it ran over."""
-    if isinstance(key, tuple) and key and key[0] == "round":
-        tree = key[1]
-        return f"round d{tree.depth} k{tree.top_k} n{tree.total_tokens} storage {key[-1]}"
-    return repr(key)[:80]
+def _captured_since(captures: int) -> list[str]:
+    """The graphs captured since the process had captured `captures`, named by kind and shape
+    (a round's tree and the target storage it ran over)."""
+    new = GraphCache.total_captures - captures
+    names = []
+    for key in list(GraphCache.recent_keys)[-new:] if new else []:
+        if isinstance(key, tuple) and key and key[0] == "round":
+            tree = key[1]
+            names.append(f"round d{tree.depth} k{tree.top_k} n{tree.total_tokens} storage {key[-1]}")
+        else:
+            names.append(repr(key)[:80])
+    return names
 
 
 def _warm_up_prefills(runners: list[ModeRunner], ids: list[int], params: SamplingParams, largest_graph: int,
