@@ -152,7 +152,7 @@ def test_costlier_verification_chooses_smaller_trees():
 
 
 @pytest.mark.parametrize("device_rounds", [True, False], ids=["device-rounds", "split-rounds"])
-def test_auto_budget_generation_is_lossless_and_learns(device_rounds):
+def test_auto_budget_generation_is_lossless_and_learns(device_rounds, monkeypatch):
     target = tiny_target("eagle3")
     static = Target(target.model, target.features, static=StaticKV(largest_graph=16, initial_capacity=32))
     head = tiny_head(static, "eagle3", 48)
@@ -169,7 +169,13 @@ def test_auto_budget_generation_is_lossless_and_learns(device_rounds):
         assert again.token_ids == plain.token_ids
     if device_rounds:
         assert again.rounds[0].tree_size == budget.largest.total_tokens
-        assert {r.tree_size for r in again.rounds[1:]} != {budget.largest.total_tokens}
+        # The rest follow the choice (which one wins here depends on this machine's timings),
+        # exploring with the largest tree now and then.
+        monkeypatch.setattr(budget, "choice", lambda: (3, 2))
+        chosen = engine.generate(prompt, SamplingParams(), StopCriteria(40))
+        assert chosen.token_ids == plain.token_ids
+        sizes = [r.tree_size for r in chosen.rounds[1:]]
+        assert 3 in sizes and set(sizes) <= {3, budget.largest.total_tokens}
     assert len(budget.log) >= 2
     costs = budget.costs
     assert budget.pairs() == [(1, 1), (3, 1), (3, 2), (3, 3), (7, 2), (7, 3), (7, 4), (15, 3), (15, 4)]
