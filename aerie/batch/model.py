@@ -23,6 +23,7 @@ from aerie.batch.inputs import padded_inputs, prefill_inputs, prefill_shape, tre
 from aerie.batch.trees import TreeBatch
 from aerie.fused import fused
 from aerie.graphs import bucket_for
+from aerie.kvcache import additive_mask
 from aerie.target import forward_features
 from aerie.tree import ancestor_closure
 
@@ -103,7 +104,9 @@ class LocalBatchModel:
         self.reads_logits = reads_logits
         self.lm_head = target.model.get_output_embeddings()
         self.fused = target.fused  # as the single-session static path
-        self.grouped_attention = target.static is None or target.static.grouped_attention
+        # Attention as the single-session static path runs it (StaticKV.attention_options);
+        # batches of a target without static caches still read each KV head once.
+        self.attention = {"fold_query_groups": True} if target.static is None else target.static.attention_options()
 
     @property
     def cache(self) -> BatchKVCache:
@@ -117,11 +120,12 @@ class LocalBatchModel:
         own tokens) or, by default, the cache's capacity."""
         reach = ancestor_closure(b["parents"])
         positions, mask = tree_geometry(b["parents"], b["lengths"], kv_width or self._cache.capacity, reach)
+        if self.attention.get("split_kv"):  # the kernels take an additive mask
+            mask = additive_mask(mask, self.target.model.dtype)
         with fused(self.fused):
             last, feats = forward_features(self.target.model, self.target.features, input_ids=b["ids"],
                                            position_ids=positions, attention_mask=mask,
-                                           past_key_values=self._cache, use_cache=True,
-                                           fold_query_groups=self.grouped_attention)
+                                           past_key_values=self._cache, use_cache=True, **self.attention)
         if not self.reads_logits:
             return last[..., :0], feats
         if logits_at is not None:  # one position per row (prefill): skip the others' LM head

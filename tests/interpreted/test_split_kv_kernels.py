@@ -6,12 +6,15 @@ import torch
 import torch.nn.functional as F
 
 import aerie.split_kv
+from aerie.batch.cache import BatchKVCache
+from aerie.batch.trees import TreeBatch
+from aerie.batch.verify import BatchVerifier, NewSession
 from aerie.engine import Engine
 from aerie.heads import DraftHead
 from aerie.kvcache import additive_mask
 from aerie.sampling import SamplingParams
 from aerie.target import FeatureSpec, StaticKV, Target
-from aerie.tree import TreeConfig
+from aerie.tree import DraftTree, TreeConfig
 from aerie.verifier import StopCriteria
 from tests.test_engine import PROMPTS
 from tests.tiny import VOCAB, tiny_head, tiny_llama, tiny_target
@@ -119,3 +122,28 @@ def test_speculative_decoding_with_split_kv_is_the_dynamic_paths(monkeypatch, pa
     assert got.token_ids == want.token_ids
     assert [r.accepted for r in got.rounds] == [r.accepted for r in want.rounds]
     assert True in launches and False in launches  # the head's attention and the target's
+
+
+def test_batched_tree_forward_with_split_kv_equals_each_session_alone(monkeypatch):
+    """Batched verification on a static-cache target: ragged trees over rows of different
+    lengths (one mask per row) go through the kernels, and every real node's logits equal
+    the single-session forward's without them."""
+    launches = []
+    launch = aerie.split_kv._launch
+    monkeypatch.setattr(aerie.split_kv, "_launch", lambda rows, *a: launches.append(rows.shape[0]) or launch(rows, *a))
+    dynamic = tiny_target("eagle3")
+    static = Target(dynamic.model, dynamic.features, StaticKV(cuda_graphs=False, compiled_forward="never"))
+    prompts = [PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    trees = [([7, 4, 5, 6], [-1, 0, 0, 1]), ([9], [-1]), ([3, 2, 2], [-1, 0, 1])]
+    verifier = BatchVerifier(static, BatchKVCache(6, 4, 32, torch.device("cpu")))
+    verifier.join([NewSession(i, tuple(p), SamplingParams(), StopCriteria(8)) for i, p in enumerate(prompts)])
+    with torch.inference_mode():
+        batch = TreeBatch.from_trees([DraftTree(torch.tensor(t), torch.tensor(p), torch.zeros(len(t)))
+                                      for t, p in trees])
+        logits, _ = verifier.batch_model.forward(batch, argmax=False)
+    assert launches and max(launches) > 1  # rows of several sessions in one call
+    for r, (prompt, (tokens, parents)) in enumerate(zip(prompts, trees)):
+        cache = dynamic.new_cache()
+        dynamic.forward(cache, torch.tensor(prompt))
+        want = dynamic.forward(cache, torch.tensor(tokens), tree_parents=torch.tensor(parents))
+        torch.testing.assert_close(logits[r, : len(tokens)], want.logits, rtol=1e-4, atol=1e-4)
