@@ -229,9 +229,7 @@ def grouped_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch
         scale = scaling if scaling is not None else d**-0.5
         out = split_kv_kernels.split_kv_attention(rows, key, value, attention_mask, scale)
     else:
-        mask = attention_mask[:, :, None].expand(-1, -1, groups, -1, -1)
-        mask = mask.reshape(attention_mask.shape[0], 1, groups * n, attention_mask.shape[-1])
-        out = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=scaling)
+        out = split_kv_kernels.sdpa_attention(rows, key, value, attention_mask, scaling)
     return out.reshape(b, heads, n, d).transpose(1, 2).contiguous()
 
 
