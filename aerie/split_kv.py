@@ -104,7 +104,7 @@ def _launch(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         value.stride(0), value.stride(1), value.stride(2),
         mask_batch_stride, mask.stride(-2),
         kv_heads, m, n, length, per_slice, scale,
-        D=d, BLOCK_M=block_rows, BLOCK_N=block_keys,
+        D=d, BLOCK_M=block_rows, BLOCK_N=block_keys, PRECISION="ieee" if rows.dtype == torch.float32 else "tf32",
     )
     out = torch.empty(b, kv_heads, m, d, dtype=rows.dtype, device=rows.device)
     loaded = triton.next_power_of_2(slices)
@@ -124,15 +124,17 @@ def _multiprocessors(device: torch.device) -> int:
 
 @functools.cache
 def _kernels():
-    """The two kernels, defined at first use: Triton reads TRITON_INTERPRET when a kernel is
-    defined, so a test can still choose its interpreter after importing this module."""
+    """The two kernels, defined at first use (importing this module costs nothing where they
+    never run). PRECISION is "ieee" for float32 inputs: full float32 products, not TF32,
+    which a float32 model's losslessness check would see."""
 
     @triton.jit
     def partial_attention(Q, K, V, Mask, Partial, Lse,
                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
                           stride_vb, stride_vh, stride_vn, stride_mb, stride_mq,
                           kv_heads, rows, n, length, per_slice, scale,
-                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          PRECISION: tl.constexpr):
         bh, row_block, piece = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // kv_heads, bh % kv_heads
         offs_m = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -154,7 +156,7 @@ def _kernels():
             bias = tl.load(mask_rows + offs_n[None, :], mask=row_ok[:, None] & key_ok[None, :],
                            other=float("-inf")).to(tl.float32)
             k = tl.load(keys + offs_n[:, None] * stride_kn, mask=key_ok[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k)) * scale + bias
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + bias
             new_best = tl.maximum(best, tl.max(scores, 1))
             # A row that has seen no key yet keeps -inf; exp(-inf - 0) = 0 keeps it empty.
             shift = tl.where(new_best == float("-inf"), 0.0, new_best)
@@ -162,7 +164,7 @@ def _kernels():
             fade = tl.exp(best - shift)
             total = total * fade + tl.sum(p, 1)
             v = tl.load(values + offs_n[:, None] * stride_vn, mask=key_ok[:, None], other=0.0)
-            acc = acc * fade[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * fade[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             best = new_best
         seen = total > 0
         out = acc / tl.where(seen, total, 1.0)[:, None]
