@@ -195,6 +195,15 @@ def _kernels():
     return partial_attention, merge_attention_slices
 
 
+def sdpa_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                   scale: float | None) -> torch.Tensor:
+    """What `split_kv_attention` computes, by SDPA: the mask repeated for each group of n rows
+    (its n rows, not the cache), boolean or additive."""
+    groups = rows.shape[2] // mask.shape[-2]
+    per_row = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, rows.shape[2], mask.shape[-1])
+    return F.scaled_dot_product_attention(rows, key, value, attn_mask=per_row, scale=scale)
+
+
 @torch.library.custom_op("aerie::split_kv_attention", mutates_args=())
 def _split_kv_attention_op(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                            scale: float) -> torch.Tensor:
@@ -210,16 +219,6 @@ def _split_kv_attention_op(rows: torch.Tensor, key: torch.Tensor, value: torch.T
             print(f"aerie: the split-KV attention kernels failed ({_failure.reason}); attention runs SDPA",
                   file=sys.stderr)
     return sdpa_attention(rows, key, value, mask, scale).contiguous()  # the layout its fake promises
-
-
-def sdpa_attention(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                   scale: float | None) -> torch.Tensor:
-    """What `split_kv_attention` computes, by SDPA: the mask repeated for each group of n rows
-    (its n rows, not the cache), boolean or additive."""
-    groups = rows.shape[2] // mask.shape[-2]
-    per_row = mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], 1, rows.shape[2], mask.shape[-1])
-    return F.scaled_dot_product_attention(rows, key, value, attn_mask=per_row, scale=scale)
-
 
 
 @_split_kv_attention_op.register_fake
