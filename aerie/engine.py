@@ -17,7 +17,7 @@ import torch
 from torch.profiler import record_function
 
 from aerie.budget import TreeBudget, explored_round
-from aerie.device_round import DeviceRounds
+from aerie.device_round import DeviceRounds, PlainSteps
 from aerie.drafter import DraftSession, precompile_head
 from aerie.graphs import GraphCache
 from aerie.heads import DraftHead
@@ -89,7 +89,8 @@ class Engine:
         """`budget` (for `--tree-budget auto`) picks each round's tree instead of `tree`,
         learning across generations; it needs a drafter with `candidates()`. `device_rounds`
         runs the rounds of a dynamic tree on static caches, greedy or sampled, whole on the
-        device (aerie.device_round), from the second round of each generation on."""
+        device and one ahead of the host (aerie.device_round), from the second round of each
+        generation on; and plain decoding on a static cache likewise."""
         if head is not None and head.feature_spec != target.features:
             raise ValueError(f"target exposes {target.features} but the head reads {head.feature_spec}")
         self.target = target
@@ -145,6 +146,9 @@ class Engine:
     ) -> Iterator[tuple[list[int], RoundStats | None]]:
         features, first = verifier.prefill()
         yield ([] if resume_tokens else [first]), None
+        if mode == "vanilla" and self.device_rounds and PlainSteps.supports(verifier) and not verifier.done:
+            yield from self._plain_on_device(PlainSteps(verifier))
+            return
         if mode == "vanilla":
             while not verifier.done:
                 before = len(verifier.generated)
@@ -162,55 +166,107 @@ class Engine:
     def _speculate(
         self, verifier: VerifySession, drafter: Drafter, features: torch.Tensor, next_tokens: list[int],
     ) -> Iterator[tuple[list[int], RoundStats]]:
+        """Split rounds (the drafter's tree, then the verifier), until the rounds can run on
+        the device: from the second on (the first commits the whole prompt)."""
         budget = self.budget
-        on_device = None  # DeviceRounds, from the second round (the first commits the whole prompt)
         last_end = None  # when the previous round's verify returned
         while not verifier.done:
             if budget is not None:
                 # A generation's first round runs split (device rounds start at the second):
                 # at the largest tree, whose split graphs the first generation captured,
                 # rather than at a choice whose graphs might be captured in the middle of serving.
-                first_of_device_rounds = self.device_rounds and last_end is None
-                drafter.tree = budget.largest if first_of_device_rounds else budget.next_tree()
+                drafter.tree = budget.largest if self.device_rounds and last_end is None else budget.next_tree()
             explored = budget is not None and drafter.tree == budget.largest
             captures = GraphCache.total_captures
             t0 = time.perf_counter()
-            if on_device is not None:
-                with record_function("aerie.round"):
-                    result = on_device.step(features, next_tokens)
-                t1 = t0  # one graph: its whole time counts as verify
-                nodes = on_device.nodes(drafter.tree)
-            else:
-                with record_function("aerie.draft"):  # named spans for `aerie profile`
-                    tree = drafter.draft(features, next_tokens)
-                t1 = time.perf_counter()
-                with record_function("aerie.verify"):
-                    result = verifier.verify(tree)
-                nodes = len(tree)
+            with record_function("aerie.draft"):  # named spans for `aerie profile`
+                tree = drafter.draft(features, next_tokens)
+            t1 = time.perf_counter()
+            with record_function("aerie.verify"):
+                result = verifier.verify(tree)
             t2 = time.perf_counter()
             if budget is not None:
-                host_ms = None if last_end is None else 1e3 * (t0 - last_end)
-                accepted = result.new_tokens[: result.accepted_draft]
                 # A round that captured a graph (a tree shape new to a grown cache, say) took
                 # hundreds of ms: no measure of what the shape costs.
-                timed = GraphCache.total_captures == captures
-                if timed and on_device is not None:
-                    budget.observe_whole(drafter.tree, nodes, 1e3 * (t2 - t0), host_ms)
-                elif timed:
-                    budget.observe(drafter.tree, nodes, draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1),
-                                   host_ms=host_ms)
+                if GraphCache.total_captures == captures:
+                    budget.observe(drafter.tree, len(tree), draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1),
+                                   host_ms=None if last_end is None else 1e3 * (t0 - last_end))
                 if explored:
-                    budget.add_explored(on_device.explored(len(accepted)) if on_device is not None
-                                        else explored_round(tree, drafter.candidates(), accepted))
-            if on_device is None and self.device_rounds and DeviceRounds.supports(verifier, drafter):
-                on_device = DeviceRounds(verifier, drafter, deepest=budget.largest.depth if budget else None)
+                    budget.add_explored(explored_round(tree, drafter.candidates(),
+                                                       result.new_tokens[: result.accepted_draft]))
             last_end = t2
-            features = result.features
             # The tokens paired with the returned features: the accepted path (any branch of
             # the tree, not its first nodes) and the bonus token. Only a round that ends
             # generation is cut short, and nothing is drafted after it.
-            next_tokens = list(result.new_tokens)
-            yield result.new_tokens, RoundStats(nodes - 1, result.accepted_draft, len(result.new_tokens), t1 - t0, t2 - t1)
+            features, next_tokens = result.features, list(result.new_tokens)
+            yield result.new_tokens, RoundStats(len(tree) - 1, result.accepted_draft, len(result.new_tokens),
+                                                t1 - t0, t2 - t1)
+            if self.device_rounds and not verifier.done and DeviceRounds.supports(verifier, drafter):
+                deepest = budget.largest.depth if budget else None
+                yield from self._on_device(DeviceRounds(verifier, drafter, deepest=deepest), features, next_tokens)
+                return
+
+    def _on_device(
+        self, rounds: DeviceRounds, features: torch.Tensor, next_tokens: list[int],
+    ) -> Iterator[tuple[list[int], RoundStats]]:
+        """Rounds whole on the device, one ahead of the host: round n + 1 is queued, chained
+        to round n's outputs on the device, before the host reads round n. The GPU then never
+        waits while the host reads, emits and chooses the next tree; a round launched past
+        the end of generation (a stop token) is dropped unread."""
+        budget, verifier, drafter = self.budget, rounds.verifier, rounds.drafter
+        rounds.reserve(len(verifier.prompt_ids), verifier.stop.max_new_tokens, budget.largest if budget else None)
+
+        def launch(*pairs) -> None:
+            if budget is not None:
+                drafter.tree = budget.next_tree()
+            with record_function("aerie.round"):
+                rounds.launch(*pairs, explore=budget is not None and drafter.tree == budget.largest)
+
+        captures, last = GraphCache.total_captures, time.perf_counter()
+        try:
+            while True:
+                if not rounds.in_flight:
+                    launch(features, next_tokens)
+                if verifier.stop.max_new_tokens - len(verifier.generated) > 1:  # the round in flight may not end it
+                    launch()
+                result, tree = rounds.collect()
+                now = time.perf_counter()
+                nodes = rounds.nodes(tree)
+                if budget is not None:
+                    # From one collect to the next: with the GPU kept busy, the round's own time.
+                    if GraphCache.total_captures == captures:
+                        budget.observe_whole(tree, nodes, 1e3 * (now - last))
+                    if rounds.collected_explored:
+                        budget.add_explored(rounds.explored(result.accepted_draft))
+                yield result.new_tokens, RoundStats(nodes - 1, result.accepted_draft, len(result.new_tokens), 0.0,
+                                                    now - last)
+                if verifier.done:
+                    return
+                captures, last = GraphCache.total_captures, now
+                features, next_tokens = result.features, list(result.new_tokens)
+        finally:
+            rounds.discard()
+
+    @staticmethod
+    def _plain_on_device(steps: PlainSteps) -> Iterator[tuple[list[int], RoundStats]]:
+        """Plain decoding one step ahead of the host, as `_on_device` runs the rounds."""
+        verifier = steps.verifier
+        steps.reserve(len(verifier.prompt_ids), verifier.stop.max_new_tokens)
+        last = time.perf_counter()
+        try:
+            while True:
+                if not steps.in_flight:
+                    steps.launch()
+                if verifier.stop.max_new_tokens - len(verifier.generated) > 1:  # the step in flight may not end it
+                    steps.launch()
+                tokens = steps.collect()
+                now = time.perf_counter()
+                yield tokens, RoundStats(0, 0, len(tokens), 0.0, now - last)
+                if verifier.done:
+                    return
+                last = now
+        finally:
+            steps.discard()
 
     def generate(
         self,

@@ -42,7 +42,9 @@ class StopCriteria:
 @dataclass
 class RoundResult:
     new_tokens: list[int]  # accepted draft tokens, then the bonus token (after stop cuts)
-    features: torch.Tensor  # [len(path), F]: target features of the root and accepted nodes
+    # [len(path), F]: target features of the root and accepted nodes; None from a device round
+    # that a later round, launched before it was read, has already taken them from
+    features: torch.Tensor | None
     accepted_draft: int  # draft tokens accepted (before stop cuts)
     done: bool
 

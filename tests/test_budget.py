@@ -195,13 +195,13 @@ def test_rounds_that_capture_graphs_are_not_measured(monkeypatch):
     static = Target(target.model, target.features, static=StaticKV(largest_graph=16, initial_capacity=32))
     head = tiny_head(static, "eagle3", 48)
     budget = TreeBudget(TreeConfig("dynamic", 4, 3, 15), largest_graph=16, explore_every=4, warmup_measurements=1)
-    step = DeviceRounds.step
+    launch = DeviceRounds.launch
 
-    def capturing(self, *args):  # as if every device round captured its graph
+    def capturing(self, *args, **kwargs):  # as if every device round captured its graph
         GraphCache.total_captures += 1
-        return step(self, *args)
+        return launch(self, *args, **kwargs)
 
-    monkeypatch.setattr(DeviceRounds, "step", capturing)
+    monkeypatch.setattr(DeviceRounds, "launch", capturing)
     Engine(static, head, budget.largest, budget=budget).generate([3, 14, 15, 9, 26, 5], SamplingParams(),
                                                                  StopCriteria(40))
     assert budget.costs.whole_ms == {}  # every device round captured: none is a measurement

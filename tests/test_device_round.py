@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from aerie.budget import explored_round
-from aerie.device_round import DeviceRounds, candidate_count, select_tree, warp_key
+from aerie.device_round import DeviceRounds, PlainSteps, candidate_count, select_tree, warp_key
 from aerie.drafter import DraftSession, grow_candidates
 from aerie.engine import Engine
 from aerie.kvcache import SlotCache
@@ -123,6 +123,19 @@ def test_candidate_count_is_what_the_expansion_drafts():
             assert (siblings[1:] <= siblings[:-1]).all()
 
 
+def count_chained_launches(monkeypatch, launches: list) -> None:
+    """Record in `launches` each device round launched chained to the one before (before the
+    host read that one)."""
+    launch = DeviceRounds.launch
+
+    def counting(self, *args, **kwargs):
+        if not args and kwargs.get("features") is None:
+            launches.append(1)
+        return launch(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeviceRounds, "launch", counting)
+
+
 @pytest.fixture(scope="module", params=["eagle3", "eagle1"])
 def static_pair(request):
     dynamic = tiny_target(request.param)
@@ -133,8 +146,7 @@ def static_pair(request):
 def test_device_rounds_generate_what_the_split_rounds_do(static_pair, monkeypatch):
     target, head = static_pair
     steps = []
-    step = DeviceRounds.step
-    monkeypatch.setattr(DeviceRounds, "step", lambda self, *a: steps.append(1) or step(self, *a))
+    count_chained_launches(monkeypatch, steps)
     for tree in TREES:
         for prompt in PROMPTS:
             stop = StopCriteria(40)
@@ -144,7 +156,7 @@ def test_device_rounds_generate_what_the_split_rounds_do(static_pair, monkeypatc
             assert got.token_ids == want.token_ids == plain.token_ids
             assert [r.accepted for r in got.rounds] == [r.accepted for r in want.rounds]
             assert [r.tree_size for r in got.rounds] == [r.tree_size for r in want.rounds]
-    assert len(steps) > 100  # every generation but its first round ran on the device
+    assert len(steps) > 100  # every generation but its first round ran on the device, one ahead of the host
 
 
 SAMPLED = [SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=0.7, top_p=0.9, seed=2**40 + 7),
@@ -157,8 +169,7 @@ def test_sampled_device_rounds_generate_what_the_split_rounds_do(static_pair, pa
     rounds: the same trees, tested with the same numbers in the same order."""
     target, head = static_pair
     steps = []
-    step = DeviceRounds.step
-    monkeypatch.setattr(DeviceRounds, "step", lambda self, *a: steps.append(1) or step(self, *a))
+    count_chained_launches(monkeypatch, steps)
     accepted = []
     for tree in TREES + [TreeConfig(depth=4, top_k=8, total_tokens=20)]:
         for prompt in PROMPTS:
@@ -213,7 +224,7 @@ def test_device_rounds_leave_the_sessions_as_the_split_round_does(static_pair, p
     for _ in range(8):
         if v1.done:
             break
-        r1 = rounds.step(r1.features, r1.new_tokens)
+        r1 = rounds.step(r1.features, r1.new_tokens, explore=True)
         split_tree = d2.draft(r2.features, r2.new_tokens)
         r2 = v2.verify(split_tree)
         assert v1.generated == v2.generated and r1.new_tokens == r2.new_tokens
@@ -232,6 +243,25 @@ def test_device_rounds_leave_the_sessions_as_the_split_round_does(static_pair, p
         d.close()
 
 
+@pytest.mark.parametrize("params", [SamplingParams()] + SAMPLED[:2], ids=["greedy", "sampled", "top-p"])
+def test_plain_steps_on_the_device_decode_what_the_host_loop_does(static_pair, params, monkeypatch):
+    """Plain decoding one step ahead of the host gives the host loop's tokens, through stop
+    tokens and length limits (a step launched past the end is dropped), generation after
+    generation on the same pooled caches."""
+    target, _ = static_pair
+    chained = []
+    launch = PlainSteps.launch
+    monkeypatch.setattr(PlainSteps, "launch", lambda self: chained.append(self.in_flight == 1) or launch(self))
+    for prompt in PROMPTS:
+        free = Engine(target, None, TREES[0], device_rounds=False).generate(prompt, params, StopCriteria(30), "vanilla")
+        stops = (StopCriteria(30), StopCriteria(30, frozenset({free.token_ids[9]})), StopCriteria(13), StopCriteria(1))
+        for stop in stops:
+            got = Engine(target, None, TREES[0]).generate(prompt, params, stop, "vanilla")
+            want = Engine(target, None, TREES[0], device_rounds=False).generate(prompt, params, stop, "vanilla")
+            assert got.token_ids == want.token_ids == free.token_ids[: len(want.token_ids)]
+    assert sum(chained) > 100  # launched before the step before them was read
+
+
 def test_device_rounds_refuse_what_they_cannot_run(static_pair):
     target, head = static_pair
     sampled = VerifySession(target, SamplingParams(temperature=1.0, seed=1), StopCriteria(8), [1, 2, 3])
@@ -245,6 +275,8 @@ def test_device_rounds_refuse_what_they_cannot_run(static_pair):
     rounds = DeviceRounds(greedy, DraftSession(head, TREES[0]))
     with pytest.raises(ValueError, match="commits 1 to 5 pairs"):
         rounds.step(torch.zeros(6, head.feature_spec.dim(target.hidden_size)), [1] * 6)
+    with pytest.raises(ValueError, match="follows exactly one round in flight"):
+        rounds.launch()
 
 
 def test_a_round_graph_bakes_in_the_warp_not_the_seed():

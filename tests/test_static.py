@@ -159,7 +159,10 @@ def test_verify_cost_curve_and_floor_on_a_tiny_target():
     assert [p["tree_size"] for p in result["curve"]] == list(TREE_SIZES)
     assert all(p["ms_p10"] <= p["ms_median"] <= p["ms_p90"] for p in result["curve"])
     assert result["bandwidth_floor_ms"] == pytest.approx(1e3 * weight_bytes(model) / 1e9)
-    assert "| tiny |" in format_verify_cost({"shapes": [result]})
+    table = format_verify_cost({"shapes": [result]})
+    assert "| tiny |" in table and "| tiny (plain decoding, per token) |" in table
+    assert result["plain_decode_ms"] > 0
+    assert result["plain_decode_vs_floor"] == pytest.approx(result["bandwidth_floor_ms"] / result["plain_decode_ms"])
     assert result["kernels"] == [] and all(p["device_ms"] is None for p in result["curve"])  # CUDA-only parts
     parents = random_tree(20, torch.Generator().manual_seed(1))
     assert parents[0] == -1 and all(0 <= int(p) < i for i, p in enumerate(parents.tolist()) if i)

@@ -18,8 +18,12 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from aerie.engine import Engine
 from aerie.graphs import bucket_for
+from aerie.sampling import SamplingParams
 from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers, truncate_cache
+from aerie.tree import TreeConfig
+from aerie.verifier import StopCriteria
 
 TREE_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -115,6 +119,19 @@ def verify_cost_curve(
     return points
 
 
+def plain_decode_ms(target: Target, prefix: int = 512, tokens: int = 128) -> float:
+    """Our plain decoding's time per token after `prefix` tokens (`aerie.engine.Engine`,
+    vanilla: on a static cache, one step ahead of the host), from a generation of `tokens`
+    after an untimed one that captures its graphs."""
+    prefix = min(prefix, target.max_positions - tokens)  # a small model's context
+    prompt = torch.randint(0, target.vocab_size, (prefix,), generator=torch.Generator().manual_seed(2)).tolist()
+    engine = Engine(target, None, TreeConfig())
+    run = lambda: engine.generate(prompt, SamplingParams(), StopCriteria(tokens), "vanilla")  # noqa: E731
+    run()
+    result = run()
+    return 1e3 * (result.seconds - result.prefill_s) / (result.new_tokens - 1)
+
+
 def replay_ms(cache, key, repeats: int = 50) -> float | None:
     """Device time of one replay of the graph captured under `key`, without the host work
     around it: what the forward itself costs the GPU."""
@@ -205,6 +222,8 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
     layers = model.config.num_hidden_layers
     target = Target(model, FeatureSpec("eagle3", eagle3_default_layers(layers)), static=StaticKV(cuda_graphs=graphs))
     curve = verify_cost_curve(target)
+    kernels = [b for b in (kernel_breakdown(target, 1), kernel_breakdown(target, 64)) if b]
+    plain_ms = plain_decode_ms(target)
     # The same forwards with transformers' own kernels, with the norms alone fused, with the
     # norms and the rotary embedding fused but the layers not compiled; and compiled with the
     # KV heads repeated for each query head, with the projections separate, or with SDPA for
@@ -221,6 +240,9 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
     }
     unfused = {}
     for label, static in variants.items():
+        # Every variant compiles the same decoder-layer function again: past dynamo's limit
+        # of recompiles for one function, the later variants would be timed uncompiled.
+        torch._dynamo.reset()
         other = Target(model, target.features, static=static)
         unfused[label] = {
             "curve": [vars(p) for p in verify_cost_curve(other, sizes=(1, 64))],
@@ -235,8 +257,10 @@ def measure_shape(name: str, model, device: torch.device, bandwidth: float, grap
         "one_token_ms": one,
         "one_token_vs_floor": floor_ms / one,
         "one_token_device_vs_floor": floor_ms / curve[0].device_ms if curve[0].device_ms else None,
+        "plain_decode_ms": plain_ms,  # a token of plain decoding, host included
+        "plain_decode_vs_floor": floor_ms / plain_ms,
         "curve": [vars(p) for p in curve],
-        "kernels": [b for b in (kernel_breakdown(target, 1), kernel_breakdown(target, 64)) if b],
+        "kernels": kernels,
         **unfused,
     }
 
@@ -281,6 +305,10 @@ def format_verify_cost(result: dict) -> str:
             cells = " | ".join(f"{p['device_ms']:.2f}" for p in s["curve"])
             share = 100 * s["one_token_device_vs_floor"]
             lines.append(f"| {s['shape']} (graph replay only) | {cells} | {s['bandwidth_floor_ms']:.2f} | {share:.0f}% |")
+        if s.get("plain_decode_ms") is not None:
+            share = 100 * s["plain_decode_vs_floor"]
+            lines.append(f"| {s['shape']} (plain decoding, per token) | {s['plain_decode_ms']:.2f} |"
+                         + " |" * (len(sizes) - 1) + f" {s['bandwidth_floor_ms']:.2f} | {share:.0f}% |")
         for label, what in (("reference", "transformers' kernels"), ("fused_norms_only", "fused norms only"),
                             ("fused_uncompiled", "fused norms and rotary, not compiled"),
                             ("repeated_kv_heads", "compiled, KV heads repeated for each query head"),
