@@ -384,8 +384,11 @@ class PlainSteps:
         if not params.greedy:
             # The number `sample_token` draws the token at position committed + 1 with.
             inputs["uniform"] = pinned_tensor([position_uniform(params.seed, committed + 1, 0)], torch.float64)
-        key = ("plain", warp_key(params))
-        (token,) = cache.run(key, inputs, lambda b: self._step(b, params), graphed=cache.graphs.enabled)
+        # The graph stays with the (pooled) cache: it depends on the cache and the target only,
+        # not on this session.
+        target = verifier.target
+        (token,) = cache.run(("plain", warp_key(params)), inputs, lambda b: plain_step(target, cache, b, params),
+                             graphed=cache.graphs.enabled)
         self._launched.append((HostCopy(token), token))
 
     @torch.inference_mode()
@@ -400,12 +403,15 @@ class PlainSteps:
         """Forget the steps in flight: generation ended before them."""
         self._launched.clear()
 
-    def _step(self, inputs: dict[str, torch.Tensor], params: SamplingParams) -> tuple[torch.Tensor]:
-        target, cache = self.verifier.target, self.verifier.cache
-        committed, token = inputs["committed"], inputs["token"]
-        cache.write_at[:1] = committed
-        seen = torch.arange(cache.capacity, device=committed.device) <= committed
-        logits, _ = target.run_static(cache, token[None], committed[None], seen[None, None, None])
-        if params.greedy:
-            return (logits[-1].argmax().reshape(1),)
-        return (sample_from(warp_probs(logits[-1], params), inputs["uniform"][0]).reshape(1),)
+
+def plain_step(target: Target, cache: SlotCache, inputs: dict[str, torch.Tensor],
+               params: SamplingParams) -> tuple[torch.Tensor]:
+    """One plain step as device work: feed inputs["token"] at position inputs["committed"],
+    draw the next token (greedily, or with inputs["uniform"] as `sample_token` draws it)."""
+    committed, token = inputs["committed"], inputs["token"]
+    cache.write_at[:1] = committed
+    seen = torch.arange(cache.capacity, device=committed.device) <= committed
+    logits, _ = target.run_static(cache, token[None], committed[None], seen[None, None, None])
+    if params.greedy:
+        return (logits[-1].argmax().reshape(1),)
+    return (sample_from(warp_probs(logits[-1], params), inputs["uniform"][0]).reshape(1),)
