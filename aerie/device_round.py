@@ -221,9 +221,12 @@ class DeviceRounds:
         # pooled head cache meets other target caches, and a grown one is new storage. One
         # pairing per tree is kept: engines reuse the caches they released last, so it is
         # the one met again, and the graphs over storage since dropped are let go. The warp
-        # settings are constants of the captured graph (the seed is only in its inputs).
-        key = ("round", tree, warp_key(params), None if params.greedy else offsets, target_cache.storage_id)
-        head_cache.drop_graphs(lambda k: k[:4] == key[:4] and k != key)
+        # settings are constants of the captured graph (the seed is only in its inputs), and
+        # so is the number of pairs a round commits: engines of other deepest trees share the
+        # pooled caches, and under one key their inputs' shapes would evict each other's graph.
+        key = ("round", tree, warp_key(params), None if params.greedy else offsets, self.commit_rows,
+               target_cache.storage_id)
+        head_cache.drop_graphs(lambda k: k[:5] == key[:5] and k != key)
         outputs = head_cache.run(key, inputs, lambda b: self._round(b, tree, params),
                                  graphed=head_cache.graphs.enabled)
         self._launched.append(LaunchedRound(

@@ -19,6 +19,7 @@ from aerie.sampling import SamplingParams
 from aerie.target import StaticKV, Target
 from aerie.tree import CandidatePool, TreeConfig, rerank
 from aerie.verifier import StopCriteria, VerifySession
+from tests.capture import SimulatedGraphCache, simulate_graphs
 from tests.test_engine import PROMPTS
 from tests.tiny import tiny_head, tiny_target
 
@@ -260,6 +261,33 @@ def test_plain_steps_on_the_device_decode_what_the_host_loop_does(static_pair, p
             want = Engine(target, None, TREES[0], device_rounds=False).generate(prompt, params, stop, "vanilla")
             assert got.token_ids == want.token_ids == free.token_ids[: len(want.token_ids)]
     assert sum(chained) > 100  # launched before the step before them was read
+
+
+def test_rounds_committing_other_pair_counts_keep_their_own_graphs(monkeypatch):
+    """Engines whose deepest trees differ (a fixed tree, `--tree-budget auto`) share the pooled
+    caches and may draft the same tree, but a round commits up to deepest + 1 pairs: each
+    keeps a graph of its own, and taking turns recaptures neither."""
+    simulate_graphs(monkeypatch)
+    dynamic = tiny_target("eagle3")
+    target = Target(dynamic.model, dynamic.features, static=STATIC)
+    head = tiny_head(target, "eagle3", 48)
+    tree, prompt = TREES[0], PROMPTS[0]
+    verifier = VerifySession(target, SamplingParams(), StopCriteria(40), list(prompt))
+    drafter = DraftSession(head, tree)
+    features, first = verifier.prefill()
+    result = verifier.verify(drafter.draft(features, list(prompt[1:]) + [first]))
+    own_depth, deeper = DeviceRounds(verifier, drafter), DeviceRounds(verifier, drafter, deepest=tree.depth + 2)
+    for rounds in (own_depth, deeper):  # sized for the generation: no cache grows below
+        rounds.reserve(len(prompt), 40)
+    captures = []
+    for i in range(8):
+        if verifier.done:
+            break
+        result = (own_depth, deeper)[i % 2].step(result.features, result.new_tokens)
+        captures.append(SimulatedGraphCache.total_captures)
+    assert len(captures) >= 4 and captures[1] == captures[-1]  # each captured its first round only
+    verifier.close()
+    drafter.close()
 
 
 def test_device_rounds_refuse_what_they_cannot_run(static_pair):

@@ -286,7 +286,8 @@ def _captured_since(captures: int) -> list[str]:
     for key in list(GraphCache.recent_keys)[-new:] if new else []:
         if isinstance(key, tuple) and key and key[0] == "round":
             tree = key[1]
-            names.append(f"round d{tree.depth} k{tree.top_k} n{tree.total_tokens} storage {key[-1]}")
+            names.append(f"round d{tree.depth} k{tree.top_k} n{tree.total_tokens} commits {key[-2]} "
+                         f"storage {key[-1]}")
         else:
             names.append(repr(key)[:80])
     return names
