@@ -202,8 +202,8 @@ def test_bench_rows_name_the_graphs_they_captured(monkeypatch):
     monkeypatch.setattr(GraphCache, "total_captures", 10)
     before = GraphCache.total_captures
     assert _captured_since(before) == []
-    for key in [("target", 8), ("round", TreeConfig(depth=4, top_k=3, total_tokens=9), None, 7)]:
+    for key in [("target", 8), ("round", TreeConfig(depth=4, top_k=3, total_tokens=9), None, None, 5, 7)]:
         GraphCache.recent_keys.append(key)
         GraphCache.total_captures += 1
-    assert _captured_since(before) == ["('target', 8)", "round d4 k3 n9 storage 7"]
-    assert _captured_since(before + 1) == ["round d4 k3 n9 storage 7"]
+    assert _captured_since(before) == ["('target', 8)", "round d4 k3 n9 commits 5 storage 7"]
+    assert _captured_since(before + 1) == ["round d4 k3 n9 commits 5 storage 7"]
