@@ -236,8 +236,8 @@ class Engine:
                     # From one collect to the next: with the GPU kept busy, the round's own time.
                     if GraphCache.total_captures == captures:
                         budget.observe_whole(tree, nodes, 1e3 * (now - last))
-                    if rounds.collected_explored:
-                        budget.add_explored(rounds.explored(result.accepted_draft))
+                    if rounds.collected_explored:  # what was accepted and kept, as after a split round
+                        budget.add_explored(rounds.explored(len(result.new_tokens[: result.accepted_draft])))
                 yield result.new_tokens, RoundStats(nodes - 1, result.accepted_draft, len(result.new_tokens), 0.0,
                                                     now - last)
                 if verifier.done:

@@ -260,6 +260,9 @@ def test_plain_steps_on_the_device_decode_what_the_host_loop_does(static_pair, p
             got = Engine(target, None, TREES[0]).generate(prompt, params, stop, "vanilla")
             want = Engine(target, None, TREES[0], device_rounds=False).generate(prompt, params, stop, "vanilla")
             assert got.token_ids == want.token_ids == free.token_ids[: len(want.token_ids)]
+        resumed = Engine(target, None, TREES[0]).generate(prompt, params, StopCriteria(30), "vanilla",
+                                                          resume_tokens=free.token_ids[:7])
+        assert resumed.token_ids == free.token_ids[7:]  # the same positions, the same numbers
     assert sum(chained) > 100  # launched before the step before them was read
 
 
