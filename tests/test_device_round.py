@@ -266,6 +266,22 @@ def test_plain_steps_on_the_device_decode_what_the_host_loop_does(static_pair, p
     assert sum(chained) > 100  # launched before the step before them was read
 
 
+@pytest.mark.parametrize("mode", ["eagle", "vanilla"])
+def test_a_stream_left_with_a_round_in_flight_harms_no_later_generation(static_pair, mode):
+    """A consumer that stops reading (a client gone) leaves a round or step launched and
+    unread: the caches go back to the pool, and the next generations there are exact."""
+    target, head = static_pair
+    engine, params = Engine(target, head, TREES[0]), SAMPLED[0]
+    want = [Engine(target, head, TREES[0], device_rounds=False).generate(p, params, StopCriteria(30), mode).token_ids
+            for p in PROMPTS]
+    for left_after in (2, 4):
+        stream = engine.stream(PROMPTS[0], params, StopCriteria(30), mode)
+        for _ in range(left_after):  # the prefill, then rounds: the last one read had another launched after it
+            next(stream)
+        stream.close()
+        assert [engine.generate(p, params, StopCriteria(30), mode).token_ids for p in PROMPTS] == want
+
+
 def test_rounds_committing_other_pair_counts_keep_their_own_graphs(monkeypatch):
     """Engines whose deepest trees differ (a fixed tree, `--tree-budget auto`) share the pooled
     caches and may draft the same tree, but a round commits up to deepest + 1 pairs: each
