@@ -147,6 +147,7 @@ class DeviceRounds:
         """The tree a round of `tree` verifies, root included."""
         return min(tree.total_tokens, candidate_count(tree)) + 1
 
+    @torch.inference_mode()  # grown storage is an inference tensor, as the forwards made it
     def reserve(self, prompt_tokens: int, max_new_tokens: int, largest: TreeConfig | None = None) -> None:
         """Size both caches for a whole generation of `max_new_tokens` after `prompt_tokens`,
         drafting trees up to `largest`: a chained round is launched before the host knows how
@@ -370,6 +371,7 @@ class PlainSteps:
     def in_flight(self) -> int:
         return len(self._launched)
 
+    @torch.inference_mode()
     def reserve(self, prompt_tokens: int, max_new_tokens: int) -> None:
         """Room for the whole generation and a step launched past its end."""
         self.verifier.cache.reserve(prompt_tokens + max_new_tokens + 1)
