@@ -158,7 +158,12 @@ class DeviceRounds:
         # launched past it before the host read that the limit was reached.
         start = prompt_tokens + max_new_tokens + self.commit_rows
         self.verifier.cache.reserve(start + self.nodes(tree))
-        self.drafter.cache.reserve(start + self.commit_rows + (tree.depth - 1) * tree.top_k)
+        self.drafter.cache.reserve(start + self._head_slots(tree))
+
+    def _head_slots(self, tree: TreeConfig) -> int:
+        """Head cache slots a round of `tree` writes past the head's length: the pairs it
+        commits (padded), then the frontiers it feeds below the first level."""
+        return self.commit_rows + (tree.depth - 1) * tree.top_k
 
     @property
     def in_flight(self) -> int:
@@ -191,7 +196,7 @@ class DeviceRounds:
             count = len(next_tokens)
             if not 1 <= count <= self.commit_rows:
                 raise ValueError(f"a round commits 1 to {self.commit_rows} pairs, got {count}")
-            head_cache.reserve(head_length + self.commit_rows + (tree.depth - 1) * tree.top_k)
+            head_cache.reserve(head_length + self._head_slots(tree))
             target_cache.reserve(committed + self.nodes(tree))
             ids = next_tokens + [next_tokens[-1]] * (self.commit_rows - count)
             inputs = {
@@ -207,7 +212,7 @@ class DeviceRounds:
             # The last round commits at most commit_rows tokens, on top of what the host knows.
             start = committed + self.commit_rows
             if (target_cache.capacity < start + self.nodes(tree)
-                    or head_cache.capacity < head_length + 2 * self.commit_rows + (tree.depth - 1) * tree.top_k):
+                    or head_cache.capacity < head_length + self.commit_rows + self._head_slots(tree)):
                 raise ValueError("the caches lack room for a chained round: reserve() them for the generation")
             inputs = {"ints": last.next_ints, "features": last.next_features}
             offsets = 1  # the window starts where the last round started
