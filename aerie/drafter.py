@@ -9,12 +9,13 @@ token with the head's own outputs as features, and finally drops the drafted ent
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from aerie.fused import fused
 from aerie.heads import DraftHead
-from aerie.kvcache import Attend, SlotCache, pinned_tensor, seen_on_device
+from aerie.kvcache import Attend, SlotCache, additive_mask, pinned_tensor, seen_on_device
 from aerie.target import truncate_cache
 from aerie.tree import CandidatePool, DraftTree, TreeConfig, expand_level, full_tree, node_depths, rerank
 
@@ -86,6 +87,77 @@ class DraftSession:
                              graphed=cache.graphs.enabled)
 
 
+class Frontier(NamedTuple):
+    """The nodes one drafting level expands: their candidate indices (the root is 0), the
+    features the head reads at them, their path scores, and which drafted entries each
+    sees ([f, drafted], the last f being the nodes themselves)."""
+
+    nodes: torch.Tensor  # [f] long
+    hidden: torch.Tensor  # [f, h]
+    scores: torch.Tensor  # [f] float32
+    ancestry: torch.Tensor  # [f, drafted] bool
+
+    @staticmethod
+    def root(hidden: torch.Tensor) -> Frontier:
+        device = hidden.device
+        return Frontier(torch.zeros(1, dtype=torch.long, device=device), hidden, torch.zeros(1, device=device),
+                        torch.zeros(1, 0, dtype=torch.bool, device=device))
+
+
+class Level(NamedTuple):
+    """One level's candidates, in drafting order: target token ids, parent candidate indices
+    and path scores, each [c]."""
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    scores: torch.Tensor
+
+
+class Feed(NamedTuple):
+    """The candidates chosen to be the next frontier, as the head is fed them: their
+    parents' features and their own tokens; with their candidate indices, path scores and
+    ancestry (the next `Frontier` but for the features the head gives them)."""
+
+    hidden: torch.Tensor  # [m, h]
+    ids: torch.Tensor  # [m]
+    nodes: torch.Tensor  # [m]
+    scores: torch.Tensor  # [m]
+    ancestry: torch.Tensor  # [m, drafted + m]
+
+    def frontier(self, hidden: torch.Tensor) -> Frontier:
+        return Frontier(self.nodes, hidden, self.scores, self.ancestry)
+
+
+def expand_frontier(head: DraftHead, config: TreeConfig, frontier: Frontier, size: int,
+                    level: int) -> tuple[Level, Feed]:
+    """Draft level `level` below `frontier` (the tree so far holds `size` nodes, root
+    included): its candidates, and the ones chosen to be fed back through the head."""
+    slots, draft_ids, cumulative, chosen = expand_level(frontier.scores, head.draft_logprobs(frontier.hidden),
+                                                        config, level)
+    tokens = head.to_target_ids(draft_ids)
+    nodes = torch.arange(size, size + slots.shape[0], device=tokens.device)
+    fed = slots[chosen]
+    ancestry = torch.cat([frontier.ancestry[fed],
+                          torch.eye(chosen.shape[0], dtype=torch.bool, device=tokens.device)], dim=1)
+    return (Level(tokens, frontier.nodes[slots], cumulative),
+            Feed(frontier.hidden[fed], tokens[chosen], nodes[chosen], cumulative[chosen], ancestry))
+
+
+def expand_on_device(head: DraftHead, config: TreeConfig, frontier: Frontier, size: int, level: int,
+                     committed: torch.Tensor, capacity: int) -> tuple[Level, Feed, torch.Tensor, ...]:
+    """`expand_frontier` inside a graph, which does not know the committed length: also the
+    fed rows' cache slots and positions, and the additive mask of what they see (the
+    committed entries and their drafted ancestors, which follow them in the cache). One
+    function, so that the static path compiles a level's bookkeeping into a few kernels
+    instead of the thirty-odd small ones it is op by op."""
+    level_candidates, feed = expand_frontier(head, config, frontier, size, level)
+    n, drafted = feed.ancestry.shape
+    slots = committed + torch.arange(drafted, device=committed.device)  # of the drafted entries
+    seen = seen_on_device(capacity, committed, slots, feed.ancestry)
+    positions = (committed + level - 1).expand(n)
+    return level_candidates, feed, slots[-n:], positions, additive_mask(seen, feed.hidden.dtype)
+
+
 def grow_candidates(head: DraftHead, cache, config: TreeConfig, root_hidden: torch.Tensor,
                     committed: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every candidate of one round, level by level from the root: (tokens, parents,
@@ -97,51 +169,28 @@ def grow_candidates(head: DraftHead, cache, config: TreeConfig, root_hidden: tor
     committed entries and its own drafted ancestors (which sit in the cache after them).
     Everything stays on the head's device: the host only queues work. `committed` is a
     device scalar inside a captured round, whose length the graph does not know."""
-    device = root_hidden.device
-    tokens, parents, scores = [], [], []  # per level
-    frontier_nodes = torch.zeros(1, dtype=torch.long, device=device)  # candidate indices, root = 0
-    frontier_hidden = root_hidden
-    frontier_scores = torch.zeros(1, device=device)
-    ancestry = torch.zeros(1, 0, dtype=torch.bool, device=device)  # frontier rows over drafted entries
-    size = 1
+    levels: list[Level] = []
+    frontier, size = Frontier.root(root_hidden), 1
+    on_device = not isinstance(committed, int)
+    expand = head.compiled_part(expand_on_device) if on_device else None
     for level in range(1, config.depth + 1):
-        slots, draft_ids, cumulative, chosen = expand_level(
-            frontier_scores, head.draft_logprobs(frontier_hidden), config, level
-        )
-        level_tokens = head.to_target_ids(draft_ids)
-        tokens.append(level_tokens)
-        parents.append(frontier_nodes[slots])
-        scores.append(cumulative)
-        level_nodes = torch.arange(size, size + slots.shape[0], device=device)
-        size += slots.shape[0]
         if level == config.depth:
+            levels.append(expand_frontier(head, config, frontier, size, level)[0])
             break
-        fed = chosen.shape[0]
-        ancestry = torch.cat(
-            [ancestry[slots[chosen]], torch.eye(fed, dtype=torch.bool, device=device)], dim=1
-        )
-        frontier_hidden = _feed(head, cache, frontier_hidden[slots[chosen]], level_tokens[chosen], ancestry,
-                                committed, level)
-        frontier_nodes, frontier_scores = level_nodes[chosen], cumulative[chosen]
-    return torch.cat(tokens), torch.cat(parents), torch.cat(scores)
-
-
-def _feed(head: DraftHead, cache, x: torch.Tensor, ids: torch.Tensor, ancestry: torch.Tensor,
-          committed: int | torch.Tensor, level: int) -> torch.Tensor:
-    """Run the head on a new frontier ([n, F] features, [n] tokens) at position
-    committed + level - 1; row i sees the committed entries and the drafted entries
-    that ancestry[i] marks (the last n are the rows themselves)."""
-    n, device = ids.shape[0], x.device
-    if isinstance(committed, int):
-        positions = torch.full((1, n), committed + level - 1, device=device)
-        return head(x[None], ids[None], positions, Attend(committed, ancestry), cache)[0]
-    # Inside a graph: where the rows are written and what they see follow from the
-    # committed length on the device. The cache's length stays `committed`.
-    drafted = committed + torch.arange(ancestry.shape[1], device=device)  # slots of the drafted entries
-    cache.write_at[:n] = drafted[-n:]
-    mask = seen_on_device(cache.capacity, committed, drafted, ancestry)
-    positions = (committed + level - 1).expand(1, n)
-    return head.static_step(x[None], ids[None], positions, mask[None, None], cache)[0]
+        if on_device:
+            # Where the rows are written and what they see follow from the committed length
+            # on the device. The cache's length stays `committed`.
+            candidates, feed, slots, positions, mask = expand(head, config, frontier, size, level, committed,
+                                                              cache.capacity)
+            cache.write_at[: slots.shape[0]] = slots
+            hidden = head.static_step(feed.hidden[None], feed.ids[None], positions[None], mask[None, None], cache)[0]
+        else:
+            candidates, feed = expand_frontier(head, config, frontier, size, level)
+            positions = torch.full((1, feed.ids.shape[0]), committed + level - 1, device=root_hidden.device)
+            hidden = head(feed.hidden[None], feed.ids[None], positions, Attend(committed, feed.ancestry), cache)[0]
+        levels.append(candidates)
+        frontier, size = feed.frontier(hidden), size + candidates.tokens.shape[0]
+    return tuple(torch.cat(parts) for parts in zip(*levels))
 
 
 @torch.inference_mode()

@@ -16,6 +16,7 @@ The building blocks are transformers' own Llama modules; only the wiring is ours
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -64,6 +65,7 @@ class DraftHead(nn.Module):
         self._caches = None
         self.fused = Fusion()  # the kernels the static path fuses (aerie.fused)
         self.compiled = None  # `step` compiled whole, where the static path compiles it
+        self._compiled_parts: dict[Callable, Callable] = {}
 
     def attach(self, target: Target) -> DraftHead:
         """Borrow the target's embedding and LM head, and run the way it runs (static
@@ -73,6 +75,7 @@ class DraftHead(nn.Module):
         self.static = target.static
         self._caches = None
         self.compiled = None
+        self._compiled_parts = {}
         return self
 
     @property
@@ -97,6 +100,15 @@ class DraftHead(nn.Module):
             self.fused = self.static.fusion(self, device)
             self.compiled = self.static.compile(self.step, device)
         return self._caches.take()
+
+    def compiled_part(self, fn: Callable) -> Callable:
+        """`fn`, a piece of the head's static-path drafting that takes the head first,
+        compiled where the static path compiles (one `Compiled` per piece, kept with the
+        head), else `fn` itself."""
+        part = self._compiled_parts.get(fn)
+        if part is None:
+            part = self._compiled_parts[fn] = self.static.compile(fn, self.fc.weight.device) or fn
+        return part
 
     def release_cache(self, cache: DynamicCache | SlotCache) -> None:
         if self._caches is not None and isinstance(cache, SlotCache):
