@@ -7,7 +7,10 @@ prompts (code is easier to guess than prose). So both sides are measured while s
 
 - acceptance: every `explore_every`-th round drafts the largest tree (every
   `settled_explore_every`-th once `settle_after` such rounds are logged: an explored round
-  costs more than the chosen one, and the estimate needs fewer new samples once it has many).
+  costs more than the chosen one, and the estimate needs fewer new samples once it has many;
+  every other round during warm-up). Each explored round stands for the rounds between
+  explorations, so it is weighted by that interval: otherwise the warm-up's dense
+  exploration of its first few answers would outweigh everything served after it.
   Because a dynamic tree of N nodes and depth d is exactly the N best-scoring candidates of
   depth <= d among what the drafter expanded (the expansion of each level does not depend on
   N or on deeper levels), such a round tells what every smaller tree would have accepted:
@@ -206,8 +209,9 @@ class TreeBudget:
         self.log: deque[ExploredRound] = deque(maxlen=window)
         # accepted_if of each logged round for every (size, depth) candidate, computed once
         # when the round is logged: the choice then costs a mean, not a replay of the log.
-        self._tables: deque[torch.Tensor] = deque(maxlen=window)
-        self._table_sum: torch.Tensor | None = None
+        self._tables: deque[tuple[torch.Tensor, float]] = deque(maxlen=window)  # with its weight
+        self._table_sum: torch.Tensor | None = None  # weighted
+        self._weight_sum = 0.0
         self.costs = CostModel(reference_depth=largest.depth)
         self.rounds = 0
         # Tree sizes that fill a verify bucket exactly (root included), up to the largest.
@@ -238,11 +242,17 @@ class TreeBudget:
         self.rounds += 1
         if self._warmup and self.rounds % 2 == 0:  # measure each size's cost once, between explorations
             return self._tree(*self._warmup.pop())
-        every = self.settled_explore_every if len(self.log) >= self.settle_after else self.explore_every
-        if not self.log or self.rounds % every == 1 or self._warmup:
+        if not self.log or self.rounds % self.explore_interval == 1 or self._warmup:
             return self.largest
         n, d = self.choice()
         return self._tree(n, d)
+
+    @property
+    def explore_interval(self) -> int:
+        """Rounds from one explored round to the next, as of now."""
+        if self._warmup:
+            return 2
+        return self.settled_explore_every if len(self.log) >= self.settle_after else self.explore_every
 
     def observe(self, tree_config: TreeConfig, nodes: int, draft_ms: float, verify_ms: float, rtt_ms: float = 0.0,
                 host_ms: float | None = None) -> None:
@@ -259,20 +269,28 @@ class TreeBudget:
     def _bucket(self, nodes: int) -> int:
         return bucket_for(nodes, self.largest_graph) or nodes
 
-    def add_explored(self, round_: ExploredRound) -> None:
+    def add_explored(self, round_: ExploredRound, weight: float | None = None) -> None:
+        """Log an explored round. `weight`: the rounds it stands for, by default the
+        exploration interval; 1 for a round drafted at the largest tree for another reason
+        (a generation's first round), which stands for itself only."""
+        weight = float(self.explore_interval if weight is None else weight)
         table = acceptance_table(round_, self.sizes, self.largest.depth)
         if len(self._tables) == self._tables.maxlen:
-            self._table_sum -= self._tables[0]
+            oldest, oldest_weight = self._tables[0]
+            self._table_sum -= oldest_weight * oldest
+            self._weight_sum -= oldest_weight
         self.log.append(round_)
-        self._tables.append(table)
-        self._table_sum = table.clone() if self._table_sum is None else self._table_sum + table
+        self._tables.append((table, weight))
+        self._table_sum = weight * table if self._table_sum is None else self._table_sum + weight * table
+        self._weight_sum += weight
 
     def expected_accepted(self, total_tokens: int, depth: int) -> float:
         if not self.log:
             return 0.0
         if total_tokens in self.sizes and 1 <= depth <= self.largest.depth:
-            return float(self._table_sum[self.sizes.index(total_tokens), depth - 1]) / len(self._tables)
-        return statistics.fmean(accepted_if(r, total_tokens, depth) for r in self.log)
+            return float(self._table_sum[self.sizes.index(total_tokens), depth - 1]) / self._weight_sum
+        return statistics.fmean([accepted_if(r, total_tokens, depth) for r in self.log],
+                                [w for _, w in self._tables])
 
     def choice(self) -> tuple[int, int]:
         """The (total_tokens, depth) with the most expected tokens per ms, among measured sizes."""
@@ -287,7 +305,7 @@ class TreeBudget:
         if not self._tables:
             return
         # Plain floats: this runs every round, and 50-odd tensor reads cost more than the rest.
-        accepted = dict(zip(self.sizes, (self._table_sum / len(self._tables)).tolist()))
+        accepted = dict(zip(self.sizes, (self._table_sum / self._weight_sum).tolist()))
         for n, d in self.pairs():
             bucket = self._bucket(n + 1)
             if self.costs.measured(bucket):

@@ -302,24 +302,19 @@ class DeviceRounds:
 
         # The pending pairs, causal; padding rows land where drafting writes next.
         with fused(head.fused):
-            slots = head_length + torch.arange(self.commit_rows, device=device)
-            head_cache.write_at[: self.commit_rows] = slots
-            seen = torch.arange(head_cache.capacity, device=device)[None, :] <= slots[:, None]
-            hidden = head.static_step(features[None], ids[None], slots[None], seen[None, None], head_cache)[0]
+            pending = head_length + torch.arange(self.commit_rows, device=device)
+            head_cache.write_at[: self.commit_rows] = pending
+            seen = torch.arange(head_cache.capacity, device=device)[None, :] <= pending[:, None]
+            hidden = head.static_step(features[None], ids[None], pending[None], seen[None, None], head_cache)[0]
             candidates = grow_candidates(head, head_cache, tree, hidden.index_select(0, last), head_length + count)
-        tokens, parents, scores = select_tree(ids.index_select(0, last), *candidates, tree.total_tokens)
-
-        n = tokens.shape[0]
-        reach = ancestor_closure(parents[None])[0]  # [n, n]: each node's ancestors and itself
-        slots = committed + torch.arange(n, device=device)
-        target_cache.write_at[:n] = slots
-        mask = seen_on_device(target_cache.capacity, committed, slots, reach)
-        depths = reach.sum(-1) - 1
-        logits, node_features = target.run_static(target_cache, tokens[None], (committed + depths)[None],
-                                                  mask[None, None])
+        compiled = head.compiled_part
+        tokens, parents, scores, reach, depths, slots, positions, mask = compiled(tree_to_verify)(
+            ids.index_select(0, last), *candidates, tree.total_tokens, committed, target_cache.capacity)
+        target_cache.write_at[: slots.shape[0]] = slots
+        logits, node_features = target.run_static(target_cache, tokens[None], positions[None], mask[None, None])
 
         if params.greedy:
-            path, length, bonus = accept_greedy_rows(tokens[None], parents[None], logits.argmax(-1)[None], reach[None])
+            path, length, bonus = compiled(greedy_path)(tokens, parents, logits, reach)
         else:
             # Warped as the split round warps its [1, n, V] logits, so every probability is
             # the same double; the numbers as `round_uniforms` lays them out, from the row of
@@ -329,23 +324,56 @@ class DeviceRounds:
             path, length, bonus = accept_point_mass_rows(tokens[None], parents[None], warp_probs(logits[None], params),
                                                          uniforms[None, : tree.depth, 1:], uniforms[None, :, 0],
                                                          reach[None])
-        rows = min(tree.depth, n - 1) + 1  # the most nodes a path holds
-        path = path[0, :rows].clamp_min(0)  # past the path's end: the root, read by nobody
-        length = length[0]
-        steps = torch.arange(rows, device=device)
+        rows = min(tree.depth, tokens.shape[0] - 1) + 1  # the most nodes a path holds
+        moved_to, moved_from, after, result, path_features, next_ints, next_features = compiled(commit_path)(
+            path[0, :rows], length[0], bonus[0], tokens, node_features, committed, head_length, count,
+            self.commit_rows, features.dtype)
         storage = target_cache.storage
-        storage.index_copy_(4, committed + steps, storage.index_select(4, committed + path))
-        after = torch.cat([path[1:], path[:1]])  # the node of each committed token but the bonus
-        emitted = torch.where(steps == length - 1, bonus[0], tokens[after])
-        path_features = node_features.index_select(0, path)
-        # What a chained round commits: these tokens with their features, padded as the host
-        # pads them (the last pair repeated).
-        pairs = torch.arange(self.commit_rows, device=device).clamp_max(length - 1)
-        next_ints = torch.cat([(committed + length).reshape(1), (head_length + count).reshape(1), length.reshape(1),
-                               emitted.index_select(0, pairs)])
-        return (torch.cat([length.reshape(1), emitted]), path_features, next_ints,
-                path_features.index_select(0, pairs).to(features.dtype),
+        storage.index_copy_(4, moved_to, storage.index_select(4, moved_from))
+        return (result, path_features, next_ints, next_features,
                 candidates[2], candidates[1], scores[after], depths[after])
+
+
+def tree_to_verify(root_token: torch.Tensor, tokens: torch.Tensor, parents: torch.Tensor, scores: torch.Tensor,
+                   total_tokens: int, committed: torch.Tensor, capacity: int) -> tuple[torch.Tensor, ...]:
+    """The round's tree (`select_tree`: tokens, parents, path scores) and what the target's
+    forward over it needs: each node's ancestors and itself ([n, n]), its depth, its cache
+    slot and position, and the mask of the cache's entries it sees ([n, capacity]). One
+    function, so that the static path compiles it into a few kernels."""
+    tokens, parents, scores = select_tree(root_token, tokens, parents, scores, total_tokens)
+    reach = ancestor_closure(parents[None])[0]
+    depths = reach.sum(-1) - 1
+    slots = committed + torch.arange(tokens.shape[0], device=tokens.device)
+    mask = seen_on_device(capacity, committed, slots, reach)
+    return tokens, parents, scores, reach, depths, slots, committed + depths, mask
+
+
+def greedy_path(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tensor,
+                reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`accept_greedy_rows` of the one tree against the target's logits over it."""
+    return accept_greedy_rows(tokens[None], parents[None], logits.argmax(-1)[None], reach[None])
+
+
+def commit_path(path: torch.Tensor, length: torch.Tensor, bonus: torch.Tensor, tokens: torch.Tensor,
+                node_features: torch.Tensor, committed: torch.Tensor, head_length: torch.Tensor,
+                count: torch.Tensor, commit_rows: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """What an accepted path (its first `rows` entries, -1 past its `length`) leaves: the
+    target cache's slots to move its entries to and from, the node of each committed token
+    but the bonus, the round's result ([1 + rows]: the length, then the tokens it commits),
+    the path's features, and what a chained round commits (its "ints" and "features"
+    inputs: these tokens with their features, padded as the host pads them, the last pair
+    repeated)."""
+    rows = path.shape[0]
+    path = path.clamp_min(0)  # past the path's end: the root, read by nobody
+    steps = torch.arange(rows, device=path.device)
+    after = torch.cat([path[1:], path[:1]])  # the node of each committed token but the bonus
+    emitted = torch.where(steps == length - 1, bonus, tokens[after])
+    path_features = node_features.index_select(0, path)
+    pairs = torch.arange(commit_rows, device=path.device).clamp_max(length - 1)
+    next_ints = torch.cat([(committed + length).reshape(1), (head_length + count).reshape(1), length.reshape(1),
+                           emitted.index_select(0, pairs)])
+    return (committed + steps, committed + path, after, torch.cat([length.reshape(1), emitted]), path_features,
+            next_ints, path_features.index_select(0, pairs).to(dtype))
 
 
 def warp_key(params: SamplingParams) -> tuple[float, int, float] | None:

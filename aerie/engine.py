@@ -108,6 +108,12 @@ class Engine:
         self.target.precompile()
         if self.head is not None:
             precompile_head(self.head, self.tree)
+            if self.device_rounds and self.target.static is not None and self.target.compiled is not None:
+                # A device round's compiled pieces (aerie.device_round), through a short greedy
+                # generation: a first round to commit the prompt, then rounds on the device.
+                # Without the budget, which would learn from it.
+                scratch = Engine(self.target, self.head, self.tree, max_tree_nodes=self.max_tree_nodes)
+                scratch.generate([0, 0], SamplingParams(), StopCriteria(3 * (self.tree.depth + 1)))
 
     def _require_head(self) -> DraftHead:
         if self.head is None:
@@ -171,11 +177,12 @@ class Engine:
         budget = self.budget
         last_end = None  # when the previous round's verify returned
         while not verifier.done:
+            forced = self.device_rounds and last_end is None
             if budget is not None:
                 # A generation's first round runs split (device rounds start at the second):
                 # at the largest tree, whose split graphs the first generation captured,
                 # rather than at a choice whose graphs might be captured in the middle of serving.
-                drafter.tree = budget.largest if self.device_rounds and last_end is None else budget.next_tree()
+                drafter.tree = budget.largest if forced else budget.next_tree()
             explored = budget is not None and drafter.tree == budget.largest
             captures = GraphCache.total_captures
             t0 = time.perf_counter()
@@ -192,8 +199,10 @@ class Engine:
                     budget.observe(drafter.tree, len(tree), draft_ms=1e3 * (t1 - t0), verify_ms=1e3 * (t2 - t1),
                                    host_ms=None if last_end is None else 1e3 * (t0 - last_end))
                 if explored:
+                    # A forced first round was not drawn by exploring: it stands for itself.
                     budget.add_explored(explored_round(tree, drafter.candidates(),
-                                                       result.new_tokens[: result.accepted_draft]))
+                                                       result.new_tokens[: result.accepted_draft]),
+                                        weight=1 if forced else None)
             last_end = t2
             # The tokens paired with the returned features: the accepted path (any branch of
             # the tree, not its first nodes) and the bonus token. Only a round that ends

@@ -102,9 +102,9 @@ class DraftHead(nn.Module):
         return self._caches.take()
 
     def compiled_part(self, fn: Callable) -> Callable:
-        """`fn`, a piece of the head's static-path drafting that takes the head first,
-        compiled where the static path compiles (one `Compiled` per piece, kept with the
-        head), else `fn` itself."""
+        """`fn`, a piece of device work around the head's static step (a drafting level's
+        bookkeeping, a device round's), compiled where the static path compiles, else `fn`
+        itself: one `Compiled` per piece, kept with the head, as its compiled step is."""
         part = self._compiled_parts.get(fn)
         if part is None:
             part = self._compiled_parts[fn] = self.static.compile(fn, self.fc.weight.device) or fn

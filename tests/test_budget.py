@@ -261,6 +261,35 @@ def test_exploration_thins_out_once_the_estimate_has_samples():
     assert explored[4:] == list(range(33, 101, 16))
 
 
+def test_explored_rounds_stand_for_the_rounds_between_explorations():
+    """The warm-up explores every other round; a settled budget every 16th. Each explored
+    round is weighted by that interval (a forced one by 1), so that the estimate is the mean
+    over the rounds served, not over the explored ones: the warm-up's dense samples of its
+    first answers do not outweigh what came after."""
+    budget = TreeBudget(TreeConfig("dynamic", DEPTH, TOP_K, 63), largest_graph=64, explore_every=4,
+                        settle_after=3, settled_explore_every=16)
+    pool = random_pool(0)
+    depths = depths_of(pool)
+    first_child = next(c for c in range(1, len(depths)) if pool.parents[c] == 0)
+    path = ((pool.logprobs[first_child],), (depths[first_child],))
+    easy = ExploredRound(torch.tensor(pool.logprobs[1:], dtype=torch.float64), torch.tensor(depths[1:]), *path)
+    hard = ExploredRound(easy.scores, easy.depths, (), ())  # the root's first child rejected
+    assert budget.explore_interval == 2
+    for _ in range(12):  # warm-up: each stands for 2 rounds
+        budget.add_explored(easy)
+    budget._warmup.clear()
+    assert budget.explore_interval == 16  # settled: 12 logged
+    for _ in range(3):  # each stands for 16 rounds
+        budget.add_explored(hard)
+    budget.add_explored(easy, weight=1)  # a generation's first round, at the largest tree by rule
+    served = 12 * 2 + 3 * 16 + 1
+    want = (12 * 2 + 1) / served  # the easy rounds' one accepted draft, over every round served
+    assert budget.expected_accepted(63, DEPTH) == pytest.approx(want)
+    assert budget.expected_accepted(62, DEPTH) == pytest.approx(want)  # a size off the table: the slow path
+    unweighted = 13 / 16
+    assert abs(want - unweighted) > 0.4
+
+
 def test_host_work_between_rounds_is_part_of_the_cost():
     """A fixed cost per round makes rounds that commit more worth more: with enough of it the
     choice moves to a larger tree than the same curve without it."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from aerie.device_round import commit_path, greedy_path, tree_to_verify
 from aerie.drafter import expand_on_device
 from aerie.engine import Engine
 from aerie.fused import Compiled
@@ -42,13 +43,16 @@ def test_compiled_forwards_generate_what_the_uncompiled_ones_do():
             assert plain.token_ids == Engine(reference, None, tree).generate(prompt, params, stop, "vanilla").token_ids
     # The compiled functions ran (none fell back to eager), compiled once per shape family
     # (one row or many; for the head also its two feature widths; a level's bookkeeping for
-    # the root and for a wider frontier), all in `precompile`, and
+    # the root and for a wider frontier; a round's pieces), all in `precompile`, and
     # never again: not for a longer prompt, a grown cache or another session's cache.
     assert isinstance(target.compiled, Compiled) and not target.compiled.eager
     assert isinstance(head.compiled, Compiled) and not head.compiled.eager
-    expand = head.compiled_part(expand_on_device)  # a drafting level's bookkeeping, on the device
-    assert isinstance(expand, Compiled) and not expand.eager
-    assert 3 <= compiled <= 11, compiled
+    # A drafting level's bookkeeping on the device, and a device round's before and after its
+    # target forward.
+    for part in (expand_on_device, tree_to_verify, greedy_path, commit_path):
+        compiled_part = head.compiled_part(part)
+        assert isinstance(compiled_part, Compiled) and not compiled_part.eager
+    assert 3 <= compiled <= 12, compiled
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
 
 
