@@ -105,6 +105,13 @@ def test_path_nodes_follows_the_accepted_tokens():
     assert path_nodes(tree, []) == []
 
 
+def tokens_per_round(rounds: list[ExploredRound], n: int, d: int, frame: tuple[int, int] = (63, DEPTH)) -> float:
+    """Brute force of `TreeBudget.expected_tokens` for rounds of equal weight explored while
+    `frame` ran: the tokens the frame's rounds commit over the rounds (n, d) would take."""
+    covered = [accepted_if(r, *frame) + 1 for r in rounds]
+    return sum(covered) / sum(c / (accepted_if(r, n, d) + 1) for c, r in zip(covered, rounds))
+
+
 def synthetic_budget(verify_ms, draft_ms_per_level: float) -> TreeBudget:
     """A budget fed 200 explored rounds of random pools and a cost curve."""
     budget = TreeBudget(TreeConfig("dynamic", DEPTH, TOP_K, 63), largest_graph=64)
@@ -140,8 +147,7 @@ def test_choice_is_the_brute_force_best(name, verify_ms):
     rates = {}
     for n in (1, 3, 7, 15, 31, 63):
         for d in range(1, DEPTH + 1):
-            mean = sum(accepted_if(r, n, d) for r in budget.log) / len(budget.log)
-            rates[(n, d)] = (mean + 1) / (0.3 * d + verify_ms(n + 1))
+            rates[(n, d)] = tokens_per_round(budget.log, n, d) / (0.3 * d + verify_ms(n + 1))
     assert budget.choice() == max(rates, key=rates.get)
 
 
@@ -239,8 +245,7 @@ def test_whole_rounds_are_measured_or_additive():
     rates = {}
     for n in budget.sizes:
         for d in range(1, DEPTH + 1):
-            mean = sum(accepted_if(r, n, d) for r in budget.log) / len(budget.log)
-            rates[(n, d)] = (mean + 1) / whole(bucket_for(n + 1, 64), d)
+            rates[(n, d)] = tokens_per_round(budget.log, n, d) / whole(bucket_for(n + 1, 64), d)
     assert budget.choice() == max(rates, key=rates.get)
 
 
@@ -290,6 +295,36 @@ def test_explored_rounds_stand_for_the_rounds_between_explorations():
     assert abs(want - unweighted) > 0.4
 
 
+def test_deep_trees_are_rated_by_the_rounds_they_would_take_not_by_round_starts():
+    """Text alternates 40 easy positions (the draft is right up to the block's end) with 40
+    hard ones (the first draft token is wrong). A depth-2 tree is in use, and rounds are
+    explored where its rounds start. A depth-5 tree would cross the easy blocks in fewer,
+    longer rounds, so the plain mean of what it would commit at those starts overrates it;
+    the estimate matches what it commits per round on the same text."""
+    budget = TreeBudget(TreeConfig("dynamic", DEPTH, TOP_K, 63), largest_graph=64, window=10_000)
+    chain = (torch.tensor([-1.0 - i for i in range(DEPTH)], dtype=torch.float64), torch.arange(1, DEPTH + 1))
+
+    def run_lengths(depth: int, length: int = 8000) -> list[int]:
+        """The draft tokens the target agrees with at each round start of a depth-`depth` tree."""
+        pos, runs = 0, []
+        while pos < length:
+            block = pos % 80
+            runs.append(40 - block if block < 40 else 0)
+            pos += min(runs[-1], depth) + 1
+        return runs
+
+    starts = run_lengths(2)
+    for run in starts:
+        budget.add_explored(ExploredRound(*chain, tuple(chain[0][: min(run, DEPTH)].tolist()),
+                                          tuple(range(1, min(run, DEPTH) + 1))), weight=1, frame=(63, 2))
+    for depth in (1, 2, 3, DEPTH):
+        served = 8000 / len(run_lengths(depth))  # tokens per round, counted on the text
+        assert budget.expected_tokens(63, depth) == pytest.approx(served, rel=0.03)
+    plain_mean = sum(min(run, DEPTH) + 1 for run in starts) / len(starts)
+    assert plain_mean > 1.2 * 8000 / len(run_lengths(DEPTH))
+    assert budget.expected_tokens(63, 2) == pytest.approx(sum(min(r, 2) + 1 for r in starts) / len(starts))
+
+
 def test_host_work_between_rounds_is_part_of_the_cost():
     """A fixed cost per round makes rounds that commit more worth more: with enough of it the
     choice moves to a larger tree than the same curve without it."""
@@ -302,8 +337,7 @@ def test_host_work_between_rounds_is_part_of_the_cost():
     rates = {}
     for n in heavy.sizes:
         for d in range(1, DEPTH + 1):
-            mean = sum(accepted_if(r, n, d) for r in heavy.log) / len(heavy.log)
-            rates[(n, d)] = (mean + 1) / (heavy.costs.draft(d) + verify(n + 1) + 20.0)
+            rates[(n, d)] = tokens_per_round(heavy.log, n, d) / (heavy.costs.draft(d) + verify(n + 1) + 20.0)
     assert got == max(rates, key=rates.get)
     assert (got[0], got[1]) != lean and got[0] * got[1] > lean[0] * lean[1]
 
@@ -319,8 +353,7 @@ def test_running_means_follow_the_window():
             tuple(pool.logprobs[i] for i in path), tuple(depths[i] for i in path)))
     assert len(budget.log) == 3
     for n, d in ((1, 1), (7, 3), (63, DEPTH)):
-        direct = sum(accepted_if(r, n, d) for r in budget.log) / 3
-        assert budget.expected_accepted(n, d) == pytest.approx(direct)
+        assert budget.expected_tokens(n, d) == pytest.approx(tokens_per_round(budget.log, n, d))
 
 
 def test_graph_capture_rounds_do_not_count_as_costs():
