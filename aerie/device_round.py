@@ -204,7 +204,6 @@ class DeviceRounds:
                 "features": pad_rows(features[None].to(head_cache.device, self.drafter.head.fc.weight.dtype),
                                      self.commit_rows)[0],
             }
-            offsets = 0  # this round's numbers start the window
         else:
             if len(self._launched) != 1:
                 raise ValueError("a chained round follows exactly one round in flight")
@@ -215,11 +214,14 @@ class DeviceRounds:
                     or head_cache.capacity < head_length + self.commit_rows + self._head_slots(tree)):
                 raise ValueError("the caches lack room for a chained round: reserve() them for the generation")
             inputs = {"ints": last.next_ints, "features": last.next_features}
-            offsets = 1  # the window starts where the last round started
         if not params.greedy:
             # Every number the round could use: rows from the last known committed length on,
-            # as many as the chained round's start can be ahead of it, plus its own.
-            window = self.commit_rows * offsets + tree.depth + 1
+            # as many as a chained round's start can be ahead of it, plus its own. A round fed
+            # from the host starts at that length and draws the same window, so that it runs
+            # the chained rounds' graph: a window of its own would be a graph of its own,
+            # captured mid-serving whenever a generation's first device round drew a tree
+            # that no first round had drawn before.
+            window = self.commit_rows + tree.depth + 1
             uniforms = round_uniforms(params.seed, committed, window - 1, tree.top_k)
             inputs["uniforms"] = pinned_tensor(uniforms, torch.float64)
             inputs["window_start"] = pinned_tensor([committed])
@@ -230,9 +232,8 @@ class DeviceRounds:
         # settings are constants of the captured graph (the seed is only in its inputs), and
         # so is the number of pairs a round commits: engines of other deepest trees share the
         # pooled caches, and under one key their inputs' shapes would evict each other's graph.
-        key = ("round", tree, warp_key(params), None if params.greedy else offsets, self.commit_rows,
-               target_cache.storage_id)
-        head_cache.drop_graphs(lambda k: k[:5] == key[:5] and k != key)
+        key = ("round", tree, warp_key(params), self.commit_rows, target_cache.storage_id)
+        head_cache.drop_graphs(lambda k: k[:4] == key[:4] and k != key)
         outputs = head_cache.run(key, inputs, lambda b: self._round(b, tree, params),
                                  graphed=head_cache.graphs.enabled)
         self._launched.append(LaunchedRound(

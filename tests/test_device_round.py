@@ -309,6 +309,33 @@ def test_rounds_committing_other_pair_counts_keep_their_own_graphs(monkeypatch):
     drafter.close()
 
 
+def test_sampled_rounds_fed_from_the_host_or_chained_run_one_graph(monkeypatch):
+    """A generation's first device round is fed from the host, the rest are chained to the
+    round before; sampled, both draw the same window of numbers and run one graph. With a
+    graph each, `--tree-budget auto` captured mid-serving whenever a first round drew a tree
+    no first round had drawn (3 captures at T=1 on an H100, 2026-12-07)."""
+    simulate_graphs(monkeypatch)
+    dynamic = tiny_target("eagle3")
+    target = Target(dynamic.model, dynamic.features, static=STATIC)
+    head = tiny_head(target, "eagle3", 48)
+    tree, prompt = TREES[0], PROMPTS[0]
+    verifier = VerifySession(target, SAMPLED[0], StopCriteria(40), list(prompt))
+    drafter = DraftSession(head, tree)
+    features, first = verifier.prefill()
+    result = verifier.verify(drafter.draft(features, list(prompt[1:]) + [first]))
+    rounds = DeviceRounds(verifier, drafter)
+    rounds.reserve(len(prompt), 40)  # sized for the generation: no cache grows below
+    before = SimulatedGraphCache.total_captures
+    rounds.launch(result.features, result.new_tokens)
+    for _ in range(4):
+        rounds.launch()
+        rounds.collect()
+    assert SimulatedGraphCache.total_captures == before + 1
+    rounds.discard()
+    verifier.close()
+    drafter.close()
+
+
 def test_device_rounds_refuse_what_they_cannot_run(static_pair):
     target, head = static_pair
     sampled = VerifySession(target, SamplingParams(temperature=1.0, seed=1), StopCriteria(8), [1, 2, 3])
