@@ -27,8 +27,9 @@ chained round may not move them.
 A sampled round's random numbers depend on the committed length and the tree's shape only
 (`aerie.verifier.TreeDraws`), so the host draws every one the round could use before the
 launch (`aerie.verifier.round_uniforms`): for a chained round, from every length the round
-before it can leave. The graph picks each node's: the same numbers, hence the same tokens,
-as the split round, from the same seed.
+before it can leave (a round fed from the host draws a window as wide, so that both run one
+graph). The graph picks each node's: the same numbers, hence the same tokens, as the split
+round, from the same seed.
 
 `PlainSteps` runs plain decoding the same way, one step ahead of the host: the baseline
 with the same caches, graphs and overlap.
