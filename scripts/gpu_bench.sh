@@ -21,6 +21,7 @@
 #   COMPILED_FORWARD (cuda, the default, or never: the bench's decoder layers compiled or eager;
 #   each bench process compiles in its untimed warm-up)
 #   MT_MODES (the modes of step 1's first process, default eagle,eagle-split,vanilla)
+#   T1_MODES (the modes of the T=1 step, default eagle,vanilla)
 #   STEPS (comma-separated step names, default all: mtbench profile report verify-cost side
 #   sweep batch networked humaneval t1 fp32), e.g. STEPS=batch for the batched run alone
 # If the compiled forward fails in step 1, step 1 runs again and the rest runs uncompiled; if
@@ -120,7 +121,7 @@ fi
 
 if step t1; then
 stamp "mt-bench T=1"
-aerie bench --prompts "$mt" --limit "${T1_LIMIT:-40}" "${gpu[@]}" --temperature 1 --seed 0 --modes eagle,vanilla \
+aerie bench --prompts "$mt" --limit "${T1_LIMIT:-40}" "${gpu[@]}" --temperature 1 --seed 0 --modes "${T1_MODES:-eagle,vanilla}" \
     --out "$run/mtbench_t1.json"
 fi
 
