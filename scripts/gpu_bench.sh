@@ -7,7 +7,7 @@
 #   3. the tau report of the shipped heads (EAGLE-1 vs EAGLE-3, T=0 and T=1, chain vs tree)
 #   4. the verify cost curve (SmolLM2 and a Llama-3-8B shape) and the bandwidth floor
 #   5. a short run with hf-dynamic beside eagle and vanilla (hf-dynamic is slow)
-#   6. the tree-budget sweep: fixed trees against eagle-auto, side by side
+#   6. the tree-budget sweep: fixed trees against eagle-auto, side by side, and our vanilla
 #   7. batched verification: 1 to 64 concurrent sessions, eagle against plain batched decoding
 #   8. the networked split against in-process
 #   9. HumanEval and MT-bench at T=1; a float32 losslessness check
@@ -97,6 +97,7 @@ sweep=eagle-auto
 for depth in 4 5 6 8; do
     for nodes in 15 31 63 127; do sweep+=",eagle-d$depth-k10-n$nodes"; done
 done
+sweep+=",vanilla"  # each tree's speedup, read off the same run
 aerie bench --prompts "$mt" --limit "${SIDE_LIMIT:-10}" "${gpu[@]}" --modes "$sweep" --out "$run/budget_sweep.json"
 fi
 
