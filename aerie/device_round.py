@@ -319,13 +319,11 @@ class DeviceRounds:
             path, length, bonus = compiled(greedy_path)(tokens, parents, logits, reach)
         else:
             # Warped as the split round warps its [1, n, V] logits, so every probability is
-            # the same double; the numbers as `round_uniforms` lays them out, from the row of
-            # this round's committed length in the window the host drew.
-            rows = committed - inputs["window_start"] + torch.arange(tree.depth + 1, device=device)
-            uniforms = inputs["uniforms"].index_select(0, rows)
-            path, length, bonus = accept_point_mass_rows(tokens[None], parents[None], warp_probs(logits[None], params),
-                                                         uniforms[None, : tree.depth, 1:], uniforms[None, :, 0],
-                                                         reach[None])
+            # the same double. The warp stays eager: its settings are constants a compiled
+            # function would recompile for, and it is a few kernels at most.
+            path, length, bonus = compiled(sampled_path)(tokens, parents, warp_probs(logits[None], params)[0], reach,
+                                                         inputs["uniforms"], committed - inputs["window_start"],
+                                                         tree.depth)
         rows = min(tree.depth, tokens.shape[0] - 1) + 1  # the most nodes a path holds
         moved_to, moved_from, after, result, path_features, next_ints, next_features = compiled(commit_path)(
             path[0, :rows], length[0], bonus[0], tokens, node_features, committed, head_length, count,
@@ -354,6 +352,16 @@ def greedy_path(tokens: torch.Tensor, parents: torch.Tensor, logits: torch.Tenso
                 reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`accept_greedy_rows` of the one tree against the target's logits over it."""
     return accept_greedy_rows(tokens[None], parents[None], logits.argmax(-1)[None], reach[None])
+
+
+def sampled_path(tokens: torch.Tensor, parents: torch.Tensor, probs: torch.Tensor, reach: torch.Tensor,
+                 uniforms: torch.Tensor, first_row: torch.Tensor, depth: int) -> tuple[torch.Tensor, ...]:
+    """`accept_point_mass_rows` of the one tree against the target's warped probabilities
+    over it ([n, V] float64), with the numbers as `round_uniforms` lays them out: the rows
+    of the window the host drew from `first_row` (this round's committed length) on."""
+    rows = uniforms.index_select(0, first_row + torch.arange(depth + 1, device=first_row.device))
+    return accept_point_mass_rows(tokens[None], parents[None], probs[None], rows[None, :depth, 1:], rows[None, :, 0],
+                                  reach[None])
 
 
 def commit_path(path: torch.Tensor, length: torch.Tensor, bonus: torch.Tensor, tokens: torch.Tensor,

@@ -109,11 +109,13 @@ class Engine:
         if self.head is not None:
             precompile_head(self.head, self.tree)
             if self.device_rounds and self.target.static is not None and self.target.compiled is not None:
-                # A device round's compiled pieces (aerie.device_round), through a short greedy
-                # generation: a first round to commit the prompt, then rounds on the device.
-                # Without the budget, which would learn from it.
+                # A device round's compiled pieces (aerie.device_round), through short
+                # generations, greedy and sampled (their acceptances are pieces of their own):
+                # a first round to commit the prompt, then rounds on the device. Without the
+                # budget, which would learn from them.
                 scratch = Engine(self.target, self.head, self.tree, max_tree_nodes=self.max_tree_nodes)
-                scratch.generate([0, 0], SamplingParams(), StopCriteria(3 * (self.tree.depth + 1)))
+                for params in (SamplingParams(), SamplingParams(temperature=1.0)):
+                    scratch.generate([0, 0], params, StopCriteria(3 * (self.tree.depth + 1)))
 
     def _require_head(self) -> DraftHead:
         if self.head is None:

@@ -110,6 +110,11 @@ class DraftHead(nn.Module):
             part = self._compiled_parts[fn] = self.static.compile(fn, self.fc.weight.device) or fn
         return part
 
+    @property
+    def compiled_parts(self) -> dict[Callable, Callable]:
+        """Each piece `compiled_part` has been asked for, with what runs for it."""
+        return dict(self._compiled_parts)
+
     def release_cache(self, cache: DynamicCache | SlotCache) -> None:
         if self._caches is not None and isinstance(cache, SlotCache):
             self._caches.give(cache)

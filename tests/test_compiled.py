@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from aerie.device_round import commit_path, greedy_path, tree_to_verify
+from aerie.device_round import commit_path, greedy_path, sampled_path, tree_to_verify
 from aerie.drafter import expand_on_device
 from aerie.engine import Engine
 from aerie.fused import Compiled
@@ -48,10 +48,10 @@ def test_compiled_forwards_generate_what_the_uncompiled_ones_do():
     assert isinstance(target.compiled, Compiled) and not target.compiled.eager
     assert isinstance(head.compiled, Compiled) and not head.compiled.eager
     # A drafting level's bookkeeping on the device, and a device round's before and after its
-    # target forward.
-    for part in (expand_on_device, tree_to_verify, greedy_path, commit_path):
-        compiled_part = head.compiled_part(part)
-        assert isinstance(compiled_part, Compiled) and not compiled_part.eager
+    # target forward, greedy and sampled.
+    parts = head.compiled_parts
+    assert set(parts) == {expand_on_device, tree_to_verify, greedy_path, sampled_path, commit_path}
+    assert all(isinstance(part, Compiled) and not part.eager for part in parts.values())
     assert 3 <= compiled <= 12, compiled
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiled
 
