@@ -355,11 +355,16 @@ def _powers(start: int, end: int) -> list[int]:
 
 
 def auto_engine(stack):
-    """An engine whose tree is chosen by a `TreeBudget`, exploring up to the stack's depth
-    and top-k and the verifier's largest graphed forward."""
+    """An engine whose tree is chosen by a `TreeBudget`, exploring up to the depth and top-k
+    of the stack's tree or the device's default, whichever is larger (a head's own tree is
+    the best fixed one where it was measured; the budget measures for itself), and up to
+    the verifier's largest graphed forward."""
     from aerie.engine import Engine  # the engine takes a TreeBudget: import here, not at the top
+    from aerie.stack import default_tree
 
     largest_graph = stack.target.static.largest_graph if stack.target.static else 128
-    largest = TreeConfig("dynamic", stack.tree.depth, stack.tree.top_k, largest_graph - 1)
+    bound = default_tree(stack.target.device.type)
+    largest = TreeConfig("dynamic", max(stack.tree.depth, bound.depth), max(stack.tree.top_k, bound.top_k),
+                         largest_graph - 1)
     budget = TreeBudget(largest, largest_graph=largest_graph)
     return Engine(stack.target, stack.head, largest, max_tree_nodes=largest_graph, budget=budget)

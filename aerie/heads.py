@@ -36,6 +36,7 @@ from aerie.errors import HeadError
 from aerie.fused import Fusion, fused
 from aerie.kvcache import Attend, SlotCache, additive_mask, static_forward
 from aerie.target import FeatureSpec, StaticKV, Target, eagle3_default_layers
+from aerie.tree import TreeConfig
 
 HeadKind = Literal["eagle1", "eagle3"]
 
@@ -86,6 +87,13 @@ class DraftHead(nn.Module):
     def target_hidden_size(self) -> int:
         """The hidden size of the target whose features the head reads (its own by default)."""
         return int(getattr(self.config, "target_hidden_size", None) or self.hidden_size)
+
+    @property
+    def gpu_tree(self) -> TreeConfig | None:
+        """The dynamic tree this head drafts best on a GPU, as measured on its target and named
+        by its config (`gpu_tree`: depth, top_k, total_tokens), if it names one."""
+        shape = getattr(self.config, "gpu_tree", None)
+        return None if shape is None else TreeConfig("dynamic", **shape)
 
     @property
     def feature_spec(self) -> FeatureSpec:
@@ -352,6 +360,7 @@ def load_head(path: str | Path, target: Target) -> DraftHead:
     state = {k.removeprefix("model."): v for k, v in state.items()}
     state.pop("embed_tokens.weight", None)  # the target's embedding is used
     _check_fits(raw, state, kind, target)
+    _check_tree(raw)
     config = LlamaConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")})
     config.num_hidden_layers = 1
     head = _construct(config, kind, target)
@@ -362,6 +371,19 @@ def load_head(path: str | Path, target: Target) -> DraftHead:
     if kind == "eagle3" and "t2d" not in state and config.draft_vocab_size == config.vocab_size:
         head.t2d.fill_(True)
     return head.to(device=target.device, dtype=target.model.dtype).eval().attach(target)
+
+
+def _check_tree(raw: dict) -> None:
+    shape = raw.get("gpu_tree")
+    if shape is None:
+        return
+    if (not isinstance(shape, dict) or set(shape) != {"depth", "top_k", "total_tokens"}
+            or not all(type(v) is int for v in shape.values())):
+        raise HeadError(f"head config's gpu_tree must map depth, top_k and total_tokens to integers, got {shape!r}")
+    try:
+        TreeConfig("dynamic", **shape)
+    except (TypeError, ValueError) as e:
+        raise HeadError(f"head config's gpu_tree: {e}") from None
 
 
 def _check_fits(raw: dict, state: dict[str, torch.Tensor], kind: HeadKind, target: Target) -> None:

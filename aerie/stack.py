@@ -29,6 +29,7 @@ DEMO_HEAD = SHIPPED_HEADS / "smollm2-135m-eagle3"
 
 # CPU: one target forward grows slowly up to ~16 tree nodes (DESIGN measurements), so a
 # small tree; GPU: a 60-node tree costs about as much as one token (official EAGLE-2 defaults).
+# A head measured on its target may name a better GPU tree (DraftHead.gpu_tree).
 CPU_TREE = TreeConfig(kind="dynamic", depth=6, top_k=8, total_tokens=16)
 GPU_TREE = TreeConfig(kind="dynamic", depth=8, top_k=10, total_tokens=60)
 KV_CACHES = ("auto", "static", "dynamic")
@@ -56,6 +57,14 @@ class Stack:
 
     def stop_token_ids(self) -> frozenset[int]:
         return eos_token_ids(self.tokenizer, getattr(self.target.model, "generation_config", None))
+
+
+def default_tree(device: str, head: DraftHead | None = None) -> TreeConfig:
+    """The tree drafted where none is named: on a GPU the head's own (`DraftHead.gpu_tree`)
+    or else GPU_TREE; on a CPU, CPU_TREE."""
+    if device != "cuda":
+        return CPU_TREE
+    return (head.gpu_tree if head is not None else None) or GPU_TREE
 
 
 def default_head(model_dir: Path) -> Path:
@@ -105,6 +114,6 @@ def load_stack(
     if draft is not None:
         # The head decides which hidden states the target must expose.
         target.features = draft.feature_spec
-    tree = tree or (GPU_TREE if device == "cuda" else CPU_TREE)
+    tree = tree or default_tree(device, draft)
     return Stack(target=target, tokenizer=tokenizer, head=draft, tree=tree, model_dir=model_dir)
 

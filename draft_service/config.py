@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aerie.errors import InputError
 from aerie.tree import TreeConfig
 from aerie_rpc.config import option
 from aerie_rpc.tls import TlsOptions
+
+if TYPE_CHECKING:
+    from aerie.heads import DraftHead
 
 
 @dataclass
@@ -20,9 +24,9 @@ class DraftConfig(TlsOptions):
     dtype: str = option("float32", "head weights and activations", choices=("float32", "bfloat16", "float16"))
     tree_kind: str = option("auto", "draft tree: dynamic (EAGLE-2), chain, static (EAGLE-1), or auto by device",
                             choices=("auto", "dynamic", "chain", "static"))
-    tree_depth: int = option(0, "draft levels below the root (0: the default for the device)")
-    tree_top_k: int = option(0, "candidates kept per level (0: the default for the device)")
-    tree_total_tokens: int = option(0, "draft nodes per tree after reranking (0: the default for the device)")
+    tree_depth: int = option(0, "draft levels below the root (0: the default for the device and head)")
+    tree_top_k: int = option(0, "candidates kept per level (0: the default for the device and head)")
+    tree_total_tokens: int = option(0, "draft nodes per tree after reranking (0: the default for the device and head)")
     max_sessions: int = option(64, "sessions drafted at once; beyond: RESOURCE_EXHAUSTED")
     max_tokens: int = option(262144, "head KV tokens reserved across sessions (prompt + max_new_tokens each)")
     prefill_timeout_s: float = option(120.0, "deadline of one Prefill call to a verifier")
@@ -42,11 +46,12 @@ class DraftConfig(TlsOptions):
             if getattr(self, name) <= 0:
                 raise InputError(f"--{name.replace('_', '-')} must be > 0")
 
-    def tree(self) -> TreeConfig:
-        """The tree shape: the device default (as in-process generation) with overrides."""
-        from aerie.stack import CPU_TREE, GPU_TREE
+    def tree(self, head: DraftHead | None = None) -> TreeConfig:
+        """The tree shape: the default for the device and `head` (as in-process generation)
+        with overrides."""
+        from aerie.stack import default_tree
 
-        base = GPU_TREE if self.device == "cuda" else CPU_TREE
+        base = default_tree(self.device, head)
         if self.tree_kind == "static":
             return TreeConfig.eagle1_static()
         if self.tree_kind == "chain":

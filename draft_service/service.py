@@ -449,8 +449,9 @@ def build_servicer(config: DraftConfig) -> DrafterServicer:
     from aerie_rpc.models import load_draft_head
 
     head, _, _ = load_draft_head(config.model, config.head, config.device, config.dtype)
-    precompile_head(head, config.tree())  # at startup, not in the first sessions' rounds
-    return DrafterServicer(head, config.tree(), config)
+    tree = config.tree(head)
+    precompile_head(head, tree)  # at startup, not in the first sessions' rounds
+    return DrafterServicer(head, tree, config)
 
 
 def start(config: DraftConfig, servicer: DrafterServicer | None = None) -> tuple[ServiceHost, DrafterServicer]:

@@ -180,3 +180,32 @@ def test_head_for_another_vocabulary_is_refused(tmp_path):
 def test_missing_head_directory_is_refused(tmp_path):
     with pytest.raises(HeadError, match="config.json"):
         load_head(tmp_path / "nope", tiny_target("eagle1"))
+
+
+def test_a_head_names_its_gpu_tree_and_drafts_it_by_default_on_a_gpu(tmp_path):
+    from aerie.stack import CPU_TREE, GPU_TREE, default_tree
+    from aerie.tree import TreeConfig
+    from draft_service.config import DraftConfig
+
+    target = tiny_target("eagle3")
+    state = eagle3_state(32, False)
+    write(tmp_path / "plain", llama_config(draft_vocab_size=32), state, "safetensors")
+    write(tmp_path / "tuned", llama_config(draft_vocab_size=32, gpu_tree={"depth": 5, "top_k": 10, "total_tokens": 31}),
+          state, "safetensors")
+    plain, tuned = load_head(tmp_path / "plain", target), load_head(tmp_path / "tuned", target)
+    assert plain.gpu_tree is None
+    assert tuned.gpu_tree == TreeConfig("dynamic", 5, 10, 31)
+    assert default_tree("cuda", tuned) == TreeConfig("dynamic", 5, 10, 31)
+    assert default_tree("cuda", plain) == default_tree("cuda") == GPU_TREE
+    assert default_tree("cpu", tuned) == CPU_TREE
+    # The draft service drafts the same, and its flags still override the head's tree.
+    assert DraftConfig(verifier=("x:1",), device="cuda").tree(tuned) == TreeConfig("dynamic", 5, 10, 31)
+    assert DraftConfig(verifier=("x:1",), device="cuda", tree_depth=3).tree(tuned) == TreeConfig("dynamic", 3, 10, 31)
+
+
+@pytest.mark.parametrize("shape", [{"depth": 5, "top_k": 10}, {"depth": 0, "top_k": 10, "total_tokens": 31},
+                                   {"depth": 5.5, "top_k": 10, "total_tokens": 31}, [5, 10, 31]])
+def test_a_malformed_gpu_tree_is_refused(tmp_path, shape):
+    write(tmp_path / "h", llama_config(draft_vocab_size=32, gpu_tree=shape), eagle3_state(32, False), "safetensors")
+    with pytest.raises(HeadError, match="gpu_tree"):
+        load_head(tmp_path / "h", tiny_target("eagle3"))
