@@ -5,7 +5,7 @@
 For each mode it writes DIR/trace_<mode>.json.gz (open in Perfetto or chrome://tracing) and
 puts into DIR/profile.json, per round: GPU kernels launched (inside CUDA graphs included),
 graph replays, host-device waits, and the host and device time of the draft and verify
-phases, with the top kernels by device time. The generation runs once before it is
+phases, with the top kernels by device time and by calls. The generation runs once before it is
 profiled, so that graph capture and allocation are not in the trace.
 """
 
@@ -59,6 +59,8 @@ def _summarise(prof, result) -> dict:
     for e in kernels:
         by_kernel.setdefault(e.name, []).append(e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time)
     top = sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:15]
+    # On a launch-bound target the many small kernels cost more than the few large ones.
+    frequent = sorted(by_kernel.items(), key=lambda kv: -len(kv[1]))[:30]
     phases = {}
     for name in PHASES:
         host = [e for e in events if e.name == f"aerie.{name}" and e.device_type == torch.autograd.DeviceType.CPU]
@@ -82,6 +84,10 @@ def _summarise(prof, result) -> dict:
         "top_kernels": [
             {"name": name[:120], "calls_per_round": len(v) / rounds, "ms_per_round": sum(v) / 1e3 / rounds}
             for name, v in top
+        ],
+        "frequent_kernels": [
+            {"name": name[:120], "calls_per_round": len(v) / rounds, "ms_per_round": sum(v) / 1e3 / rounds}
+            for name, v in frequent
         ],
     }
 
