@@ -111,7 +111,8 @@ def plot_all(run: Path, out: Path) -> list[Path]:
     if sweep:
         rates = sweep["summary"]["tokens_per_s"]
         fig, ax = plt.subplots(figsize=(6.5, 3.2))
-        ax.barh(list(rates), list(rates.values()), color=["#c05621" if m == "eagle-auto" else "#2b6cb0" for m in rates])
+        colors = {"eagle-auto": "#c05621", "vanilla": "#999"}
+        ax.barh(list(rates), list(rates.values()), color=[colors.get(m, "#2b6cb0") for m in rates])
         for i, v in enumerate(rates.values()):
             ax.text(v, i, f" {v:.0f}", va="center", fontsize=8)
         ax.set_xlabel("tokens/s")
