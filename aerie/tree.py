@@ -15,9 +15,11 @@ from typing import Literal
 
 import torch
 
+from aerie import row_top_k
+
 TreeKind = Literal["dynamic", "chain", "static"]
 
-# Score rows wider than this are searched for their best k in two stages (`top_k`).
+# Score rows wider than this are searched for their best k in two stages (`top_k_in_chunks`).
 TOP_K_CHUNK = 1024
 
 # EAGLE-1's static tree (`mc_sim_7b_63`): each entry is a path of sibling ranks from the root.
@@ -236,15 +238,21 @@ def _static_paths(length: int) -> list[tuple[int, ...]]:
     return sorted(p for p in EAGLE1_STATIC_TREE if len(p) == length)
 
 
-def top_k(scores: torch.Tensor, k: int, chunk: int = TOP_K_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(scores, k, dim=-1) over [rows, V]: the best k of each row, best first, as
-    (values, indices).
+    (values, indices); among equal scores the indices may differ. By `aerie.row_top_k`'s
+    kernels where they run (a GPU), else `top_k_in_chunks`."""
+    if row_top_k.available(scores, k):
+        return row_top_k.row_top_k(scores, k)
+    return top_k_in_chunks(scores, k)
 
-    A row that splits evenly into chunks wider than k is searched in two stages: the best k
-    of every chunk, then the best k among those. PyTorch's top-k gives a short batch of rows
-    one thread block each, which walks the whole draft vocabulary (8,192 to 49,152 wide) in
-    radix passes; chunks spread each row over many blocks. The values are torch.topk's; among
-    equal scores the indices may differ."""
+
+def top_k_in_chunks(scores: torch.Tensor, k: int, chunk: int = TOP_K_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """`top_k` by PyTorch's top-k. A row that splits evenly into chunks wider than k is
+    searched in two stages: the best k of every chunk, then the best k among those. PyTorch's
+    top-k gives a short batch of rows one thread block each, which walks the whole draft
+    vocabulary (8,192 to 49,152 wide) in radix passes; chunks spread each row over many
+    blocks. The values are torch.topk's; among equal scores the indices may differ."""
     rows, width = scores.shape
     if chunk <= k or width <= chunk or width % chunk:
         return torch.topk(scores, k, dim=-1)
@@ -256,6 +264,8 @@ def top_k(scores: torch.Tensor, k: int, chunk: int = TOP_K_CHUNK) -> tuple[torch
 
 def _stable_top(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k best scores, ties broken by lower index (so parents beat children)."""
+    if row_top_k.available(scores[None], k):
+        return row_top_k.row_top_k(scores[None], k)[1][0]
     order = torch.sort(scores, descending=True, stable=True).indices
     return order[:k]
 

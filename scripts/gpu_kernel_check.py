@@ -1,8 +1,9 @@
 """Kernels of a round timed alone on a GPU, with nothing downloaded:
 
-- a draft level's top-k: torch.topk against `aerie.tree.top_k` at several chunk widths
-  (`TOP_K_CHUNK`), for the rows a draft level scores (the root, or a frontier of top-k nodes)
-  over an EAGLE-3 draft vocabulary and a full one;
+- a draft level's top-k: torch.topk, `aerie.tree.top_k_in_chunks` at several chunk widths
+  (`TOP_K_CHUNK`) and the top-k kernels (`aerie.row_top_k`), for the rows a draft level scores
+  (the root, or a frontier of top-k nodes) over an EAGLE-3 draft vocabulary and a full one;
+  and the next frontier's choice, a stable sort against the kernels;
 - attention over a static cache: SDPA against the split-KV kernels (`aerie.split_kv`), for
   SmolLM2's and Llama-3-8B's heads, one token to a 128-node tree after 512 committed tokens,
   with the largest difference between the two, and the split-KV kernels at other smallest
@@ -17,6 +18,7 @@ per call, without launch overhead, as inside a captured round.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -28,7 +30,8 @@ from aerie.bench.verify_cost import graph_replay_ms, random_tree
 from aerie.fused import grouped_query_attention
 from aerie.graphs import GraphCache
 from aerie.kvcache import Attend, additive_mask
-from aerie.tree import ancestor_mask, top_k
+from aerie.row_top_k import row_top_k
+from aerie.tree import ancestor_mask, top_k_in_chunks
 
 CALLS, REPLAYS = 50, 20
 
@@ -46,11 +49,19 @@ def top_k_cases() -> list[dict]:
     rows = []
     for shape in ((1, 8192), (10, 8192), (1, 49152), (10, 49152)):
         scores = torch.randn(*shape, device="cuda")
-        row = {"shape": list(shape), "k": 10, "torch_topk_us": graphed_us(lambda: torch.topk(scores, 10, dim=-1))}
+        row = {"shape": list(shape), "k": 10, "torch_topk_us": graphed_us(lambda: torch.topk(scores, 10, dim=-1)),
+               "row_top_k_us": graphed_us(lambda: row_top_k(scores, 10))}
         for chunk in (256, 512, 1024, 2048, 4096):
-            row[f"chunk_{chunk}_us"] = graphed_us(lambda: top_k(scores, 10, chunk))
+            row[f"chunk_{chunk}_us"] = graphed_us(lambda: top_k_in_chunks(scores, 10, chunk))
         rows.append(row)
         print(row, flush=True)
+    # The next frontier: the best 10 of a level's 100 candidates, parents before children.
+    scores = torch.randn(100, device="cuda")
+    row = {"shape": [100], "k": 10,
+           "stable_sort_us": graphed_us(lambda: torch.sort(scores, descending=True, stable=True).indices[:10]),
+           "row_top_k_us": graphed_us(lambda: row_top_k(scores[None], 10))}
+    rows.append(row)
+    print(row, flush=True)
     return rows
 
 
@@ -104,7 +115,10 @@ def split_kv_settings(fn: Callable[[], object]) -> dict[str, float | str]:
 
 
 def main(out: str) -> None:
-    result = {"machine": machine_info("cuda"), "attention": attention_cases(), "top_k": top_k_cases()}
+    # KERNELS=top_k (or attention) times one kind alone.
+    kinds = os.environ.get("KERNELS", "attention,top_k").split(",")
+    result = {"machine": machine_info("cuda"), **({"attention": attention_cases()} if "attention" in kinds else {}),
+              **({"top_k": top_k_cases()} if "top_k" in kinds else {})}
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -15,7 +15,7 @@ from aerie.tree import (
     ancestor_mask,
     node_depths,
     retrieve_paths,
-    top_k,
+    top_k_in_chunks,
     validate_tree,
 )
 from tests.tiny import tiny_head, tiny_target
@@ -209,15 +209,15 @@ def reference_path_logprob(head, target_features, next_tokens, path_tokens) -> f
 
 @pytest.mark.parametrize("rows,width,k,chunk", [(1, 8192, 10, 1024), (10, 8192, 10, 1024), (7, 3000, 4, 1000),
                                                 (3, 64, 8, 16), (2, 100, 5, 30), (4, 32, 20, 16)])
-def test_top_k_is_torch_topk(rows, width, k, chunk):
+def test_top_k_in_chunks_is_torch_topk(rows, width, k, chunk):
     """Two stages (chunks, then the chunks' best) where the row splits evenly, torch.topk
     where it does not: the same values and, for distinct scores, the same indices."""
     torch.manual_seed(rows * width + k)
     scores = torch.randn(rows, width)
     want = torch.topk(scores, k, dim=-1)
-    got = top_k(scores, k, chunk)
+    got = top_k_in_chunks(scores, k, chunk)
     torch.testing.assert_close(got[0], want.values, rtol=0, atol=0)
     torch.testing.assert_close(got[1], want.indices, rtol=0, atol=0)
     # the best of a row in one chunk only: every winner from the same chunk
     scores[:, :k] += 100
-    assert top_k(scores, k, chunk)[1].sort(dim=-1).values.tolist() == [list(range(k))] * rows
+    assert top_k_in_chunks(scores, k, chunk)[1].sort(dim=-1).values.tolist() == [list(range(k))] * rows
