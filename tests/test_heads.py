@@ -184,6 +184,7 @@ def test_missing_head_directory_is_refused(tmp_path):
 
 def test_a_head_names_its_gpu_tree_and_drafts_it_by_default_on_a_gpu(tmp_path):
     from aerie.stack import CPU_TREE, GPU_TREE, default_tree
+    from aerie.train.trainer import initial_head
     from aerie.tree import TreeConfig
     from draft_service.config import DraftConfig
 
@@ -198,6 +199,11 @@ def test_a_head_names_its_gpu_tree_and_drafts_it_by_default_on_a_gpu(tmp_path):
     assert default_tree("cuda", tuned) == TreeConfig("dynamic", 5, 10, 31)
     assert default_tree("cuda", plain) == default_tree("cuda") == GPU_TREE
     assert default_tree("cpu", tuned) == CPU_TREE
+    # Saved, the head keeps its tree; continued training (--init) starts without it, since
+    # new weights have not been measured.
+    save_head(tuned, tmp_path / "saved", dtype=torch.float32)
+    assert load_head(tmp_path / "saved", target).gpu_tree == TreeConfig("dynamic", 5, 10, 31)
+    assert initial_head(tmp_path / "saved", target, "eagle3", None).gpu_tree is None
     # The draft service drafts the same, and its flags still override the head's tree.
     assert DraftConfig(verifier=("x:1",), device="cuda").tree(tuned) == TreeConfig("dynamic", 5, 10, 31)
     assert DraftConfig(verifier=("x:1",), device="cuda", tree_depth=3).tree(tuned) == TreeConfig("dynamic", 3, 10, 31)

@@ -117,6 +117,9 @@ def initial_head(path: str | Path, target: Target, kind: str, draft_vocab: int |
     if draft_vocab is not None and head.config.draft_vocab_size != draft_vocab:
         raise InputError(f"--init: '{path}' drafts from {head.config.draft_vocab_size} tokens: "
                          f"pass --draft-vocab {head.config.draft_vocab_size}")
+    # The tree measured best for the old weights is not measured for the new ones.
+    if hasattr(head.config, "gpu_tree"):
+        del head.config.gpu_tree
     return head.float()
 
 
