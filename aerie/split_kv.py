@@ -87,9 +87,7 @@ def _launch(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     key, value, mask = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value, mask))
     block_rows = min(MAX_BLOCK_ROWS, max(16, triton.next_power_of_2(m)))
     row_blocks = triton.cdiv(m, block_rows)
-    # 128 keys a step where the tiles fit in shared memory with Triton's pipelining (an 8B
-    # head of 128 dims over 64 rows needs 240 KB of the H100's 227), else 64.
-    block_keys = 128 if d <= 64 or block_rows <= 16 else 64
+    block_keys = _block_keys(d, block_rows, rows.element_size())
     wanted = max(1, triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(rows.device), b * kv_heads * row_blocks))
     slices = min(triton.cdiv(length, MIN_SLICE_KEYS), wanted)
     per_slice = triton.cdiv(triton.cdiv(length, slices), block_keys) * block_keys
@@ -113,6 +111,21 @@ def _launch(rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
         partial, lse, out, slices, m, D=d, BLOCK_M=merge_rows, SLICES=loaded,
     )
     return out
+
+
+# Shared memory a block may take on an H100 (227 KB); the H200 has as much.
+SHARED_MEMORY = 232_448
+
+
+def _block_keys(d: int, block_rows: int, element_size: int) -> int:
+    """Keys a program takes a step: 128 where the tiles fit in shared memory with Triton's
+    pipelining, else 64. In half precision an 8B head of 128 dims over 64 rows was found to
+    need 240 KB. In float32 (full-precision products) Triton's sm_90 build needs far more
+    (Triton 3.6 on the H100 and 3.9 agree): 246,016 bytes for 64 dims over 64 rows with 128
+    keys, 131,072 with 64; 294,912 for 128 dims over 16 rows with 128 keys, 151,616 with 64."""
+    if element_size >= 4:
+        return 128 if d <= 32 or (d <= 64 and block_rows <= 32) else 64
+    return 128 if d <= 64 or block_rows <= 16 else 64
 
 
 @functools.cache

@@ -63,3 +63,34 @@ def test_kernels_that_fail_give_way_to_sdpa(monkeypatch, capsys):
     assert not aerie.split_kv.available(rows)
     aerie.split_kv.split_kv_attention(rows, key, value, mask, 0.25)
     assert tries == [1]
+
+
+def _shared_memory_on_sm90(dtype: str, d: int, block_rows: int, block_keys: int) -> int:
+    """Bytes of shared memory Triton's build of `partial_attention` for an H100 (sm_90) asks
+    for: compiled here, with no GPU (Triton ships the CUDA compiler)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = ["Q", "K", "V", "Mask", "Partial", "Lse", "stride_qb", "stride_qh", "stride_qm", "stride_kb",
+             "stride_kh", "stride_kn", "stride_vb", "stride_vh", "stride_vn", "stride_mb", "stride_mq",
+             "kv_heads", "rows", "n", "length", "per_slice", "scale"]
+    types = [f"*{dtype}"] * 4 + ["*fp32"] * 2 + ["i32"] * 16 + ["fp32"]
+    signature = dict(zip(names, types)) | {name: "constexpr" for name in ("D", "BLOCK_M", "BLOCK_N", "PRECISION")}
+    constants = {"D": d, "BLOCK_M": block_rows, "BLOCK_N": block_keys, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    source = ASTSource(fn=aerie.split_kv._kernels()[0], signature=signature, constexprs=constants)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32)).metadata.shared
+
+
+@pytest.mark.parametrize("dtype,element_size", [("fp32", 4), ("bf16", 2)])
+def test_the_chosen_tiles_fit_an_h100s_shared_memory(dtype, element_size):
+    """Every block of keys `_launch` chooses, for the head dims and query-row blocks it meets,
+    fits the shared memory of an H100 as Triton counts it; in float32 the kernels once asked
+    for more and fell back to SDPA on the card."""
+    pytest.importorskip("triton.backends.nvidia")
+    for d in (64, 128):
+        for block_rows in (16, 32, 64):
+            keys = aerie.split_kv._block_keys(d, block_rows, element_size)
+            assert _shared_memory_on_sm90(dtype, d, block_rows, keys) <= aerie.split_kv.SHARED_MEMORY, (d, block_rows)
+    if dtype == "fp32":  # what the H100 refused (2026-12-07): the count is the card's
+        assert _shared_memory_on_sm90("fp32", 64, 64, 128) == 246_016
