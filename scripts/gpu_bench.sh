@@ -5,7 +5,8 @@
 #      cache + CUDA graphs); then, in a process of its own, hf-static beside vanilla uncompiled
 #   2. a torch profiler trace of one generation per mode, with kernels per round
 #   3. the tau report of the shipped heads (EAGLE-1 vs EAGLE-3, T=0 and T=1, chain vs tree)
-#   4. the verify cost curve (SmolLM2 and a Llama-3-8B shape) and the bandwidth floor
+#   4. a draft level's top-k timed alone (scripts/gpu_kernel_check.py); the verify cost curve
+#      (SmolLM2 and a Llama-3-8B shape) and the bandwidth floor
 #   5. a short run with hf-dynamic beside eagle and vanilla (hf-dynamic is slow)
 #   6. the tree-budget sweep: fixed trees against eagle-auto, side by side, and our vanilla
 #   7. batched verification: 1 to 64 concurrent sessions, eagle against plain batched decoding
@@ -22,8 +23,8 @@
 #   each bench process compiles in its untimed warm-up)
 #   MT_MODES (the modes of step 1's first process, default eagle,eagle-split,vanilla)
 #   T1_MODES (the modes of the T=1 step, default eagle,vanilla)
-#   STEPS (comma-separated step names, default all: mtbench profile report verify-cost side
-#   sweep batch networked humaneval t1 fp32), e.g. STEPS=batch for the batched run alone
+#   STEPS (comma-separated step names, default all: mtbench profile report kernels verify-cost
+#   side sweep batch networked humaneval t1 fp32), e.g. STEPS=batch for the batched run alone
 # If the compiled forward fails in step 1, step 1 runs again and the rest runs uncompiled; if
 # the static-cache/CUDA-graph path fails, the rest runs with dynamic caches.
 set -uo pipefail
@@ -80,6 +81,11 @@ aerie train report --device cuda --head eagle3=heads/smollm2-135m-eagle3 --head 
     --prompts "mt_bench=$mt" --prompts "humaneval=$he" --limit "${REPORT_LIMIT:-40}" --max-new-tokens "$tokens" \
     --workers 4 --minutes "${REPORT_MINUTES:-3}" --out "$run/report"
 fi
+if step kernels; then
+stamp "kernels alone"
+KERNELS=top_k python3 scripts/gpu_kernel_check.py "$run/kernels.json" 2>&1 | tee -a "$run/log.txt"
+fi
+
 if step verify-cost; then
 stamp "verify cost"
 aerie verify-cost --device cuda --shapes demo,llama-8b --out "$run/verify_cost.json"
