@@ -119,10 +119,12 @@ SHARED_MEMORY = 232_448
 
 def _block_keys(d: int, block_rows: int, element_size: int) -> int:
     """Keys a program takes a step: 128 where the tiles fit in shared memory with Triton's
-    pipelining, else 64. In half precision an 8B head of 128 dims over 64 rows was found to
-    need 240 KB. In float32 (full-precision products) Triton's sm_90 build needs far more
-    (Triton 3.6 on the H100 and 3.9 agree): 246,016 bytes for 64 dims over 64 rows with 128
-    keys, 131,072 with 64; 294,912 for 128 dims over 16 rows with 128 keys, 151,616 with 64."""
+    pipelining, else 64. Half precision keeps the choice the GPU runs were timed with (64
+    keys for 128 dims over more than 16 rows, where an earlier build of the kernel asked for
+    240 KB; Triton 3.9's sm_90 build of this one asks for 49,152 bytes at most). In float32
+    (full-precision products) the sm_90 build asks for far more (Triton 3.6 on the H100 and
+    3.9 agree): 246,016 bytes for 64 dims over 64 rows with 128 keys, 131,072 with 64;
+    294,912 for 128 dims over 16 rows with 128 keys, 151,616 with 64."""
     if element_size >= 4:
         return 128 if d <= 32 or (d <= 64 and block_rows <= 32) else 64
     return 128 if d <= 64 or block_rows <= 16 else 64
