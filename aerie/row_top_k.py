@@ -5,7 +5,7 @@ Each draft level takes the best 10 children of each of up to 10 frontier nodes o
 vocabulary (8,192 to 49,152 scores a row), then the best 10 of those 100 candidates. PyTorch's
 top-k gives each row one thread block that walks the row in radix passes, and its stable sort
 for the second choice is a bitonic sort of its own: on a launch-bound target these few calls
-took about 17 µs of every draft level's 125 (H100, 2026-12-07), more than the head's matrix
+took about 30 µs of every draft level's 125 (H100, 2026-12-07), more than the head's matrix
 multiplies. Here a row is cut into chunks; one program a chunk takes its best k by k rounds of
 max-and-remove in registers (`chunk_top_k`), and one program a row takes the best k of the
 chunks' picks (`merge_top_k`). A row of one chunk takes the second kernel alone.
